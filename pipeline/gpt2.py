@@ -1,0 +1,161 @@
+"""Name and shape mapping between this project's GPT and the Hugging Face GPT-2 layout.
+
+The Hugging Face layout (`GPT2LMHeadModel`: `transformer.wte`, `transformer.h.N.attn.c_attn`,
+...) is what OpenAI's weights are published in and what `export` writes. Its attention
+and MLP layers are `Conv1D`, which stores weights as (in, out): every Linear weight is
+transposed on the way. This module is pure tensor bookkeeping; reading and writing files
+is the job of `pipeline/export.py` and the import code.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import ModelConfig
+
+# OpenAI's released sizes: (emb_dim, n_layers, n_heads). All have context 1024,
+# vocabulary 50257, biases on q/k/v, and the head tied to the token embedding.
+OPENAI_SIZES = {
+    "gpt2": (768, 12, 12),  # 124M
+    "gpt2-medium": (1024, 24, 16),  # 355M
+    "gpt2-large": (1280, 36, 20),  # 774M
+    "gpt2-xl": (1600, 48, 25),  # 1558M
+}
+
+
+def openai_config(name: str, **overrides) -> ModelConfig:
+    emb_dim, n_layers, n_heads = OPENAI_SIZES[name]
+    base = dict(vocab_size=50257, context_length=1024, emb_dim=emb_dim, n_layers=n_layers,
+                n_heads=n_heads, drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+    return ModelConfig(**{**base, **overrides})
+
+
+# (our suffix, HF suffix, transposed) for the tensors of one block
+_BLOCK = [
+    ("norm1.weight", "ln_1.weight", False),
+    ("norm1.bias", "ln_1.bias", False),
+    ("att.qkv.weight", "attn.c_attn.weight", True),
+    ("att.qkv.bias", "attn.c_attn.bias", False),
+    ("att.out_proj.weight", "attn.c_proj.weight", True),
+    ("att.out_proj.bias", "attn.c_proj.bias", False),
+    ("norm2.weight", "ln_2.weight", False),
+    ("norm2.bias", "ln_2.bias", False),
+    ("ff.fc.weight", "mlp.c_fc.weight", True),
+    ("ff.fc.bias", "mlp.c_fc.bias", False),
+    ("ff.proj.weight", "mlp.c_proj.weight", True),
+    ("ff.proj.bias", "mlp.c_proj.bias", False),
+]
+_TOP = [
+    ("tok_emb.weight", "transformer.wte.weight", False),
+    ("pos_emb.weight", "transformer.wpe.weight", False),
+    ("final_norm.weight", "transformer.ln_f.weight", False),
+    ("final_norm.bias", "transformer.ln_f.bias", False),
+    ("out_head.weight", "lm_head.weight", False),
+]
+
+
+def name_map(n_layers: int) -> list[tuple[str, str, bool]]:
+    """Every (our name, HF name, transposed) triple of a model with `n_layers` blocks."""
+    pairs = list(_TOP)
+    for i in range(n_layers):
+        pairs += [(f"trf_blocks.{i}.{ours}", f"transformer.h.{i}.{hf}", t) for ours, hf, t in _BLOCK]
+    return pairs
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF GPT-2 tensors (contiguous, ready for safetensors).
+
+    Without q/k/v biases the HF layout still needs `c_attn.bias`: it gets zeros, which
+    compute the same function. A tied head is written once, as `wte` (HF ties on load).
+    """
+    out = {}
+    for ours, hf, transpose in name_map(cfg.n_layers):
+        if ours == "out_head.weight" and cfg.tie_embeddings:
+            continue
+        if ours.endswith("att.qkv.bias") and not cfg.qkv_bias:
+            tensor = torch.zeros(3 * cfg.emb_dim, dtype=state_dict["tok_emb.weight"].dtype)
+        else:
+            tensor = state_dict[ours]
+        out[hf] = (tensor.t() if transpose else tensor).contiguous()
+    return out
+
+
+def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors -> our state dict for `cfg`; a ValueError names what does not fit.
+
+    Position embeddings longer than `cfg.context_length` are cropped (as nanoGPT does to
+    train GPT-2 at a shorter context). Buffers such as `attn.bias` are ignored.
+    """
+    hf_state = {k.removeprefix("module."): v for k, v in hf_state.items()}
+    if "transformer.wte.weight" not in hf_state and "wte.weight" in hf_state:
+        hf_state = {f"transformer.{k}": v for k, v in hf_state.items()}  # GPT2Model, no head
+    expected = _expected_shapes(cfg)
+    out, missing, wrong = {}, [], []
+    for ours, hf, transpose in name_map(cfg.n_layers):
+        if ours == "out_head.weight" and (cfg.tie_embeddings or hf not in hf_state):
+            if not cfg.tie_embeddings:
+                missing.append(hf)
+            continue
+        if ours.endswith("att.qkv.bias") and not cfg.qkv_bias:
+            continue
+        if hf not in hf_state:
+            missing.append(hf)
+            continue
+        tensor = hf_state[hf].t() if transpose else hf_state[hf]
+        if ours == "pos_emb.weight" and tensor.shape[0] > cfg.context_length:
+            tensor = tensor[: cfg.context_length]
+        if tuple(tensor.shape) != expected[ours]:
+            wrong.append(f"{hf} {tuple(hf_state[hf].shape)} (expected {expected[ours]})")
+            continue
+        out[ours] = tensor.contiguous()
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+        if wrong:
+            parts.append(f"shapes that do not fit the config: {'; '.join(wrong[:3])}")
+        raise ValueError("; ".join(parts))
+    return out
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from pipeline.model import GPTModel  # only for shapes, built on the meta device
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """`config.json` of the HF GPT-2 layout for a model of this config."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # GELU, tanh approximation
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "scale_attn_weights": True,
+    }
+
+
+def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """Our ModelConfig for an HF GPT-2 `config.json`. Biases on q/k/v are always present
+    in that layout, so `qkv_bias` is True unless an override says the file's are zeros."""
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"n_inner={hf['n_inner']} is not supported (the MLP is 4 x n_embd)")
+    base = dict(
+        vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
+        n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=hf.get("resid_pdrop", 0.0),
+        qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+    return ModelConfig(**{**base, **overrides})

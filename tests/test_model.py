@@ -1,0 +1,104 @@
+"""The GPT against transformers' GPT-2 (the reference), and its size arithmetic."""
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.gpt2 import from_hf, hf_config, to_hf
+from pipeline.model import GPTModel, KVCache, count_parameters, model_size
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2,
+                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+
+
+def hf_model(cfg: ModelConfig):
+    config = transformers.GPT2Config(**{k: v for k, v in hf_config(cfg).items()
+                                        if k not in ("architectures", "model_type")})
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    # random (not zero) biases and norms, so a wrong mapping of any tensor shows
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith(".bias"):
+                p.normal_(0.0, 0.5 if "weight" in name else 0.1)
+    return model
+
+
+@pytest.mark.parametrize("qkv_bias,tie", [(True, True), (False, False)])
+def test_logits_equal_transformers_gpt2_on_shared_weights(qkv_bias, tie):
+    cfg = ModelConfig(**{**TINY.__dict__, "qkv_bias": qkv_bias, "tie_embeddings": tie})
+    ours = GPTModel(cfg).eval()
+    reference = hf_model(cfg)
+    with torch.no_grad():
+        ours_state = {k: v.clone() for k, v in ours.state_dict().items()}
+        if not qkv_bias:
+            for name, p in reference.named_parameters():
+                if name.endswith("c_attn.bias"):
+                    p.zero_()
+        hf_state = to_hf(ours_state, cfg)
+        missing, unexpected = reference.load_state_dict(hf_state, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        if not tie:
+            reference.lm_head.weight.copy_(ours_state["out_head.weight"])
+    idx = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(idx).logits
+        actual = ours(idx)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_from_hf_roundtrips_to_hf():
+    reference = hf_model(TINY)
+    hf_state = reference.state_dict()
+    ours = from_hf(hf_state, TINY)
+    back = to_hf(ours, TINY)
+    for name, tensor in back.items():
+        assert torch.equal(tensor, hf_state[name]), name
+
+
+def test_from_hf_names_tensors_whose_shape_does_not_fit():
+    hf_state = hf_model(TINY).state_dict()
+    wider = ModelConfig(**{**TINY.__dict__, "emb_dim": 128})
+    with pytest.raises(ValueError, match="transformer.wte.weight"):
+        from_hf(hf_state, wider)
+
+
+def test_book_124m_parameter_counts():
+    # The book's chapter 4 prints 163,009,536 for GPT_CONFIG_124M (context 1024,
+    # untied head, no q/k/v bias); at chapter 5's context 256 the position table shrinks.
+    book = ModelConfig(context_length=1024, qkv_bias=False, tie_embeddings=False)
+    with torch.device("meta"):
+        assert count_parameters(GPTModel(book)) == 163_009_536
+    assert model_size(book).parameters == 163_009_536
+    ch5 = ModelConfig(context_length=256)
+    assert model_size(ch5).parameters == 163_009_536 - (1024 - 256) * 768
+    # OpenAI's 124M: tied head and q/k/v biases
+    gpt2 = ModelConfig(context_length=1024, qkv_bias=True, tie_embeddings=True)
+    assert model_size(gpt2).parameters == 124_439_808
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = ModelConfig(context_length=1024, qkv_bias=True, tie_embeddings=True)
+    n = 124_439_808 - 1024 * 768  # without the position table
+    assert model_size(cfg).flops_per_token == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_kv_cache_gives_the_logits_of_a_full_forward():
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(TINY, batch_size=2, max_len=TINY.context_length)
+        parts = [model(idx[:, :7], cache), model(idx[:, 7:12], cache)]
+        parts += [model(idx[:, i:i + 1], cache) for i in range(12, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_init_scales_residual_projections_by_depth():
+    cfg = ModelConfig(context_length=32, emb_dim=256, n_heads=4, n_layers=8)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    assert abs(model.trf_blocks[0].ff.fc.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.trf_blocks[0].att.out_proj.weight.std().item() - 0.02 / 4) < 1e-3
