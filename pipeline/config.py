@@ -315,3 +315,52 @@ def validate(config: Config) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def get_value(config: Config, key: str) -> Any:
+    """A resolved value by name: `data_dir`, `run_dir`, or any dotted key like `train.lr`."""
+    if key in ("data_dir", "run_dir"):
+        return getattr(config, key)
+    node: Any = config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            raise ConfigError(f"--get {key}: no such key (try data_dir, run_dir, name, train.lr)")
+        node = getattr(node, part)
+    return node
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.config --config CONFIG [key=value ...] --get KEY` prints one
+    resolved value (the Makefile asks it where a config's data and run live); without
+    --get it prints the whole resolved config as YAML."""
+    import argparse
+
+    from pipeline.errors import cli_main
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
+    parser.add_argument("--config", help="experiment YAML (default: the schema's defaults)")
+    parser.add_argument("--get", metavar="KEY", help="data_dir | run_dir | name | a dotted key")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    @cli_main
+    def run(args) -> None:
+        config = load_config(args.config, args.overrides)
+        if args.get is None:
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return
+        value = get_value(config, args.get)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        if isinstance(value, (list, tuple, dict)):
+            value = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                                   default_flow_style=True).strip()
+        print(value)
+
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
