@@ -58,3 +58,107 @@ def load_model_state(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch
     if cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]
     return cfg, state
+
+
+# ----------------------------------------------------------------------------- training state
+#
+# Besides model.safetensors and meta.json a training checkpoint holds
+#     optimizer.pt      AdamW state, keyed by parameter name (full, unsharded)
+#     trainer.pt        LR scheduler and fp16 grad-scaler states
+#     rng_<rank>.pt     torch CPU (and CUDA) generator states of each process
+# All .pt files hold only tensors and plain containers: they load with weights_only=True.
+
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
+
+
+def _full(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optimizer,
+                    scheduler, meta: dict, keep_last: int) -> Path:
+    """Write step_NNNNNN/ atomically from every process (a collective call)."""
+    import shutil
+
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+    from safetensors.torch import save_file
+
+    # Gathering full state dicts is collective under FSDP: every rank takes part.
+    model_state = dcp_sd.get_model_state_dict(model, options=_full(cpu_offload=True))
+    optim_state = dcp_sd.get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True))
+    root = Path(run_dir) / CHECKPOINTS
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        if meta["model"]["tie_embeddings"]:
+            model_state.pop("out_head.weight", None)  # shared with tok_emb.weight
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        torch.save(optim_state, tmp / OPTIMIZER_FILE)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler}, tmp / TRAINER_FILE)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # last: marks it complete
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        prune_checkpoints(run_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    import shutil
+    dirs = checkpoint_dirs(run_dir)
+    if keep_last > 0:
+        for old in dirs[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore every piece of training state saved by save_checkpoint; return its meta."""
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    _, model_state = load_model_state(ckpt_dir)
+    dcp_sd.set_model_state_dict(model, model_state, options=_full())
+    optim_state = torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True)
+    dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state, options=_full())
+    trainer = torch.load(ckpt_dir / TRAINER_FILE, weights_only=True)
+    scheduler.load_state_dict(trainer["scheduler"])
+    if accelerator.scaler is not None and trainer["scaler"] is not None:
+        accelerator.scaler.load_state_dict(trainer["scaler"])
+    rng_file = ckpt_dir / f"rng_{accelerator.process_index}.pt"
+    if rng_file.is_file():  # absent when resuming on more processes than were saved
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return meta
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
+              "tie_embeddings")
+
+
+def shape_mismatch(saved: dict, current: ModelConfig) -> list[str]:
+    """The model keys whose values differ between a checkpoint and the current config."""
+    return [f"model.{k}: checkpoint {saved[k]!r}, config {getattr(current, k)!r}"
+            for k in SHAPE_KEYS if saved.get(k) != getattr(current, k)]

@@ -1,0 +1,107 @@
+"""Where a run's numbers go: metrics.jsonl, the book's loss plot, and Weights & Biases.
+
+`metrics.jsonl` holds one JSON object per logged step (always `step` and `tokens`);
+`loss.png` is the book's figure, train and val loss against tokens seen; W&B gets the
+same metrics through Accelerate's tracker. Only the main process writes anything.
+Knows nothing about models or data.
+"""
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+
+from pipeline.config import Config, WandbConfig, to_dict
+from pipeline.fileio import atomic_open, atomic_write_text
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+WANDB_ID = "wandb_run_id"
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    """WANDB_MODE wins; else the config; else online when an API key is configured."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if cfg.mode:
+        return cfg.mode
+    return "online" if _wandb_key_configured() else "offline"
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
+    """init_kwargs for Accelerator.init_trackers: a resumed run continues its W&B run."""
+    id_file = run_dir / WANDB_ID
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb
+        run_id = wandb.util.generate_id()
+        atomic_write_text(id_file, run_id)
+    w = config.tracking.wandb
+    return {"wandb": {"name": config.name, "id": run_id, "resume": "allow", "mode": mode,
+                      "entity": w.entity, "tags": w.tags, "dir": str(run_dir)}}
+
+
+class MetricsLog:
+    """Appends rows to metrics.jsonl and redraws loss.png."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / METRICS
+        self.plot_path = run_dir / PLOT
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step`: a resumed run logs those steps again."""
+        rows = [r for r in self.rows() if r["step"] <= step]
+        with atomic_open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        """The book's figure: train and val loss against tokens seen."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if train:
+            ax.plot(*zip(*train), label="Training loss", alpha=0.8)
+        if val:
+            ax.plot(*zip(*val), linestyle="-.", marker="o", markersize=3, label="Validation loss")
+        ax.set_xlabel("Tokens seen")
+        ax.set_ylabel("Loss")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        with atomic_open(self.plot_path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+
+
+def start_trackers(accelerator, config: Config, run_dir: Path, mode: str) -> None:
+    """Initialise W&B through Accelerate (a no-op when mode is disabled)."""
+    if mode == "disabled":
+        return
+    accelerator.init_trackers(config.tracking.wandb.project, config=to_dict(config),
+                              init_kwargs=wandb_init_kwargs(config, run_dir, mode)
+                              if accelerator.is_main_process else {})

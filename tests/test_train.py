@@ -1,0 +1,185 @@
+"""The train stage on real text through the real stages: prepare -> train, in real processes.
+
+One tiny model and one prepared slice of the built-in corpus serve every test. Runs go
+through `python -m pipeline.train` (and `accelerate launch` for two processes), because
+signals, exit codes and process counts are what is under test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = [
+    "model.context_length=64", "model.emb_dim=64", "model.n_heads=4", "model.n_layers=2",
+    "model.tie_embeddings=true", "model.drop_rate=0.0",
+]
+
+
+def env() -> dict:
+    e = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+         "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    e.pop("WANDB_API_KEY", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """About 300k tokens of the Python standard library, prepared by the prepare stage."""
+    root = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, "-m", "pipeline.prepare", f"data.root={root}",
+                    "data.name=stdlib", "data.source.kind=python-stdlib",
+                    "data.source.max_bytes=1000000", "data.num_workers=2"],
+                   cwd=ROOT, env=env(), check=True, capture_output=True)
+    return root
+
+
+def train_args(data_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.root={data_root}", "data.name=stdlib", f"runs_root={runs}", f"name={name}",
+            *TINY_MODEL, "train.micro_batch_size=4", "train.lr=3e-3", "eval.batches=4",
+            "eval.max_new_tokens=8", "checkpoint.keep_last=0", *extra]
+
+
+def run_train(args: list[str], launcher: list[str] | None = None, **kw):
+    cmd = (launcher or [sys.executable, "-m"]) + ["pipeline.train"] + args
+    return subprocess.run(cmd, cwd=ROOT, env=kw.pop("env", env()), capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path, step: int) -> dict:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(data_root, tmp_path):
+    args = train_args(data_root, tmp_path, "falls", "train.max_steps=60", "eval.every_steps=30",
+                      "train.log_every_steps=1", "train.warmup_steps=5",
+                      "checkpoint.every_steps=60", "tracking.wandb.mode=offline")
+    e = env()
+    e.pop("WANDB_MODE")
+    out = run_train(args, env=e)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "falls"
+    rows = metrics(run_dir)
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    first_loss = next(r["loss"] for r in rows if "loss" in r)
+    assert evals[-1]["val_loss"] < 7.0 < first_loss  # ln(50257) = 10.8 at the start
+    names = {"step", "tokens", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+             "step_time"}
+    assert names <= set(rows[-1]), names - set(rows[-1])
+    assert rows[-1]["tokens"] == 60 * 4 * 64
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert "done: 60 steps" in out.stdout
+
+
+def test_two_processes_match_one_with_accumulation_and_resume_across_process_counts(
+        data_root, tmp_path):
+    # Constant lr, so that runs of different lengths share one schedule.
+    common = ["train.log_every_steps=1", "eval.every_steps=1000", "train.lr=1e-3",
+              "train.min_lr=1e-3", "checkpoint.every_steps=3"]
+    one = run_train(train_args(data_root, tmp_path, "one", *common, "train.max_steps=6",
+                               "train.grad_accum_steps=2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    # Two processes with micro batch 4 = one process with micro batch 4 and 2 accumulation
+    # steps: the same global batch, so the same samples in each step.
+    two_env = {**env(), "ACCELERATE_USE_CPU": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29731",
+                "--monitor_interval", "1", "-m"]
+    two = run_train(train_args(data_root, tmp_path, "two", *common, "train.max_steps=3"),
+                    launcher, env=two_env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # ... and the two-process run resumes on one process, continuing the same data order.
+    resumed = run_train(train_args(data_root, tmp_path, "two", *common, "train.max_steps=6",
+                                   "train.grad_accum_steps=2"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    expected = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
+    actual = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
+    assert len(expected) == len(actual) == 6
+    assert actual == pytest.approx(expected, abs=1e-5)
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(data_root, tmp_path):
+    # Dropout on, so that the restored RNG state matters too.
+    args = ["train.max_steps=40", "checkpoint.every_steps=10", "eval.every_steps=20",
+            "model.drop_rate=0.1", "train.warmup_steps=4"]
+    whole = run_train(train_args(data_root, tmp_path, "whole", *args))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cmd = [sys.executable, "-m", "pipeline.train"] + train_args(data_root, tmp_path, "killed", *args)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step_000010"
+    deadline = time.time() + 300
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = max(r["step"] for r in metrics(tmp_path / "killed"))
+    assert 10 <= steps_done < 40, "the kill must land between the first checkpoint and the end"
+
+    resumed = run_train(train_args(data_root, tmp_path, "killed", *args))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    a, b = weights(tmp_path / "whole", 40), weights(tmp_path / "killed", 40)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # metrics.jsonl holds each step once, as if the run had never stopped
+    steps = [r["step"] for r in metrics(tmp_path / "killed")]
+    assert steps == sorted(set(steps))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(data_root, tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.train"] + train_args(
+        data_root, tmp_path, "term", "train.max_steps=100000", "train.log_every_steps=1",
+        "eval.every_steps=100000", "checkpoint.every_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Resume" in stdout
+    saved = list((tmp_path / "term" / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "meta.json").is_file()
+    assert 3 <= json.loads((saved[0] / "meta.json").read_text())["step"] < 100000
+
+
+def test_resume_with_another_model_shape_is_refused_naming_the_keys(data_root, tmp_path):
+    args = ["train.max_steps=2", "eval.every_steps=1000", "checkpoint.every_steps=2"]
+    assert run_train(train_args(data_root, tmp_path, "shape", *args)).returncode == 0
+    out = run_train(train_args(data_root, tmp_path, "shape", *args, "train.max_steps=4",
+                               "model.n_layers=3"))
+    assert out.returncode == 2
+    assert "model.n_layers" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step(data_root, tmp_path):
+    out = run_train(train_args(data_root, tmp_path, "nan", "train.max_steps=20",
+                               "train.lr=1e30", "train.grad_clip=null",
+                               "train.log_every_steps=1", "eval.every_steps=1000",
+                               "checkpoint.every_steps=1000"))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "at step" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "nan" / "checkpoints").exists()
