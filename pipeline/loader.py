@@ -1,0 +1,253 @@
+"""Training and validation windows over a split's shards, in a deterministic, distributed,
+resumable order.
+
+A *window* is the book's GPTDatasetV1 sample: `context_length` input tokens and the same
+tokens shifted by one as targets, starting every `stride` tokens of a shard (never across
+a shard boundary). Windows are numbered 0..N-1 in shard order and read from the memory
+maps on demand, so memory stays flat in the corpus size.
+
+The train stream is global: the concatenation over epochs of a permutation of 0..N-1 keyed
+by (seed, epoch). It is cut into chunks of `micro_batch_size` samples and chunk k goes to
+rank k % world_size. A position in it is a count of global samples, which is the same
+number whatever the process count, so a run can resume on a different number of processes.
+
+This module owns window numbering and sample order. It knows the shard layout only through
+`pipeline.shards.open_split`, and nothing of models, devices or Accelerate: callers move the
+CPU tensors it returns.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.shards import open_split
+
+_MASK64 = (1 << 64) - 1
+# Positions of one epoch whose window indices are computed together and cached: permute() costs
+# ~0.2 us per index in bulk but ~0.3 ms per call on a micro batch (numpy call overhead).
+ORDER_BLOCK = 1 << 15
+
+
+class TokenWindows:
+    """Windows of context_length input tokens + next-token targets over one split's shards."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, context_length: int,
+                 stride: int | None = None):
+        if context_length <= 0:
+            raise ValueError(f"context_length must be positive, got {context_length}")
+        stride = context_length if stride is None else stride
+        if stride <= 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        self.split, self.context_length, self.stride = split, context_length, stride
+        shards = open_split(data_dir, split)
+        self.tokens = sum(len(s) for s in shards)
+        # The book's count per shard: starts 0, stride, ... below n - context_length, so the
+        # last window's target (one token further) still lies inside the shard.
+        counts = [len(range(0, len(s) - context_length, stride)) for s in shards]
+        # Only shards that hold a window take part; a window's shard is then found by bisection.
+        self._shards = [s for s, c in zip(shards, counts) if c > 0]
+        self._first = np.cumsum([0] + [c for c in counts if c > 0])  # first window of each
+        if self._first[-1] == 0:
+            largest = max((len(s) for s in shards), default=0)
+            raise PipelineError(
+                f"the {split} split of {data_dir} is too small for one window: it has "
+                f"{self.tokens} tokens in {len(shards)} shard(s) (largest {largest}), and a "
+                f"window needs context_length + 1 = {context_length + 1} tokens inside one "
+                f"shard. Use a larger corpus, a larger data.val_fraction (for val) or "
+                f"data.shard_tokens, or a smaller model.context_length.")
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    def locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(shard number among the shards that hold windows, token offset) of each window."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"window index out of range 0..{len(self) - 1}")
+        shard = np.searchsorted(self._first, idx, side="right") - 1
+        return shard, (idx - self._first[shard]) * self.stride
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 tensors (len(indices), context_length): inputs and targets shifted by one."""
+        shard, offset = self.locate(indices)
+        n = self.context_length
+        # Two slices per window into preallocated int64 arrays: a window is contiguous in its
+        # shard, so this reads only its own pages. numpy does the copies (one thread) and
+        # torch.from_numpy shares them, so the loader never wakes torch's intra-op threads,
+        # which the training step is using.
+        x = np.empty((len(offset), n), dtype=np.int64)
+        y = np.empty((len(offset), n), dtype=np.int64)
+        for k, (s, o) in enumerate(zip(shard.tolist(), offset.tolist())):
+            tokens = self._shards[s]
+            x[k] = tokens[o:o + n]
+            y[k] = tokens[o + 1:o + n + 1]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# ----------------------------------------------------------------------------- the order
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijective, well-avalanching scramble of uint64 values."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _round_keys(seed: int, epoch: int, rounds: int = 4) -> list[np.uint64]:
+    keys = np.array([(seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + r) & _MASK64
+                     for r in range(1, rounds + 1)], dtype=np.uint64)
+    return list(_mix64(_mix64(keys)))
+
+
+def permute(positions, n: int, seed: int, epoch: int) -> np.ndarray:
+    """Where the permutation of 0..n-1 for (seed, epoch) sends each of `positions`.
+
+    A keyed bijection computed per index instead of a stored permutation, so the order
+    costs constant memory and no start-up time in the corpus size, and any position of the
+    stream can be computed directly (resume is a counter). It is a 4-round balanced Feistel
+    network on the smallest even-bit domain 2^(2h) >= n with splitmix64 as round function
+    (Luby-Rackoff: 4 rounds of a pseudorandom function give a pseudorandom permutation),
+    restricted to 0..n-1 by cycle walking: a value that lands at or above n is encrypted
+    again until it falls inside, which stays a bijection of 0..n-1. The domain is below 4n,
+    so a walk takes under 4 steps on average.
+    """
+    x = np.asarray(positions, dtype=np.uint64).reshape(-1)
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    low = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    keys = _round_keys(seed, epoch)
+
+    def encrypt(v: np.ndarray) -> np.ndarray:
+        left, right = v >> shift, v & low
+        for key in keys:
+            left, right = right, left ^ (_mix64(right ^ key) & low)
+        return (left << shift) | right
+
+    out = encrypt(x)
+    outside = out >= np.uint64(n)
+    while outside.any():
+        out[outside] = encrypt(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def stream_indices(start: int, count: int, n: int, seed: int) -> np.ndarray:
+    """Window indices of global stream positions start .. start+count-1 (epochs back to back)."""
+    pos = np.arange(start, start + count, dtype=np.int64)
+    epoch, within = np.divmod(pos, n)
+    out = np.empty_like(pos)
+    for e in np.unique(epoch).tolist():  # one or two epochs unless a batch outgrows an epoch
+        here = epoch == e
+        out[here] = permute(within[here], n, seed, e)
+    return out
+
+
+class TrainBatches:
+    """Endless, deterministic, distributed, resumable stream of train micro batches.
+
+    Call __next__ in lockstep on every rank: each call returns this rank's chunk of the
+    next micro_batch_size * world_size samples of the global stream and advances `samples`
+    by that much on every rank.
+    """
+
+    def __init__(self, windows: TokenWindows, micro_batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start_sample: int = 0):
+        if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
+                             f"{micro_batch_size}, rank {rank}, world_size {world_size}")
+        self.windows, self.micro_batch_size, self.seed = windows, micro_batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._samples = 0
+        self._block, self._block_ids = (-1, -1), np.empty(0, dtype=np.int64)  # one cached
+        self._seek(start_sample)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples consumed by one lockstep call on all ranks."""
+        return self.micro_batch_size * self.world_size
+
+    def _seek(self, samples: int) -> None:
+        if samples < 0 or samples % self.global_batch:
+            raise ValueError(
+                f"cannot resume the train stream at sample {samples}: the position must be a "
+                f"non-negative multiple of micro_batch_size * world_size = "
+                f"{self.micro_batch_size} * {self.world_size} = {self.global_batch}; choose a "
+                f"micro batch size and process count whose product divides it")
+        self._samples = int(samples)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self._samples + self.rank * self.micro_batch_size
+        idx = self._window_ids(first, self.micro_batch_size)
+        self._samples += self.global_batch
+        return self.windows.batch(idx)
+
+    def _window_ids(self, start: int, count: int) -> np.ndarray:
+        """stream_indices(start, count, ...) through a cache of one block of ORDER_BLOCK
+        positions inside one epoch (a whole epoch when the split has fewer windows)."""
+        n, parts, pos, end = len(self.windows), [], start, start + count
+        while pos < end:
+            epoch, within = divmod(pos, n)
+            block = within // ORDER_BLOCK
+            lo, hi = block * ORDER_BLOCK, min((block + 1) * ORDER_BLOCK, n)
+            if (epoch, block) != self._block:
+                self._block_ids = permute(np.arange(lo, hi), n, self.seed, epoch)
+                self._block = (epoch, block)
+            stop = min(end, epoch * n + hi)
+            parts.append(self._block_ids[within - lo:within - lo + stop - pos])
+            pos = stop
+        return np.concatenate(parts)
+
+    @property
+    def samples(self) -> int:
+        """Global samples consumed so far (all ranks together)."""
+        return self._samples
+
+    @property
+    def epoch(self) -> float:
+        return self._samples / len(self.windows)
+
+    def state_dict(self) -> dict:
+        # windows / context_length / stride are there to catch a resume on different data.
+        return {"samples": self._samples, "seed": self.seed, "windows": len(self.windows),
+                "context_length": self.windows.context_length, "stride": self.windows.stride}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "windows", "context_length", "stride"):
+            if key in state and state[key] != mine[key]:
+                raise PipelineError(
+                    f"the saved train loader position was made with {key} = {state[key]}, but "
+                    f"this run has {key} = {mine[key]}: the same sample count would mean other "
+                    f"samples. Resume with the data and settings of the saved run (same seed, "
+                    f"data set, model.context_length and train.stride), or start a new run.")
+        self._seek(int(state["samples"]))
+
+
+def val_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
+                world_size: int = 1, max_batches: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro batches of the split in a fixed order (no shuffling).
+
+    Consecutive chunks of micro_batch_size windows go to the ranks in turn (chunk k to rank
+    k % world_size), so all ranks together see every window exactly once; the last chunk may
+    be smaller and ranks may get one batch more or less (or none): callers all-reduce sums of
+    loss * tokens and tokens, not means. max_batches caps the batches per rank, so ranks
+    together read the first max_batches * world_size chunks.
+    """
+    if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
+                         f"{micro_batch_size}, rank {rank}, world_size {world_size}")
+    n = len(windows)
+    starts = range(rank * micro_batch_size, n, micro_batch_size * world_size)
+    if max_batches is not None:
+        starts = starts[:max(0, max_batches)]
+    for start in starts:
+        yield windows.batch(np.arange(start, min(start + micro_batch_size, n)))
