@@ -1,0 +1,235 @@
+"""The prepare stage: shards equal a direct tiktoken encode of the same documents, the
+book's text split is the book's, reruns are no-ops, other settings are refused without
+--force, an interrupted run (even SIGKILL) is redone byte for byte, and bad input ends in
+one paragraph with exit code 2."""
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.prepare import PrepareError, main, prepare, split_of
+from pipeline.tokenizer import EOT_ID, get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("every effort moves you toward the picture that Jack Gisburn painted at the "
+         "Riviera, a cheap genius, though a good fellow enough; ünïcode & emoji 🙂 too").split()
+
+
+def config(tmp_path, *overrides, name="d"):
+    return load_config(None, [f"data.root={tmp_path / 'data'}", f"data.name={name}",
+                              "data.num_workers=1", "model.context_length=8", *overrides])
+
+
+def text_of(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + ".\n"
+
+
+def read_split(data_dir: Path, split: str) -> list[np.ndarray]:
+    """Each shard of a split read with plain numpy, checking the llm.c header by hand."""
+    out = []
+    for path in sorted(data_dir.glob(f"{split}_*.bin")):
+        header = np.fromfile(path, dtype="<i4", count=256)
+        assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+        tokens = np.fromfile(path, dtype="<u2", offset=256 * 4)
+        assert len(tokens) == header[2]
+        out.append(tokens)
+    return out
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())
+            if p.is_file()}
+
+
+def spec_is_val(doc: str, val_fraction: float) -> bool:
+    # The documented rule, restated: blake2b-64 of the UTF-8 text as a fraction of 2**64.
+    h = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < val_fraction
+
+
+def test_shards_equal_a_direct_encode_with_eot_before_each_document(tmp_path):
+    docs = [text_of(i, 5 + i % 17) for i in range(40)]
+    (tmp_path / "src").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "src" / f"{i:03d}.txt").write_text(doc)
+    cfg = config(tmp_path, "data.source.kind=files", f"data.source.paths=[{tmp_path / 'src'}]",
+                 "data.val_fraction=0.3", "data.shard_tokens=50")
+    manifest = prepare(cfg)
+    enc = get_tokenizer()
+    expected = {"train": [], "val": []}
+    for doc in docs:
+        expected["val" if spec_is_val(doc, 0.3) else "train"] += [EOT_ID, *enc.encode_ordinary(doc)]
+    for split in ("train", "val"):
+        shards = read_split(cfg.data_dir, split)
+        assert np.concatenate(shards).tolist() == expected[split]
+        assert [len(s) for s in shards[:-1]] == [50] * (len(shards) - 1) and len(shards[-1]) <= 50
+        assert [s.tokens for s in manifest.splits[split]] == [len(s) for s in shards]
+    assert manifest.documents == {s: sum(spec_is_val(d, 0.3) == (s == "val") for d in docs)
+                                  for s in ("train", "val")}
+    assert manifest.documents["val"] > 0 and manifest.dtype == "uint16"
+
+
+def test_document_split_is_by_hash_and_close_to_val_fraction():
+    docs = [f"document number {i}" for i in range(4000)]
+    val = [d for d in docs if split_of(d, 0.1)]
+    assert abs(len(val) / len(docs) - 0.1) < 0.02
+    assert val == [d for d in reversed(docs) if split_of(d, 0.1)][::-1]  # order plays no part
+    assert all(split_of(d, 0.1) == spec_is_val(d, 0.1) for d in docs[:200])
+
+
+def test_text_split_is_the_books_split(tmp_path):
+    # configs/verdict.yaml names the book's file by URL; a file:// URL takes the same path.
+    book = tmp_path / "the-verdict.txt"
+    book.write_text(text_of(7, 900))
+    cfg = config(tmp_path, "data.source.kind=url", f"data.source.url={book.as_uri()}",
+                 "data.split_by=text", "data.val_fraction=0.1")
+    prepare(cfg)
+    text, enc = book.read_text(), get_tokenizer()
+    split_idx = int(0.90 * len(text))
+    train = np.concatenate(read_split(cfg.data_dir, "train")).tolist()
+    val = np.concatenate(read_split(cfg.data_dir, "val")).tolist()
+    assert train == enc.encode_ordinary(text[:split_idx])
+    assert val == enc.encode_ordinary(text[split_idx:])
+
+
+def test_text_split_joins_documents_with_eot(tmp_path):
+    (tmp_path / "src").mkdir()
+    a, b = text_of(1, 200), text_of(2, 50)
+    (tmp_path / "src" / "a.txt").write_text(a)
+    (tmp_path / "src" / "b.txt").write_text(b)
+    cfg = config(tmp_path, "data.source.kind=files", f"data.source.paths=[{tmp_path / 'src'}]",
+                 "data.split_by=text", "data.val_fraction=0.1")
+    prepare(cfg)
+    cut, enc = int(0.9 * (len(a) + len(b))), get_tokenizer()
+    assert cut > len(a)  # the cut falls inside the second document
+    train = np.concatenate(read_split(cfg.data_dir, "train")).tolist()
+    val = np.concatenate(read_split(cfg.data_dir, "val")).tolist()
+    assert train == enc.encode_ordinary(a) + [EOT_ID] + enc.encode_ordinary(b[:cut - len(a)])
+    assert val == enc.encode_ordinary(b[cut - len(a):])
+
+
+def stdlib_args(tmp_path, *extra):
+    return [f"data.root={tmp_path / 'data'}", "data.name=std", "data.source.max_bytes=300000",
+            "data.shard_tokens=20000", "data.num_workers=1", "model.context_length=64", *extra]
+
+
+def test_rerun_is_a_no_op_and_says_so(tmp_path, capsys):
+    main(stdlib_args(tmp_path))
+    assert "prepared" in capsys.readouterr().out
+    before = snapshot(tmp_path / "data" / "std")
+    main(stdlib_args(tmp_path, "data.num_workers=2"))  # the worker count changes no byte
+    assert "up to date" in capsys.readouterr().out
+    assert snapshot(tmp_path / "data" / "std") == before
+
+
+def test_other_settings_are_refused_without_force(tmp_path, capsys):
+    main(stdlib_args(tmp_path))
+    before = snapshot(tmp_path / "data" / "std")
+    with pytest.raises(SystemExit) as exit_:
+        main(stdlib_args(tmp_path, "data.val_fraction=0.2"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.val_fraction was 0.1, now 0.2" in err and "--force" in err
+    assert snapshot(tmp_path / "data" / "std") == before
+    main(stdlib_args(tmp_path, "data.val_fraction=0.2", "--force"))
+    assert "prepared" in capsys.readouterr().out
+    manifest = (tmp_path / "data" / "std" / "manifest.json").read_text()
+    assert '"val_fraction": 0.2' in manifest
+
+
+def test_directory_without_manifest_is_cleaned_and_redone(tmp_path, capsys):
+    main(stdlib_args(tmp_path))
+    data_dir = tmp_path / "data" / "std"
+    good = {n: b for n, (b, _) in snapshot(data_dir).items()}
+    (data_dir / "manifest.json").unlink()
+    (data_dir / "train_000099.bin").write_bytes(b"left by a crash")
+    (data_dir / ".train_000000.bin.tmp4242").write_bytes(b"half a shard")
+    (data_dir / "train_000000.bin").write_bytes(b"truncated")
+    main(stdlib_args(tmp_path))
+    assert "no manifest.json (an interrupted run)" in capsys.readouterr().out
+    assert {n: b for n, (b, _) in snapshot(data_dir).items()} == good
+
+
+def test_a_larger_context_is_checked_even_when_up_to_date(tmp_path):
+    prepare(load_config(None, stdlib_args(tmp_path)))
+    with pytest.raises(PrepareError, match="too small.*model.context_length"):
+        prepare(load_config(None, stdlib_args(tmp_path, "model.context_length=100000")))
+
+
+def test_undecodable_bytes_are_reported_during_prepare(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text(text_of(3, 300))
+    (tmp_path / "src" / "latin1.txt").write_bytes("na\xefve caf\xe9 ".encode("latin-1") * 40)
+    cfg = config(tmp_path, "data.source.kind=files", f"data.source.paths=[{tmp_path / 'src'}]",
+                 "data.split_by=text")
+    prepare(cfg)
+    err = capsys.readouterr().err
+    assert "latin1.txt: 80 undecodable bytes (not utf-8-sig) replaced with U+FFFD" in err
+
+
+@pytest.mark.slow
+def test_sigkilled_prepare_then_rerun_gives_identical_shards(tmp_path):
+    # Small shards make the run long enough (one fsync each) to be killed mid-way.
+    args = ["data.source.max_bytes=2000000", "data.shard_tokens=4000"]
+    reference = load_config(None, stdlib_args(tmp_path / "ref", *args))
+    prepare(reference)
+    killed = stdlib_args(tmp_path, *args, "data.num_workers=2")
+    data_dir = tmp_path / "data" / "std"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", *killed], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(data_dir.glob("train_*.bin"))) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, "prepare finished before it could be killed"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its workers, mid-way
+        proc.wait()
+    assert not (data_dir / "manifest.json").exists()
+    partial = len(list(data_dir.glob("*_*.bin")))
+    total = len(list(reference.data_dir.glob("*_*.bin")))
+    assert 0 < partial < total
+    prepare(load_config(None, killed))  # the rerun, with 2 workers against the 1 of the reference
+    assert snapshot_bytes(data_dir) == snapshot_bytes(reference.data_dir)
+
+
+def snapshot_bytes(directory: Path) -> dict:
+    return {n: b for n, (b, _) in snapshot(directory).items()}
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_empty_corpus_exits_2_without_traceback(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("")
+    out = run_cli("data.source.kind=files", "data.source.paths=[src]", "data.name=e",
+                  cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "error: the corpus is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_path):
+    (tmp_path / "book.txt").write_text(text_of(5, 300))
+    out = run_cli("data.source.kind=files", "data.source.paths=[book.txt]", "data.name=s",
+                  "data.split_by=text", "model.context_length=256", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    message = " ".join(out.stderr.split())
+    assert "too small: its val split has fewer tokens than one window" in message
+    assert "raise data.val_fraction" in message and "lower model.context_length" in message
+    assert list((tmp_path / "data" / "s").glob("*.bin")) == []
+    assert not (tmp_path / "data" / "s" / "manifest.json").exists()

@@ -1,0 +1,76 @@
+"""The shard format is llm.c's bytes (checked with plain numpy), and damaged data sets
+are caught: a truncated shard, a wrong magic, a count that disagrees with the manifest,
+a changed byte."""
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipeline.shards import (HEADER_BYTES, DataError, Manifest, ShardInfo, load_manifest,
+                             open_split, read_shard, token_dtype, verify, write_shard)
+
+
+def test_write_shard_is_the_llmc_layout(tmp_path):
+    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.int64)
+    sha = write_shard(tmp_path / "s.bin", tokens, token_dtype(50257))
+    raw = (tmp_path / "s.bin").read_bytes()
+    assert sha == hashlib.sha256(raw).hexdigest()
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert header[:3].tolist() == [20240520, 1, 5] and not header[3:].any()
+    assert np.frombuffer(raw[HEADER_BYTES:], dtype="<u2").tolist() == tokens.tolist()
+    assert read_shard(tmp_path / "s.bin").tolist() == tokens.tolist()
+
+
+def test_vocabularies_over_65536_use_uint32_version_2(tmp_path):
+    assert token_dtype(50257) == np.dtype("<u2") and token_dtype(100_277) == np.dtype("<u4")
+    write_shard(tmp_path / "s.bin", np.array([100_000, 3]), token_dtype(100_277))
+    header = np.fromfile(tmp_path / "s.bin", dtype="<i4", count=256)
+    assert header[1] == 2 and read_shard(tmp_path / "s.bin").tolist() == [100_000, 3]
+
+
+def test_truncated_or_foreign_files_are_refused(tmp_path):
+    write_shard(tmp_path / "s.bin", np.arange(100), token_dtype(50257))
+    data = (tmp_path / "s.bin").read_bytes()
+    (tmp_path / "s.bin").write_bytes(data[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        read_shard(tmp_path / "s.bin")
+    (tmp_path / "s.bin").write_bytes(b"\0" * len(data))
+    with pytest.raises(DataError, match="bad magic"):
+        read_shard(tmp_path / "s.bin")
+    with pytest.raises(DataError, match="missing"):
+        read_shard(tmp_path / "absent.bin")
+
+
+def make_data_set(tmp_path):
+    infos = []
+    for i, n in enumerate((10, 4)):
+        name = f"train_{i:06d}.bin"
+        infos.append(ShardInfo(name, n, write_shard(tmp_path / name, np.arange(n), "<u2")))
+    manifest = Manifest(tokenizer="gpt2", vocab_size=50257, dtype="uint16", eot_token=50256,
+                        splits={"train": infos, "val": []}, documents={"train": 2, "val": 0},
+                        source={"kind": "files"}, settings={"split_by": "document"})
+    manifest.save(tmp_path)
+    return manifest
+
+
+def test_manifest_round_trips_and_opens_its_shards(tmp_path):
+    manifest = make_data_set(tmp_path)
+    assert load_manifest(tmp_path) == manifest and manifest.tokens("train") == 14
+    assert [a.tolist() for a in open_split(tmp_path, "train")] == [list(range(10)), list(range(4))]
+    assert verify(tmp_path) == []
+
+
+def test_damage_is_detected(tmp_path):
+    manifest = make_data_set(tmp_path)
+    path = tmp_path / "train_000001.bin"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # same size, one bit changed: only the sha256 sees it
+    path.write_bytes(bytes(data))
+    assert verify(tmp_path) == ["train_000001.bin"]
+    manifest.splits["train"][0].tokens = 11
+    manifest.save(tmp_path)
+    with pytest.raises(DataError, match="holds 10 tokens, the manifest says 11"):
+        open_split(tmp_path, "train")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no prepared data"):
+        load_manifest(tmp_path)
