@@ -136,7 +136,7 @@ def _read_text(path: Path, warn: Warn, encoding: str = "utf-8-sig") -> str:
 
 def resolve_files(patterns: Iterable[str]) -> list[Path]:
     """The files that `data.source.paths` names, in order: each entry's matches sorted."""
-    files: list[Path] = []
+    files: dict[Path, None] = {}  # ordered, and each file once however often it is named
     for pattern in patterns:
         matches = _expand(pattern)
         if not matches:
@@ -144,8 +144,8 @@ def resolve_files(patterns: Iterable[str]) -> list[Path]:
                 f"data.source.paths entry '{pattern}' matches no file "
                 f"(looked from {Path.cwd()}; directories are searched for "
                 f"{', '.join(KNOWN_EXTS)}). Fix the path or the pattern.")
-        files.extend(m for m in matches if m not in files)
-    return files
+        files.update(dict.fromkeys(matches))
+    return list(files)
 
 
 def _expand(pattern: str) -> list[Path]:

@@ -14,7 +14,8 @@ Owns the layout of the token stream:
   book does (`train_data = text[:split_idx]`, `val_data = text[split_idx:]`), and each
   side is encoded on its own. No EOT is added at the start of either side, so for a
   single document (the book's the-verdict.txt) the shards hold exactly the book's
-  tokens. This mode reads the corpus twice (once to count characters).
+  tokens. This mode reads the corpus twice (once to count characters), and the
+  document the cut divides counts as a document of both splits.
 
 Documents are tokenized in parallel (`data.num_workers` processes, default all cores),
 in chunks whose results are taken back in order: the bytes never depend on the number
@@ -260,14 +261,16 @@ def check_windows(tokens: dict[str, int], config: Config) -> None:
     if not short:
         return
     have = ", ".join(f"{s} {tokens.get(s, 0):,}" for s in SPLITS)
-    hint = ("raise data.val_fraction" if short == ["val"] else
-            "lower data.val_fraction" if short == ["train"] else "add data")
+    hints = {("val",): ["raise data.val_fraction"], ("train",): ["lower data.val_fraction"]}
+    hint = hints.get(tuple(short), [])
     if config.data.split_by == "document" and short == ["val"]:
-        hint += " (or use data.split_by=text, which does not depend on how many documents there are)"
+        hint.append("use data.split_by=text (it needs no minimum number of documents)")
+    hint += ["lower model.context_length", "add data"]
     raise PrepareError(
-        f"the corpus is too small: its {' and '.join(short)} split has fewer tokens than one "
-        f"window of model.context_length + 1 = {need} (tokens: {have}). To fix it, {hint}, "
-        f"lower model.context_length, or add data.")
+        f"the corpus is too small: its {' and '.join(short)} "
+        f"{'splits have' if len(short) > 1 else 'split has'} fewer tokens than one "
+        f"window of model.context_length + 1 = {need} (tokens: {have}). To fix it, "
+        f"{', '.join(hint[:-1])} or {hint[-1]}.")
 
 
 def prepare(config: Config, force: bool = False) -> Manifest:
