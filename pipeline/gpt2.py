@@ -159,3 +159,77 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=hf.get("resid_pdrop", 0.0),
         qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
     return ModelConfig(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- the book's names
+#
+# The book's chapter 4 GPTModel keeps q, k and v as three Linear layers, the MLP as an
+# nn.Sequential (Linear, GELU, Linear) and LayerNorm's weight/bias as scale/shift. Its
+# attention also registers its causal mask as a buffer (`att.mask`), which a state dict
+# saved with torch.save(model.state_dict(), "model.pth") carries along; it is ignored.
+_BOOK_BLOCK = [
+    ("norm1.weight", "norm1.scale"),
+    ("norm1.bias", "norm1.shift"),
+    ("att.out_proj.weight", "att.out_proj.weight"),
+    ("att.out_proj.bias", "att.out_proj.bias"),
+    ("norm2.weight", "norm2.scale"),
+    ("norm2.bias", "norm2.shift"),
+    ("ff.fc.weight", "ff.layers.0.weight"),
+    ("ff.fc.bias", "ff.layers.0.bias"),
+    ("ff.proj.weight", "ff.layers.2.weight"),
+    ("ff.proj.bias", "ff.layers.2.bias"),
+]
+_BOOK_TOP = [
+    ("tok_emb.weight", "tok_emb.weight"),
+    ("pos_emb.weight", "pos_emb.weight"),
+    ("final_norm.weight", "final_norm.scale"),
+    ("final_norm.bias", "final_norm.shift"),
+    ("out_head.weight", "out_head.weight"),
+]
+
+
+def is_book_state(state: dict) -> bool:
+    return "trf_blocks.0.att.W_query.weight" in state
+
+
+def book_config(state: dict[str, torch.Tensor], n_heads: int | None = None) -> ModelConfig:
+    """The ModelConfig of a book-format state dict, read from its tensor shapes.
+
+    Shapes do not reveal the number of heads: it is `n_heads` when given, else the one
+    OpenAI's GPT-2 uses at that width (the book's configs are those sizes).
+    """
+    vocab_size, emb_dim = state["tok_emb.weight"].shape
+    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("trf_blocks."))
+    if n_heads is None:
+        by_width = {d: h for d, _, h in OPENAI_SIZES.values()}
+        if emb_dim not in by_width:
+            raise ValueError(
+                f"the book-format weights have emb_dim {emb_dim}, not one of GPT-2's widths "
+                f"({', '.join(map(str, sorted(by_width)))}), so the number of attention heads "
+                f"cannot be read from them: give it (model.n_heads)")
+        n_heads = by_width[emb_dim]
+    return ModelConfig(
+        vocab_size=vocab_size, context_length=state["pos_emb.weight"].shape[0], emb_dim=emb_dim,
+        n_heads=n_heads, n_layers=n_layers, drop_rate=0.0,
+        qkv_bias="trf_blocks.0.att.W_query.bias" in state, tie_embeddings=False)
+
+
+def from_book(state: dict[str, torch.Tensor], n_heads: int | None = None
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The book's GPTModel state dict -> (our config, our state dict).
+
+    q, k and v are stacked in that order into `att.qkv`, whose output this model splits
+    as (3, heads, head_dim): the same per-head columns the book's `.view` takes.
+    A KeyError names the first book tensor that is missing.
+    """
+    cfg = book_config(state, n_heads)
+    out = {ours: state[book] for ours, book in _BOOK_TOP}
+    for i in range(cfg.n_layers):
+        pre = f"trf_blocks.{i}."
+        for ours, book in _BOOK_BLOCK:
+            out[pre + ours] = state[pre + book]
+        parts = [f"{pre}att.W_{n}" for n in ("query", "key", "value")]
+        out[pre + "att.qkv.weight"] = torch.cat([state[p + ".weight"] for p in parts])
+        if cfg.qkv_bias:
+            out[pre + "att.qkv.bias"] = torch.cat([state[p + ".bias"] for p in parts])
+    return cfg, out

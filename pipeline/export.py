@@ -1,0 +1,154 @@
+"""Stage 4: a model to a directory in the Hugging Face GPT-2 layout.
+
+    python -m pipeline.export --model runs/<name> [--out DIR] [--dtype float32|bfloat16|float16]
+
+writes
+    config.json              GPT2Config (pipeline.gpt2.hf_config) plus torch_dtype
+    model.safetensors        HF names, Conv1D weights transposed to (in, out); a tied head
+                             is stored once as wte (transformers ties it on load)
+    generation_config.json   <|endoftext|> as bos/eos
+
+so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it with the same logits,
+and so does this project (`--model DIR` for evaluate and generate, `model.init_from: DIR`).
+Any source pipeline.weights reads can be exported: a run (its latest checkpoint, default
+destination runs/<name>/export/), one checkpoint, OpenAI GPT-2 by name, or the book's
+model.pth (both need --out): exporting those is how they are imported into the HF layout.
+
+The directory is written under a temporary name, re-read through the same loader every
+stage uses and compared tensor by tensor with the source, and only then renamed into place;
+a previous export there is replaced, anything else is refused.
+
+Knows the HF directory layout; the name mapping is pipeline/gpt2.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline import gpt2
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError, cli_main
+from pipeline.fileio import atomic_write_json
+from pipeline.tokenizer import EOT_ID
+from pipeline.weights import ModelInfo, load_state
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What an export directory may hold; a destination with anything else is not replaced.
+EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "eval.json"}
+
+
+def export(source: str | Path, out: str | Path | None = None, dtype: str = "float32"
+           ) -> tuple[Path, ModelInfo]:
+    """Write `source` as an HF GPT-2 directory at `out`, verified; return (out, info)."""
+    if dtype not in DTYPES:
+        raise PipelineError(f"--dtype {dtype} is not one of: {', '.join(DTYPES)}")
+    cfg, state, info = load_state(source)
+    out = Path(out) if out is not None else default_destination(info)
+    _check_destination(out, info)
+    hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in gpt2.to_hf(state, cfg).items()}
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_hf_dir(tmp, cfg, hf_state, dtype)
+        verify_export(tmp, cfg, state, dtype)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, info
+
+
+def write_hf_dir(path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype: str) -> None:
+    # transformers refuses safetensors files without format metadata
+    save_file(hf_state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(path / "config.json", {**gpt2.hf_config(cfg), "torch_dtype": dtype})
+    atomic_write_json(path / "generation_config.json",
+                      {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+
+
+def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> None:
+    """Re-read `path` as every stage would and compare it with the source, tensor by tensor."""
+    want = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    zero_bias = all(not v.any() for k, v in want.items() if k.endswith("att.qkv.bias"))
+    want_cfg = replace(cfg, qkv_bias=cfg.qkv_bias and not zero_bias)  # see weights.py
+    if not want_cfg.qkv_bias:
+        want = {k: v for k, v in want.items() if not k.endswith("att.qkv.bias")}
+    if cfg.tie_embeddings:
+        want.pop("out_head.weight", None)
+    got_cfg, got, _ = load_state(path)
+    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
+            "tie_embeddings")
+    diff = [f"config {k}" for k in keys if getattr(got_cfg, k) != getattr(want_cfg, k)]
+    diff += [k for k, v in want.items()
+             if k not in got or got[k].dtype != v.dtype or not torch.equal(got[k], v)]
+    if diff:
+        raise PipelineError(f"the export written to {path} does not read back equal to the "
+                            f"source (differs in: {', '.join(diff[:5])}); nothing was replaced")
+
+
+def default_destination(info: ModelInfo) -> Path:
+    if info.kind == "run":
+        return info.home / "export"
+    if info.kind == "checkpoint" and info.path.parent.name == "checkpoints":
+        return info.path.parent.parent / "export"  # runs/<name>/export
+    raise PipelineError(f"name the destination of the export of {info.source} with --out DIR")
+
+
+def _check_destination(out: Path, info: ModelInfo) -> None:
+    if out.resolve() == info.path.resolve():
+        raise PipelineError(f"--out {out} is the source itself; choose another directory")
+    if out.exists():
+        other = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) \
+            if out.is_dir() else [out.name]
+        if other:
+            raise PipelineError(
+                f"{out} exists and is not an earlier export (it holds {', '.join(other[:5])}); "
+                f"choose another --out or remove it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an earlier export there is moved aside first, then deleted."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="a run dir (its latest checkpoint), a checkpoint dir, a model dir, "
+                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl, or a book-format model.pth")
+    p.add_argument("--out", metavar="DIR",
+                   help="destination (default for a run or checkpoint: runs/<name>/export)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="dtype of the stored weights (default: float32, as trained)")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out, info = export(args.model, args.out, args.dtype)
+    cfg = info.config
+    step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""
+    size = (out / "model.safetensors").stat().st_size
+    print(f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
+          f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
+          f"equal to the source")
+
+
+if __name__ == "__main__":
+    main()

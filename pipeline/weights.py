@@ -1,0 +1,283 @@
+"""Load a model from wherever its weights are, for the stages that use a trained model.
+
+A *source* is any of:
+    runs/<name>/                 a run: its latest complete checkpoint
+    runs/<name>/checkpoints/step_NNNNNN/   one checkpoint
+    a model directory            Hugging Face GPT-2 layout (config.json + model.safetensors,
+                                 sharded safetensors, or pytorch_model.bin): an export, a
+                                 download, or `save_pretrained` output
+    gpt2 | gpt2-medium | gpt2-large | gpt2-xl   OpenAI's weights via the Hugging Face Hub
+    a .pth file                  the state dict of the book's GPTModel (chapter 5's model.pth)
+
+Every source ends as (ModelConfig, state dict in this project's names), checked tensor by
+tensor against the config, so a mismatch names the tensors instead of failing inside torch.
+
+Decisions:
+- A model directory whose `c_attn` biases are all exactly zero loads with qkv_bias=False:
+  that is what `export` writes for a model trained without them, so export -> import gives
+  the config back. Zero biases compute the same function either way; the difference only
+  shows if training continues (without the option the biases stay absent).
+- `context_length` may crop the position table (as nanoGPT trains GPT-2 at shorter
+  contexts); it can never grow it.
+- Pickles are never trusted: .pth/.bin files load with torch.load(weights_only=True).
+
+Owns source resolution and the file formats of *other* tools. The checkpoint layout is
+pipeline/checkpoint.py's and the name mapping pipeline/gpt2.py's.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline import checkpoint, gpt2
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.model import GPTModel
+
+HUB_ORG = "openai-community"
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass
+class ModelInfo:
+    """Where a loaded model came from."""
+
+    source: str  # what the user named
+    kind: str  # run | checkpoint | hf | hub | book
+    path: Path  # the checkpoint dir, model dir or file the weights were read from
+    home: Path | None  # where results about this model belong (eval.json); None for the Hub
+    config: ModelConfig | None = None
+    meta: dict | None = None  # a checkpoint's meta.json (step, tokens, run config)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_state(source: str | Path, *, context_length: int | None = None,
+               n_heads: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], ModelInfo]:
+    """Config and weights (this project's names, CPU) of any source; see the module doc.
+
+    `n_heads` is only consulted for book-format files, whose shapes do not tell it.
+    """
+    info = resolve(source)
+    if info.kind == "checkpoint" or info.kind == "run":
+        cfg, state = _read_checkpoint(info)
+    elif info.kind == "book":
+        cfg, state = _read_book(info.path, n_heads)
+    else:
+        cfg, state = _read_hf_dir(info.path)
+    check_shapes(cfg, state, where=str(info.path))
+    cfg, state = crop_context(cfg, state, context_length, where=str(info.path))
+    info.config = cfg
+    return cfg, state, info
+
+
+def load_model(source: str | Path, *, context_length: int | None = None, device="cpu",
+               n_heads: int | None = None) -> tuple[GPTModel, ModelInfo]:
+    """A GPTModel in eval mode with the weights of `source` (fp32 on `device`)."""
+    cfg, state, info = load_state(source, context_length=context_length, n_heads=n_heads)
+    return build_model(cfg, state, device), info
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu") -> GPTModel:
+    """GPTModel(cfg) holding `state`, without spending time on a random init first."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
+        model.out_head.weight = model.tok_emb.weight
+        state = {**state, "out_head.weight": state["tok_emb.weight"]}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def init_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Starting weights for training with `model.init_from` (anything but "scratch").
+
+    The architecture comes from the weights (OpenAI GPT-2: context 1024, qkv_bias true,
+    tied head). From the user's config only `context_length` (which may crop the
+    positions, never extend them), `drop_rate` (a training choice) and `init_from` are
+    taken; `n_heads` too for book-format files, whose shapes do not tell it.
+    """
+    cfg, state, info = load_state(init_from, n_heads=user_cfg.n_heads)
+    if user_cfg.context_length > cfg.context_length:
+        raise PipelineError(
+            f"model.context_length is {user_cfg.context_length}, but {init_from} was trained "
+            f"with {cfg.context_length} positions: positions cannot be added to pretrained "
+            f"weights. Set model.context_length to {cfg.context_length} or less.")
+    cfg, state = crop_context(cfg, state, user_cfg.context_length, where=init_from)
+    return replace(cfg, drop_rate=user_cfg.drop_rate, init_from=init_from), state
+
+
+def crop_context(cfg: ModelConfig, state: dict[str, torch.Tensor], context_length: int | None,
+                 where: str = "the model") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Keep the first `context_length` positions (None or the same length: unchanged)."""
+    if context_length is None or context_length == cfg.context_length:
+        return cfg, state
+    if not 0 < context_length < cfg.context_length:
+        raise PipelineError(
+            f"context length {context_length} is not possible for {where}: it has "
+            f"{cfg.context_length} positions, and positions can only be cropped (1 to "
+            f"{cfg.context_length}), not added")
+    state = {**state, "pos_emb.weight": state["pos_emb.weight"][:context_length].contiguous()}
+    return replace(cfg, context_length=context_length), state
+
+
+def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """PipelineError naming every tensor that is missing, extra, or of the wrong shape."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPTModel(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("out_head.weight")
+        state = {k: v for k, v in state.items() if k != "out_head.weight"}
+    problems = [f"{k} {tuple(state[k].shape)} (expected {shape})"
+                for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    problems += [f"{k} missing" for k in expected if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in expected]
+    if problems:
+        raise PipelineError(
+            f"the weights in {where} do not fit their config ({_describe(cfg)}): "
+            f"{'; '.join(problems[:6])}" + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve(source: str | Path) -> ModelInfo:
+    """What kind of source this is and where its weights are; PipelineError if none."""
+    text = str(source)
+    path = Path(source)
+    if path.is_dir():
+        return _resolve_dir(text, path)
+    if path.is_file():
+        if path.suffix in (".safetensors", ".json"):
+            raise PipelineError(f"give the directory that holds {path.name}, not the file")
+        return ModelInfo(text, "book", path, home=path.parent)
+    name = text.removeprefix(f"{HUB_ORG}/")
+    if name in gpt2.OPENAI_SIZES:
+        snapshot = _download(name)
+        return ModelInfo(text, "hub", snapshot, home=None)
+    valid = ", ".join(gpt2.OPENAI_SIZES)
+    if name.startswith("gpt2") or text.startswith(f"{HUB_ORG}/"):
+        raise PipelineError(f"unknown GPT-2 model name '{text}'; the valid names are: {valid}")
+    raise PipelineError(
+        f"'{text}' is neither an existing path nor a GPT-2 name. Give a run directory "
+        f"(runs/<name>), a checkpoint directory, a model directory in the Hugging Face GPT-2 "
+        f"layout, a book-format model.pth file, or one of: {valid}")
+
+
+def _resolve_dir(text: str, path: Path) -> ModelInfo:
+    if (path / checkpoint.CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
+        latest = checkpoint.latest_checkpoint(path)
+        if latest is None:
+            raise PipelineError(
+                f"run {path} has no complete checkpoint yet (none under "
+                f"{path / checkpoint.CHECKPOINTS} with a {checkpoint.META_FILE}); train it first "
+                f"or name a checkpoint or model directory")
+        return ModelInfo(text, "run", latest, home=path)
+    if (path / checkpoint.META_FILE).is_file():
+        return ModelInfo(text, "checkpoint", path, home=path)
+    if (path / HF_CONFIG).is_file():
+        return ModelInfo(text, "hf", path, home=path)
+    raise PipelineError(
+        f"{path} holds no model: expected a run directory (with checkpoints/), a checkpoint "
+        f"(with {checkpoint.META_FILE} and {checkpoint.MODEL_FILE}), or a model directory in "
+        f"the Hugging Face GPT-2 layout ({HF_CONFIG} and one of {', '.join(HF_WEIGHTS)})")
+
+
+def _download(name: str) -> Path:
+    """OpenAI's GPT-2 `name` from the Hub into (or straight from) the local HF cache."""
+    from huggingface_hub import snapshot_download
+    repo = f"{HUB_ORG}/{name}"
+    try:
+        return Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, "model.safetensors"]))
+    except OSError as e:  # huggingface_hub's offline and HTTP errors are OSErrors
+        raise PipelineError(
+            f"could not get {repo} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[-1] if str(e) else ''}). It needs the network the first time "
+            f"(after that it is cached); check the connection, unset HF_HUB_OFFLINE if it is "
+            f"set, or download the model elsewhere and give its local directory (config.json + "
+            f"model.safetensors) instead of the name.") from None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_checkpoint(info: ModelInfo) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if not (info.path / checkpoint.MODEL_FILE).is_file():
+        raise PipelineError(f"checkpoint {info.path} has no {checkpoint.MODEL_FILE}")
+    info.meta = checkpoint.read_meta(info.path)
+    return checkpoint.load_model_state(info.path)
+
+
+def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    try:
+        hf = json.loads((path / HF_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path / HF_CONFIG} cannot be read as JSON ({e})") from None
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise PipelineError(f"{path} holds a '{hf['model_type']}' model; only GPT-2 loads here")
+    hf_state = read_hf_tensors(path)
+    biases = [v for k, v in hf_state.items() if k.endswith("attn.c_attn.bias")]
+    zero_bias = bool(biases) and all(not b.any() for b in biases)
+    try:
+        cfg = gpt2.model_config_from_hf(hf, qkv_bias=not zero_bias)
+        return cfg, gpt2.from_hf(hf_state, cfg)
+    except (KeyError, ValueError) as e:
+        raise PipelineError(f"the weights in {path} do not fit its {HF_CONFIG}: {e}") from None
+
+
+def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face model directory, by its HF name."""
+    single, index, pickle = (path / f for f in HF_WEIGHTS)
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(path / shard)).items()}
+    if pickle.is_file():
+        return _torch_load(pickle)
+    raise PipelineError(
+        f"{path} has a {HF_CONFIG} but no weights: expected one of {', '.join(HF_WEIGHTS)}")
+
+
+def _read_book(path: Path, n_heads: int | None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    state = _torch_load(path)
+    if isinstance(state.get("model_state_dict"), dict):  # the book's model_and_optimizer.pth
+        state = state["model_state_dict"]
+    if not gpt2.is_book_state(state):
+        hint = (" It looks like a Hugging Face GPT-2 state dict: give the directory that holds it "
+                f"with its {HF_CONFIG}." if any("c_attn" in k for k in state) else "")
+        raise PipelineError(
+            f"{path} is not the state dict of the book's GPTModel (no "
+            f"trf_blocks.0.att.W_query.weight).{hint}")
+    try:
+        return gpt2.from_book(state, n_heads)
+    except KeyError as e:
+        raise PipelineError(f"{path} lacks the book's tensor {e}") from None
+    except ValueError as e:
+        raise PipelineError(f"{path}: {e}") from None
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ...
+        raise PipelineError(
+            f"{path} cannot be read as a plain state dict with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); only tensors "
+            f"and plain containers are accepted, never arbitrary pickles") from None
+    if not isinstance(state, dict):
+        raise PipelineError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return (f"vocab {cfg.vocab_size}, context {cfg.context_length}, emb_dim {cfg.emb_dim}, "
+            f"{cfg.n_layers} layers, {cfg.n_heads} heads, qkv_bias {cfg.qkv_bias}, "
+            f"tied head {cfg.tie_embeddings}")

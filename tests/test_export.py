@@ -1,0 +1,120 @@
+"""Export of trained checkpoints to the Hugging Face GPT-2 layout, checked by loading the
+export in transformers (the reference) and in this project."""
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.export import export, main
+from pipeline.model import GPTModel
+from pipeline.weights import load_model
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ModelConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
+                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+
+
+def trained_model(cfg: ModelConfig, seed=0) -> GPTModel:
+    """A model whose biases and norms are not at their init values, as after training."""
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+def write_checkpoint(run_dir, model: GPTModel, step=100):
+    """A checkpoint in the layout the train stage writes (model.safetensors + meta.json)."""
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        del state["out_head.weight"]
+    save_file(state, str(path / "model.safetensors"))
+    meta = {"step": step, "tokens": step * 1024, "model": asdict(model.cfg),
+            "config": {"name": run_dir.name}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def tokens(n=20, seed=1):
+    return torch.randint(0, 50257, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("qkv_bias,tie", [(True, True), (False, False)],
+                         ids=["gpt2-like", "untied-no-qkv-bias"])
+def test_export_loads_in_transformers_with_the_checkpoints_logits(tmp_path, qkv_bias, tie):
+    cfg = replace(TINY, qkv_bias=qkv_bias, tie_embeddings=tie)
+    model = trained_model(cfg)
+    write_checkpoint(tmp_path / "run", model)
+    out, info = export(tmp_path / "run")
+    assert out == tmp_path / "run" / "export" and info.meta["step"] == 100
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is tie
+    assert ("lm_head.weight" in load_file(str(out / "model.safetensors"))) is not tie
+    reference = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = tokens()
+    with torch.no_grad():
+        expected = model(idx)
+        torch.testing.assert_close(reference(idx).logits, expected, rtol=0, atol=1e-5)
+        again, _ = load_model(out)
+        assert again.cfg == replace(cfg, drop_rate=again.cfg.drop_rate)  # qkv_bias read back
+        torch.testing.assert_close(again(idx), expected, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_export_stores_the_rounded_weights(tmp_path):
+    model = trained_model(TINY)
+    write_checkpoint(tmp_path / "run", model)
+    out, _ = export(tmp_path / "run", tmp_path / "bf16", dtype="bfloat16")
+    stored = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in stored.values())
+    assert torch.equal(stored["transformer.h.1.mlp.c_fc.weight"],
+                       model.trf_blocks[1].ff.fc.weight.t().to(torch.bfloat16))
+    reference = transformers.GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
+    rounded, _ = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(tokens()).logits, rounded(tokens()), rtol=0, atol=1e-5)
+
+
+def test_a_fresh_model_with_zero_qkv_biases_verifies_and_reads_back_without_them(tmp_path):
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path / "run", GPTModel(TINY))  # biases at their init: zeros
+    out, _ = export(tmp_path / "run")
+    again, _ = load_model(out)
+    assert not again.cfg.qkv_bias
+
+
+def test_reexport_replaces_the_previous_export_and_refuses_other_directories(tmp_path):
+    write_checkpoint(tmp_path / "run", trained_model(TINY, seed=0), step=100)
+    first = load_file(str(export(tmp_path / "run")[0] / "model.safetensors"))
+    (tmp_path / "run" / "export" / "eval.json").write_text("{}")  # results of the old weights
+    write_checkpoint(tmp_path / "run", trained_model(TINY, seed=1), step=200)
+    out, info = export(tmp_path / "run")
+    assert info.meta["step"] == 200 and sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    second = load_file(str(out / "model.safetensors"))
+    assert not torch.equal(first["transformer.wte.weight"], second["transformer.wte.weight"])
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(PipelineError, match="not an earlier export"):
+        export(tmp_path / "run", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_cli_reports_the_export_and_fails_cleanly(tmp_path, capsys):
+    write_checkpoint(tmp_path / "run", trained_model(TINY))
+    main(["--model", str(tmp_path / "run")])
+    assert "(step 100)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tmp_path / "run" / "checkpoints" / "step_000100"),
+              "--out", str(tmp_path / "run" / "checkpoints" / "step_000100")])
+    message = " ".join(capsys.readouterr().err.split())  # the message is wrapped at 100 columns
+    assert exit_.value.code == 2 and "is the source itself" in message
