@@ -40,8 +40,10 @@ def gpu_peak_flops(device_name: str, low_precision: bool) -> float | None:
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024,
                         seconds: float = 0.5, device: str = "cpu") -> float:
     """FLOP/s of a square matmul on this device: a practical peak for MFU on CPUs."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    # A private generator: drawing from the global one would shift a resumed run's dropout.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    b = torch.randn(size, size, generator=gen, device=device).to(dtype)
     a @ b  # warm-up
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

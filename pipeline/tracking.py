@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 from pipeline.config import Config, WandbConfig, to_dict
@@ -45,8 +46,7 @@ def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        import wandb
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:8]  # W&B's own id format: 8 lowercase alphanumerics
         atomic_write_text(id_file, run_id)
     w = config.tracking.wandb
     return {"wandb": {"name": config.name, "id": run_id, "resume": "allow", "mode": mode,

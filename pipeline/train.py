@@ -106,9 +106,11 @@ def run(config: Config) -> dict:
     run_dir = config.run_dir
     # Dropout masks differ between processes; a resume restores these generators.
     torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
-    progress, samples = resume(config, accelerator, model, optimizer, scheduler)
+    progress, loader_state = resume(config, accelerator, model, optimizer, scheduler)
     batches = TrainBatches(train_windows, t.micro_batch_size, config.seed,
-                           accelerator.process_index, accelerator.num_processes, samples)
+                           accelerator.process_index, accelerator.num_processes)
+    if loader_state:  # also checks that data, seed and window shape are unchanged
+        batches.load_state_dict(loader_state)
     log = MetricsLog(run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,15 +313,15 @@ def check_finite(losses: torch.Tensor, first_step: int, accum: int) -> None:
             f"or use train.precision=bf16 instead of fp16, then resume.")
 
 
-def resume(config: Config, accelerator, model, optimizer, scheduler) -> tuple[Progress, int]:
+def resume(config: Config, accelerator, model, optimizer, scheduler) -> tuple[Progress, dict]:
     """Load the checkpoint that checkpoint.resume names; return counters and the loader's
-    position in global samples (0 for a fresh run)."""
+    state (empty for a fresh run)."""
     choice = config.checkpoint.resume
     if choice == "never":
-        return Progress(), 0
+        return Progress(), {}
     path = ckpt.latest_checkpoint(config.run_dir) if choice == "auto" else Path(choice)
     if path is None:
-        return Progress(), 0
+        return Progress(), {}
     meta = ckpt.read_meta(path)
     mismatch = ckpt.shape_mismatch(meta["model"], config.model)
     if mismatch:
@@ -330,7 +332,7 @@ def resume(config: Config, accelerator, model, optimizer, scheduler) -> tuple[Pr
                          scheduler=scheduler)
     accelerator.print(f"Resumed from {path} (step {meta['step']}, {meta['tokens']:,} tokens)")
     progress = Progress(meta["step"], meta["tokens"], meta["best_val_loss"], meta["elapsed"])
-    return progress, meta["loader"]["samples"]
+    return progress, meta["loader"]
 
 
 def announce(accelerator, config, model, windows, samples_per_step, max_steps, progress):
