@@ -274,6 +274,11 @@ def check_windows(tokens: dict[str, int], config: Config) -> None:
 
 
 def prepare(config: Config, force: bool = False) -> Manifest:
+    """Make `config.data_dir` hold the data set these settings describe; return its manifest.
+
+    Nothing is done when it already does; another data set there is refused unless
+    `force`; an interrupted or damaged one is removed and made again.
+    """
     data_dir = config.data_dir
     want = fingerprint(config)
     manifest = existing_state(data_dir, want, force)
