@@ -1,0 +1,251 @@
+"""Text generation: the book's `generate` with top-p and a KV cache, and its CLI.
+
+    python -m pipeline.generate --model runs/<name> --prompt "Every effort moves you" \\
+        [--max-new-tokens 100] [--temperature 0.8] [--top-k 50] [--top-p 0.95] \\
+        [--seed 1337] [--num-samples 3] [--no-cache]
+
+Semantics of the book's chapter 5 `generate`: the input is cropped to the model's context
+length; the logits of the last position are filtered to the top-k first, then divided by
+the temperature, then (our addition) cut to the nucleus of top-p probability mass, then
+sampled; temperature 0 takes the argmax (greedy). Each sequence of a batch stops at
+<|endoftext|> on its own: the token is kept and the finished row is padded with it (as
+transformers pads with pad_token_id = eos), and generation ends when all rows are done.
+
+With the KV cache the prompt is run once (prefill) and then one token per step. Once the
+sequence fills the whole context, each further step re-runs the last context_length tokens
+from position 0 (the cache is refilled): exactly what the book's cropping computes, so
+cached and uncached generation agree token for token at any length; past the context the
+cache no longer saves work.
+
+`generate` is also what the train loop calls for its samples. Knows the model's forward
+and the tokenizer, nothing of files except in the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+import torch
+
+from pipeline.errors import PipelineError, cli_main
+from pipeline.model import GPTModel, KVCache
+from pipeline.tokenizer import EOT_ID, decode, encode, get_tokenizer
+
+
+def base_model(model: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside DDP/FSDP (`.module`) or torch.compile (`._orig_mod`) wrappers:
+    generation runs eagerly on it, so varying lengths cause no recompiles."""
+    while not isinstance(model, GPTModel):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a GPTModel, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def check_sampling(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise PipelineError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise PipelineError(f"top_k must be between 1 and the vocabulary size {vocab_size}, "
+                            f"got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise PipelineError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids (batch,) drawn from last-position logits (batch, vocab)."""
+    if top_k is not None:  # the book keeps every logit >= the k-th largest
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None and top_p < 1:
+        # Keep the most probable tokens until their mass reaches top_p (at least one).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = EOT_ID, use_cache: bool = True,
+             generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
+    """`idx` (batch, tokens) followed by up to `max_new_tokens` new tokens per row.
+
+    A row that produced `eos_id` is padded with it; the loop ends early once every row has
+    (eos_id None: never). `on_token(ids)` is called with each step's (batch,) tokens.
+    The model is put in eval mode for the call and restored after.
+    """
+    model = base_model(model)
+    cfg = model.cfg
+    check_sampling(cfg.vocab_size, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    out = idx.to(device)[:, -cfg.context_length:]
+    was_training = model.training
+    model.eval()
+    try:
+        step = _CachedStep(model, out) if use_cache else _FullStep(model)
+        logits = step.first(out)
+        done = torch.zeros(out.shape[0], dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            new = next_token(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                new = new.masked_fill(done, eos_id)
+                done |= new == eos_id
+            out = torch.cat([out, new[:, None]], dim=1)
+            if on_token is not None:
+                on_token(new)
+            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break
+            logits = step.next(out)
+    finally:
+        model.train(was_training)
+    return out
+
+
+class _FullStep:
+    """Without a cache: the book's way, the whole (cropped) sequence every step."""
+
+    def __init__(self, model: GPTModel):
+        self.model = model
+
+    def first(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.model(seq[:, -self.model.cfg.context_length:])[:, -1]
+
+    next = first
+
+
+class _CachedStep:
+    """Prefill once, then feed only the newest token; refill once the context is full."""
+
+    def __init__(self, model: GPTModel, seq: torch.Tensor):
+        self.model, self.ctx = model, model.cfg.context_length
+        dtype = next(model.parameters()).dtype
+        kind = seq.device.type
+        if torch.is_autocast_enabled(kind):  # the cache holds k, v as attention computes them
+            dtype = torch.get_autocast_dtype(kind)
+        self.cache = KVCache(model.cfg, seq.shape[0], self.ctx, device=seq.device, dtype=dtype)
+
+    def first(self, seq: torch.Tensor) -> torch.Tensor:
+        self.cache.length = 0
+        return self.model(seq[:, -self.ctx:], self.cache)[:, -1]
+
+    def next(self, seq: torch.Tensor) -> torch.Tensor:
+        if self.cache.length >= self.ctx:  # no position left: recompute the cropped window
+            return self.first(seq)
+        return self.model(seq[:, -1:], self.cache)[:, -1]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def prompt_ids(prompt: str, context_length: int) -> tuple[list[int], str | None]:
+    """Token ids of a prompt, cropped to the context; and a note when cropping happened.
+
+    An empty prompt starts from <|endoftext|>, the token that precedes every document.
+    """
+    ids = encode(prompt) or [EOT_ID]
+    if len(ids) <= context_length:
+        return ids, None
+    note = (f"note: the prompt has {len(ids)} tokens, more than the model's context of "
+            f"{context_length}; only its last {context_length} tokens are used")
+    return ids[-context_length:], note
+
+
+def completion(ids, eos_id: int | None = EOT_ID) -> list[int]:
+    """Generated ids up to (not including) the first end-of-text."""
+    ids = list(ids)
+    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+def text_sample(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50, **kwargs) -> str:
+    """The prompt (as the model saw it: cropped to the context) and its continuation."""
+    ids, note = prompt_ids(prompt, base_model(model).cfg.context_length)
+    if note:
+        print(note, file=sys.stderr)
+    out = generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)[0].tolist()
+    return decode(ids + completion(out[len(ids):], kwargs.get("eos_id", EOT_ID)))
+
+
+class TextStream:
+    """Prints token ids as text as they arrive; a character split over tokens waits for
+    its last byte."""
+
+    def __init__(self, file=None, eos_id: int = EOT_ID):
+        self.file, self.eos_id, self.ended = file or sys.stdout, eos_id, False
+        self.enc = get_tokenizer()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: torch.Tensor) -> None:
+        token = int(ids[0])
+        if self.ended or token == self.eos_id:
+            self.ended = True
+            return
+        self.write(self.decoder.decode(self.enc.decode_single_token_bytes(token)))
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.write(self.decoder.decode(b"", final=True))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.generate",
+                                description="Generate text from a trained or imported model.")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="a run dir (latest checkpoint), a checkpoint dir, a model dir, "
+                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl, or a book-format model.pth")
+    p.add_argument("--prompt", action="append",
+                   help="text to continue; repeat for several (default: the book's "
+                        "'Every effort moves you')")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass p")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None) -> None:
+    from pipeline.weights import load_model  # the CLI reads files; generate() does not
+    args = parse_args(argv)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise PipelineError("--max-new-tokens and --num-samples must be at least 1")
+    model, info = load_model(args.model, device=args.device)
+    check_sampling(model.cfg.vocab_size, args.temperature, args.top_k, args.top_p)
+    if args.num_samples > 1 and args.temperature == 0:
+        print("note: temperature 0 is greedy, so every sample is the same; use "
+              "--temperature > 0 to sample", file=sys.stderr)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    for prompt in args.prompt or ["Every effort moves you"]:
+        ids, note = prompt_ids(prompt, model.cfg.context_length)
+        if note:
+            print(note, file=sys.stderr)
+        for _ in range(args.num_samples):
+            stream = TextStream()
+            stream.write(decode(ids))
+            generate(model, torch.tensor([ids]), args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     use_cache=not args.no_cache, generator=generator, on_token=stream)
+            stream.close()
+            stream.write("\n" + "-" * 40 + "\n")
+
+
+if __name__ == "__main__":
+    main()
