@@ -1,0 +1,166 @@
+"""Stage 3: loss and perplexity of a model over a prepared data set's whole val split.
+
+    python -m pipeline.evaluate --model runs/<name> [--max-batches N] [--batch-size B]
+    python -m pipeline.evaluate --model gpt2 --data data/<name> --context-length 256 --out gpt2-eval.json
+    accelerate launch -m pipeline.evaluate --model runs/<name>      # several processes
+
+`--model` takes every source pipeline.weights reads. The data set is `--data`, else the
+one of `--config`, else the one of the run (its config.yaml) or checkpoint (its meta.json).
+Every val window (context_length inputs, next-token targets, non-overlapping) is scored
+once: under `accelerate launch` each process takes its disjoint share (loader.val_batches)
+and the processes add up sum(loss x tokens) and the token count, so nothing is counted
+twice and the mean is over tokens whatever the process count. Writes eval.json beside the
+model (the run dir, checkpoint dir or model dir; `--out` for anything else) and prints one
+line. Evaluating OpenAI's GPT-2 on your own val split at your context length is how a run
+is compared with it.
+
+Knows Accelerate and the loader's interface; nothing of checkpoints' or exports' files.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pipeline.errors import PipelineError, cli_main
+from pipeline.fileio import atomic_write_json
+from pipeline.loader import TokenWindows, val_batches
+from pipeline.shards import load_manifest
+
+EVAL_FILE = "eval.json"
+
+
+def loss_sums(model: torch.nn.Module, batches, device, autocast=None) -> torch.Tensor:
+    """[sum of token losses, number of tokens] (float64) over `batches` on this process.
+
+    The caller adds these up across processes; their ratio is the mean loss per token.
+    """
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+                logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            sums += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64,
+                                                             device=device)])
+    return sums
+
+
+def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: int, accelerator,
+             max_batches: int | None = None) -> dict:
+    """Loss, perplexity and tokens over `windows`, summed over all of accelerator's processes."""
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    batches = val_batches(windows, micro_batch_size, accelerator.process_index,
+                          accelerator.num_processes, max_batches)
+    sums = accelerator.reduce(loss_sums(model, batches, accelerator.device, accelerator.autocast),
+                              reduction="sum")
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    loss_total, tokens = sums.tolist()
+    if tokens == 0:
+        raise PipelineError("no val tokens were evaluated (--max-batches 0?)")
+    loss = loss_total / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
+            "seconds": seconds, "tokens_per_second": tokens / seconds}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_config(info) -> dict:
+    """The raw run config that produced the model, when the source is a run or checkpoint."""
+    if info.kind == "run" and (info.home / "config.yaml").is_file():
+        return yaml.safe_load((info.home / "config.yaml").read_text()) or {}
+    if info.kind in ("run", "checkpoint"):
+        return (info.meta or {}).get("config") or {}
+    return {}
+
+
+def _data_dir(args, config: dict) -> Path:
+    if args.data:
+        return Path(args.data)
+    data = config.get("data") or {}
+    if "root" in data and "name" in data:
+        return Path(data["root"]) / data["name"]
+    raise PipelineError(
+        f"which data set should {args.model} be evaluated on? Give --data DIR (a prepared "
+        f"data set, made by `python -m pipeline.prepare`) or --config CONFIG")
+
+
+def _out_path(args, info) -> Path | None:
+    if args.out:
+        return Path(args.out)
+    if info.kind == "book":
+        return info.path.with_name(f"{info.path.stem}.{EVAL_FILE}")
+    return info.home / EVAL_FILE if info.home is not None else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
+                                description="Val loss and perplexity of a model.")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="a run dir (latest checkpoint), a checkpoint dir, a model dir, "
+                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl, or a book-format model.pth")
+    p.add_argument("--data", metavar="DIR", help="prepared data set (default: the run's)")
+    p.add_argument("--config", metavar="CONFIG", help="take the data set and batch size from it")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="micro batches per process (default: the whole val split)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per micro batch (default: the config's train.micro_batch_size, or 8)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="crop the model to this context (default: the model's own)")
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="autocast (default: the run's train.precision, else no)")
+    p.add_argument("--out", metavar="FILE", help=f"where to write the results (default: "
+                                                 f"{EVAL_FILE} beside the model)")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None) -> dict:
+    from accelerate import Accelerator
+
+    from pipeline.config import load_config, to_dict
+    from pipeline.weights import load_model
+
+    args = parse_args(argv)
+    model, info = load_model(args.model, context_length=args.context_length)
+    config = to_dict(load_config(args.config)) if args.config else run_config(info)
+    data_dir = _data_dir(args, config)
+    train = config.get("train") or {}
+    batch_size = args.batch_size or train.get("micro_batch_size") or 8
+    precision = args.precision or train.get("precision") or "no"
+    vocab = load_manifest(data_dir).vocab_size
+    if vocab > model.cfg.vocab_size:
+        raise PipelineError(f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "
+                            f"model's {model.cfg.vocab_size}")
+    accelerator = Accelerator(mixed_precision=precision)
+    model = model.to(accelerator.device)
+    windows = TokenWindows(data_dir, "val", model.cfg.context_length)
+    result = evaluate(model, windows, batch_size, accelerator, args.max_batches)
+    record = {
+        "model": str(args.model), "weights": str(info.path),
+        "step": (info.meta or {}).get("step"), "data": str(data_dir), "split": "val",
+        "context_length": model.cfg.context_length, "windows": len(windows),
+        "micro_batch_size": batch_size, "max_batches": args.max_batches,
+        "processes": accelerator.num_processes, "precision": precision, **result}
+    out = _out_path(args, info)
+    if accelerator.is_main_process:
+        if out is not None:
+            atomic_write_json(out, record)
+        where = out if out is not None else "not saved (give --out FILE)"
+        print(f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+              f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
