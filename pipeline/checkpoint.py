@@ -79,7 +79,11 @@ def _full(**kw):
 
 def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optimizer,
                     scheduler, meta: dict, keep_last: int) -> Path:
-    """Write step_NNNNNN/ atomically from every process (a collective call)."""
+    """Write step_NNNNNN/ atomically from every process (a collective call).
+
+    `model` may be plain, DDP-wrapped, compiled or sharded with FSDP2: the state dicts
+    are gathered to full, unsharded tensors, so the files do not depend on the layout
+    the run used and a resume may choose another."""
     import shutil
 
     import torch.distributed.checkpoint.state_dict as dcp_sd
@@ -100,8 +104,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
             model_state.pop("out_head.weight", None)  # shared with tok_emb.weight
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
         torch.save(optim_state, tmp / OPTIMIZER_FILE)
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler}, tmp / TRAINER_FILE)
+        scaler = _scaler(accelerator)
+        torch.save({"scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None}, tmp / TRAINER_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # last: marks it complete
@@ -133,12 +138,18 @@ def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state, options=_full())
     trainer = torch.load(ckpt_dir / TRAINER_FILE, weights_only=True)
     scheduler.load_state_dict(trainer["scheduler"])
-    if accelerator.scaler is not None and trainer["scaler"] is not None:
-        accelerator.scaler.load_state_dict(trainer["scaler"])
+    if _scaler(accelerator) is not None and trainer["scaler"] is not None:
+        _scaler(accelerator).load_state_dict(trainer["scaler"])
     rng_file = ckpt_dir / f"rng_{accelerator.process_index}.pt"
     if rng_file.is_file():  # absent when resuming on more processes than were saved
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
+
+
+def _scaler(accelerator):
+    """The fp16 grad scaler, if any. `accelerator` may also be Accelerate's PartialState
+    (used where a script shards the model itself), which has none."""
+    return getattr(accelerator, "scaler", None)
 
 
 def _rng_state() -> dict:
