@@ -6,7 +6,9 @@ linear head. Differences from the book's listing, none of which change the funct
 - query, key and value are one Linear (`att.qkv`) so they cost one matmul;
 - attention runs through `scaled_dot_product_attention` (flash kernels on GPU);
 - LayerNorm is `nn.LayerNorm` (weight/bias for the book's scale/shift);
-- an optional KV cache for generation.
+- an optional KV cache for generation;
+- `forward(idx, targets=...)` returns the mean cross-entropy directly, computed a chunk of
+  rows at a time (`head_cross_entropy`) so the (tokens x vocab) logits never exist whole.
 `pipeline/gpt2.py` maps these names to the Hugging Face GPT-2 and the book's names.
 
 Knows nothing about training, files, or devices.
@@ -118,8 +120,15 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (batch, tokens, vocab) for token ids (batch, tokens)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for token ids (batch, tokens).
+
+        With `targets` (batch, tokens) it returns instead the mean cross-entropy over the
+        targets that are not IGNORE_INDEX: the same value and gradients as
+        `F.cross_entropy(logits.flatten(0, 1), targets.flatten())`, faster and in far less
+        memory (see `head_cross_entropy`).
+        """
         t = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.context_length:
@@ -131,7 +140,86 @@ class GPTModel(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length += t
+        if targets is not None:
+            return head_cross_entropy(self.final_norm(x), self.out_head.weight, targets)
         return self.out_head(self.final_norm(x))
+
+
+IGNORE_INDEX = -100  # a target that counts for nothing (F.cross_entropy's default)
+
+
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int = 512) -> torch.Tensor:
+    """Mean cross-entropy of the logits `h @ weight.T` against `targets`, without them.
+
+    The softmax over the vocabulary in fp32 costs more than the head's matmul at small
+    widths, mostly in memory traffic over (tokens x vocab) floats written and read
+    several times. Here each block of `chunk_rows` rows becomes its loss and its
+    gradient (softmax - one_hot) at once, in one reused buffer, and the matmuls of the
+    backward pass run right then; backward only scales the kept gradients. Under
+    autocast the matmuls take the autocast dtype and the softmax fp32, as autocast
+    does for `F.cross_entropy` of a Linear's output.
+    """
+    dtype = weight.dtype
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+    with torch.autocast(h.device.type, enabled=False):
+        return _HeadCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten(), dtype,
+                                       chunk_rows)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    # Every (rows x vocab) or (vocab x width) block lives in a buffer allocated once per
+    # call: fresh allocations that large are fresh pages from the OS, and filling them
+    # costs as much as the arithmetic on a CPU.
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk_rows):
+        n, rows = h.shape[0], min(chunk_rows, h.shape[0])
+        w = weight.to(dtype)
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()  # 0 gives nan, as F.cross_entropy does
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        block = torch.empty(rows, w.shape[0], dtype=dtype, device=h.device)
+        block32 = block if dtype == torch.float32 else torch.empty_like(block, dtype=torch.float32)
+        low = dtype != torch.float32 and want_w  # bf16 weight gradients, added up in fp32
+        part_w = torch.empty_like(w) if low else None
+        part_w32 = torch.empty_like(grad_w) if low else None
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            hc, m = h[start:end].to(dtype), end - start
+            logits = torch.mm(hc, w.t(), out=block[:m])
+            logits = logits if block32 is block else block32[:m].copy_(logits)
+            keep = valid[start:end].unsqueeze(1).float()
+            tgt = targets[start:end].clamp(min=0).unsqueeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            target_logit = logits.gather(1, tgt)
+            probs = logits.sub_(peak).exp_()
+            norm = probs.sum(dim=1, keepdim=True)
+            total += ((peak + norm.log() - target_logit) * keep).sum()
+            if not (want_h or want_w):
+                continue
+            # d(mean loss)/d(logits) = (softmax - one_hot) / count, for kept rows
+            grad = probs.mul_(keep / (norm * count)).scatter_add_(1, tgt, -keep / count)
+            grad = grad if block32 is block else block[:m].copy_(grad)
+            if want_h:
+                grad_h[start:end] = torch.mm(grad, w)
+            if want_w and not low:
+                grad_w.addmm_(grad.t(), hc)
+            elif want_w:
+                grad_w += part_w32.copy_(torch.mm(grad.t(), hc, out=part_w))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,10 +1,11 @@
 """The GPT against transformers' GPT-2 (the reference), and its size arithmetic."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.gpt2 import from_hf, hf_config, to_hf
-from pipeline.model import GPTModel, KVCache, count_parameters, model_size
+from pipeline.model import GPTModel, KVCache, count_parameters, head_cross_entropy, model_size
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,3 +103,40 @@ def test_init_scales_residual_projections_by_depth():
     model = GPTModel(cfg)
     assert abs(model.trf_blocks[0].ff.fc.weight.std().item() - 0.02) < 1e-3
     assert abs(model.trf_blocks[0].att.out_proj.weight.std().item() - 0.02 / 4) < 1e-3
+
+
+def test_forward_with_targets_gives_cross_entropy_and_its_gradients():
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**TINY.__dict__, "vocab_size": 1000}))
+    idx = torch.randint(0, 1000, (3, 32))
+    targets = torch.randint(0, 1000, (3, 32))
+    targets[0, :5] = -100  # ignored, as F.cross_entropy's ignore_index
+    for autocast, tol in [(False, 1e-5), (True, 2e-2)]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+        expected.backward()
+        expected_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(idx, targets=targets)
+        loss.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        for p, g in zip(model.parameters(), expected_grads):
+            torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * g.abs().max().item())
+        model.zero_grad()
+
+
+def test_head_cross_entropy_in_chunks_with_a_ragged_last_one():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (50,), generator=g)
+    loss = head_cross_entropy(h, w, t, chunk_rows=7)
+    (loss * 3).backward()  # the incoming gradient scales both
+    got = h.grad, w.grad
+    h.grad = w.grad = None
+    (F.cross_entropy(h @ w.t(), t) * 3).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), t))
+    torch.testing.assert_close(got, (h.grad, w.grad))
+    with torch.no_grad():
+        torch.testing.assert_close(head_cross_entropy(h, w, t, chunk_rows=7), loss)
