@@ -1,0 +1,102 @@
+"""What every benchmark shares: the machine's description, interleaved timing, the table
+and the JSON result file.
+
+The machine is shared and its speed drifts, so contenders are timed in turns
+(A B C, then B C A, ...) after a warm-up, and compared by the ratio of their medians.
+Knows nothing about what is being timed.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.fileio import atomic_write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """CPU model, cores, library versions and device of this run."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def interleave(contenders: dict[str, Callable[[], object]], repeats: int,
+               warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each contender, called in turns; the first `warmup` rounds
+    are run and thrown away. The order rotates each round so no contender always runs
+    right after the same other one."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`: the practical peak MFU is measured against."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)  # min: the peak is what the unit reaches undisturbed
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of `rows` (dicts) with the given columns, numbers rounded."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json, written atomically."""
+    path = RESULTS / f"{name}.json"
+    atomic_write_json(path, result)
+    return path
