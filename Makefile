@@ -1,20 +1,92 @@
 # GPT pretraining pipeline. `make help` lists the targets.
 # Every target installs what it needs into .venv first (no other set-up step).
+#
+#   make all                                    data -> train -> eval -> export -> sample
+#   make train CONFIG=configs/verdict.yaml ARGS="train.epochs=2 name=verdict-2ep"
+#
+# The stages talk only through files, and the targets are chained by those files:
+# `train` prepares the data when data/<data.name>/manifest.json is missing or older
+# than the config; `eval`, `export` and `sample` train first (the train stage resumes
+# an unfinished run and returns at once from a finished one).
 
 PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
+ACCELERATE := $(VENV)/bin/accelerate
 TORCH_VERSION ?= 2.13.0
 # PyTorch's CPU-only wheel index: used when the machine has no NVIDIA GPU, so
 # that pip does not download a multi-GB CUDA build of torch.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.DEFAULT_GOAL := help
+# ---------------------------------------------------------------------------- the experiment
 
-## help: list the targets
+# The experiment file, and section.key=value overrides for prepare and train
+# (e.g. ARGS="train.lr=1e-3 name=lr-1e-3"); eval, export and sample read the run.
+CONFIG ?= configs/tiny.yaml
+ARGS   ?=
+
+# Processes for train and eval: one per GPU (NUM_GPUS=0 forces the CPU), one on a CPU.
+ifeq ($(origin NUM_GPUS),undefined)
+NUM_GPUS := $(if $(HAS_GPU),$(shell nvidia-smi -L | grep -c '^GPU'),0)
+endif
+NUM_PROCESSES ?= $(if $(filter 0,$(NUM_GPUS)),1,$(NUM_GPUS))
+ifeq ($(NUM_GPUS),0)
+ACCEL_CONFIG ?= configs/accelerate/$(if $(filter 1,$(NUM_PROCESSES)),cpu,cpu-2proc).yaml
+else
+ACCEL_CONFIG ?= configs/accelerate/$(if $(filter 1,$(NUM_PROCESSES)),single-gpu,multi-gpu).yaml
+endif
+ON_CPU = $(or $(filter 0,$(NUM_GPUS)),$(findstring cpu,$(notdir $(ACCEL_CONFIG))))
+# On a CPU: ACCELERATE_USE_CPU=1 makes several processes form a gloo group (see
+# configs/accelerate/cpu-2proc.yaml), and the cores are shared out between processes.
+CPU_THREADS = $(shell n=$$(( $$(nproc) / $(NUM_PROCESSES) )); echo $$(( n > 0 ? n : 1 )))
+LAUNCH = $(if $(ON_CPU),ACCELERATE_USE_CPU=1 )$(ACCELERATE) launch \
+	--config_file $(ACCEL_CONFIG) --num_processes $(NUM_PROCESSES) \
+	$(if $(ON_CPU),--num_cpu_threads_per_process $(CPU_THREADS))
+
+# `make sample`: the start of the text (default: the config's eval.prompt) and
+# pipeline.generate's options.
+PROMPT      ?=
+SAMPLE_ARGS ?= --max-new-tokens 100 --temperature 0.7 --top-k 50
+BENCH_ARGS  ?=
+
+# Where this experiment's data and run live, asked from the config itself
+# (python -m pipeline.config), so that ARGS="name=..." or "data.name=..." move them too.
+# That needs the installed venv: for the targets below, .venv/.installed is read as a
+# (empty) makefile, so make installs first when it is missing or older than
+# pyproject.toml, then starts over and resolves the paths.
+CONFIG_CLI = $(PY) -m pipeline.config --config $(CONFIG) $(ARGS)
+PATH_GOALS := data train eval export sample all
+ifneq ($(filter $(PATH_GOALS),$(MAKECMDGOALS)),)
+include $(VENV)/.installed
+endif
+ifneq ($(filter $(PATH_GOALS) clean,$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(VENV)/.installed),)
+DATA_DIR := $(shell $(CONFIG_CLI) --get data_dir || echo CONFIG-ERROR)
+RUN_DIR  := $(strip $(if $(filter CONFIG-ERROR,$(DATA_DIR)),CONFIG-ERROR,\
+	$(shell $(CONFIG_CLI) --get run_dir || echo CONFIG-ERROR)))
+ifneq ($(filter CONFIG-ERROR,$(DATA_DIR) $(RUN_DIR)),)
+$(error CONFIG=$(CONFIG) ARGS="$(ARGS)" does not load; the message above says why)
+endif
+endif
+endif
+MANIFEST   := $(DATA_DIR)/manifest.json
+EXPORT_DIR := $(RUN_DIR)/export
+
+.DEFAULT_GOAL := help
+# The stages parallelize inside; two stages at once would only fight over the cores.
+.NOTPARALLEL:
+
+## help: list the targets and the variables that steer them
 help:
-	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  /' | column -t -s ':'
+	@echo "usage: make TARGET [CONFIG=configs/x.yaml] [ARGS=\"section.key=value ...\"]"
+	@echo
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## //' | \
+		awk -F': ' '{ printf "  %-12s %s\n", $$1, substr($$0, length($$1) + 3) }'
+	@echo
+	@echo "  CONFIG=$(CONFIG)  ARGS=\"$(ARGS)\""
+	@echo "  NUM_GPUS=$(NUM_GPUS) NUM_PROCESSES=$(NUM_PROCESSES) ACCEL_CONFIG=$(ACCEL_CONFIG)"
+	@echo "  PROMPT=\"...\" SAMPLE_ARGS=\"$(SAMPLE_ARGS)\" BENCH_ARGS=\"$(BENCH_ARGS)\""
 
 ## install: create .venv and install the project with its test extras
 install: $(VENV)/.installed
@@ -32,8 +104,60 @@ endif
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+## data: tokenize the corpus into data/<data.name>/ (a no-op when up to date)
+data: install
+	$(PY) -m pipeline.prepare --config $(CONFIG) $(ARGS)
+	touch $(MANIFEST)
+
+# The manifest is remade when missing or older than the config, and whenever ARGS
+# touch a data.* key (prepare itself then decides: nothing to do, or refuse to mix).
+$(MANIFEST): $(CONFIG) $(if $(findstring data.,$(ARGS)),FORCE) | install
+	$(PY) -m pipeline.prepare --config $(CONFIG) $(ARGS)
+	touch $@
+
+## train: train (or resume) runs/<name>/ with accelerate, one process per GPU
+train: $(MANIFEST)
+	$(LAUNCH) -m pipeline.train --config $(CONFIG) $(ARGS)
+
+## eval: val loss and perplexity of the run's latest checkpoint -> runs/<name>/eval.json
+eval: train
+	$(LAUNCH) -m pipeline.evaluate --model $(RUN_DIR)
+
+## export: the run to the Hugging Face GPT-2 layout in runs/<name>/export/
+export: train
+	$(PY) -m pipeline.export --model $(RUN_DIR)
+
+# `sample` uses the export that is there; only a missing one is made (train + export).
+$(EXPORT_DIR)/model.safetensors:
+	$(MAKE) --no-print-directory export
+
+## sample: print text from the exported model (PROMPT="..." to choose the start)
+sample: $(EXPORT_DIR)/model.safetensors
+	$(PY) -m pipeline.generate --model $(EXPORT_DIR) $(SAMPLE_ARGS) \
+		--prompt "$(if $(PROMPT),$(PROMPT),$$($(CONFIG_CLI) --get eval.prompt))"
+
+## all: the whole pipeline: data -> train -> eval -> export -> sample
+all: data train eval export sample
+
 ## test: run the test suite
 test: install
 	$(PY) -m pytest -q
 
-.PHONY: help install test
+## bench: speed against reference implementations (BENCH_ARGS=--quick for a smoke run)
+bench: install
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+## clean: delete this CONFIG's run directory and prepared data
+clean:
+	$(if $(RUN_DIR),rm -rf -- "$(RUN_DIR)")
+	$(if $(DATA_DIR),rm -rf -- "$(DATA_DIR)")
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+## distclean: delete everything made here: .venv, data/, runs/, wandb/, caches
+distclean:
+	rm -rf -- $(VENV) data runs wandb .pytest_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+FORCE:
+
+.PHONY: help install data train eval export sample all test bench clean distclean FORCE
