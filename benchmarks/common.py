@@ -95,8 +95,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, result: dict) -> Path:
-    """benchmarks/results/<name>.json, written atomically."""
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, result: dict, directory: Path = RESULTS) -> Path:
+    """<directory>/<name>.json (default benchmarks/results/), written atomically."""
+    path = Path(directory) / f"{name}.json"
     atomic_write_json(path, result)
     return path

@@ -1,0 +1,83 @@
+"""Generation: tokens/s for 200 new tokens after a 10-token prompt, 124M GPT-2 shape, greedy,
+batch 1 and 8: pipeline.generate with its KV cache, without it (the book's loop: the
+whole sequence through the model for every new token), and transformers'
+generate(use_cache=True) on the same weights. End-of-text is ignored so every contender
+makes exactly the same number of tokens, and their outputs are checked equal.
+
+The no-cache loop costs about 20x the cached one at 200 tokens; in the full run it is
+timed at batch 1 only (at batch 8 it alone would take most of the time budget).
+Knows generate's public function only.
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import interleave, machine, median, table
+from pipeline.config import ModelConfig
+from pipeline.generate import generate
+from pipeline.gpt2 import hf_config, to_hf
+from pipeline.model import GPTModel
+
+PROMPT = 10
+
+
+def models(cfg: ModelConfig):
+    import transformers
+
+    torch.manual_seed(0)
+    ours = GPTModel(cfg).eval()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
+        k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}))
+    hf.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False)  # lm_head is tied
+    return ours, hf.eval()
+
+
+def contenders(ours, hf, idx, new: int, with_full: bool, outputs: dict) -> dict:
+    def timed(name, fn):
+        def call():
+            with torch.inference_mode():
+                outputs[name] = fn()
+        return call
+
+    runs = {"ours, KV cache": timed("cache", lambda: generate(ours, idx, new, eos_id=None)),
+            "transformers generate(use_cache=True)": timed("hf", lambda: hf.generate(
+                idx, attention_mask=torch.ones_like(idx), max_new_tokens=new,
+                min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=50256))}
+    if with_full:
+        runs["ours, no cache (book's loop)"] = timed("full", lambda: generate(
+            ours, idx, new, eos_id=None, use_cache=False))
+    return runs
+
+
+def run_batch(ours, hf, batch: int, new: int, repeats: int, with_full: bool) -> dict:
+    g = torch.Generator().manual_seed(batch)
+    idx = torch.randint(0, 50257, (batch, PROMPT), generator=g)
+    outputs: dict = {}
+    for call in contenders(ours, hf, idx, 4, with_full, outputs).values():
+        call()  # warm-up on a short generation
+    times = interleave(contenders(ours, hf, idx, new, with_full, outputs), repeats, warmup=0)
+    same = all(torch.equal(outputs["cache"], out) for out in outputs.values())
+    rows = [{"batch": batch, "contender": name, "seconds": median(t), "all_seconds": t,
+             "tokens_per_s": batch * new / median(t)} for name, t in times.items()]
+    cache = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["x_kv_cache"] = r["tokens_per_s"] / cache
+    return {"batch": batch, "outputs_equal": same, "rows": rows}
+
+
+def run(quick: bool = False) -> dict:
+    cfg = ModelConfig(context_length=1024, qkv_bias=True, tie_embeddings=True, drop_rate=0.0)
+    if quick:  # smoke: a small model and few tokens
+        cfg = ModelConfig(context_length=256, emb_dim=128, n_heads=4, n_layers=2,
+                          qkv_bias=True, tie_embeddings=True, drop_rate=0.0)
+    new = 20 if quick else 200
+    ours, hf = models(cfg)
+    batches = [run_batch(ours, hf, 1, new, repeats=1 if quick else 2, with_full=True),
+               run_batch(ours, hf, 8, new, repeats=1 if quick else 2, with_full=quick)]
+    rows = [r for b in batches for r in b["rows"]]
+    print(f"generation: {PROMPT}-token prompt + {new} new tokens, greedy, "
+          f"{'tiny model (quick)' if quick else '124M GPT-2 shape'}")
+    print(table(rows, ["batch", "contender", "seconds", "tokens_per_s", "x_kv_cache"]))
+    return {"benchmark": "generate", "quick": quick, "machine": machine(),
+            "model": cfg.__dict__, "prompt_tokens": PROMPT, "new_tokens": new,
+            "greedy": True, "precision": "fp32", "batches": batches}

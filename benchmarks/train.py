@@ -1,0 +1,167 @@
+"""Training throughput: tokens/s of one optimizer step, this project's GPT against
+transformers' GPT2LMHeadModel of the same shape, precision, biases and tied head.
+
+One step = forward, mean cross-entropy over the 50257-way vocabulary, backward, AdamW.
+Contenders (each shape, interleaved in one loop):
+  hf/<p>           GPT2LMHeadModel(input_ids, labels, shift_labels=targets).loss, the way
+                   a transformers user trains; same AdamW
+  ours-logits/<p>  our model's logits, then F.cross_entropy (the book's calc_loss_batch)
+  ours/<p>         our model's forward(idx, targets=...): the loss without whole logits
+  ours-fast        bf16 autocast, fused loss and AdamW(fused=True), eager
+  ours-best        the same under torch.compile (full run, small shape: compiling costs
+                   about a minute and a half here)
+where <p> is fp32 or bf16 (CPU autocast). MFU is against the large-matmul FLOP/s of
+fp32 and bf16 measured in the same run. Knows nothing of the pipeline's train stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import interleave, machine, matmul_peak, median, table, write_result
+from pipeline.config import ModelConfig
+from pipeline.gpt2 import hf_config, to_hf
+from pipeline.model import GPTModel, flops_per_token
+
+# AdamW as the train stage configures it (pipeline/config.py TrainConfig defaults).
+ADAMW = dict(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def gpt(emb_dim, n_layers, n_heads, context_length=256):
+    # GPT-2's layout (q/k/v biases, tied head): the only one GPT2LMHeadModel builds
+    return ModelConfig(vocab_size=50257, context_length=context_length, emb_dim=emb_dim,
+                       n_layers=n_layers, n_heads=n_heads, drop_rate=0.0, qkv_bias=True,
+                       tie_embeddings=True)
+
+
+@dataclass
+class Shape:
+    name: str
+    cfg: ModelConfig
+    batch: int
+    repeats: int
+    warmup: int = 1
+    compile: bool = False
+
+
+FULL = [Shape("4x256 b8", gpt(256, 4, 4), batch=8, repeats=5, compile=True),
+        Shape("124M b2", gpt(768, 12, 12), batch=2, repeats=3)]
+QUICK = [Shape("4x256 ctx64 b2", gpt(256, 4, 4, context_length=64), batch=2, repeats=1)]
+
+
+def precision(name: str):
+    if name == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_models(cfg: ModelConfig):
+    """Our GPT and transformers' GPT-2 holding the same weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    ours = GPTModel(cfg).train()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
+        k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}))
+    hf.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False)
+    return ours, hf.train()
+
+
+def make_step(model, loss_fn, prec: str, **adamw):
+    """One optimizer step as a closure; returns the loss of the step."""
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, **adamw)
+
+    def step():
+        with precision(prec):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def contenders(ours, hf, x, y, compile: bool = False) -> dict:
+    def hf_loss():
+        return hf(input_ids=x, labels=y, shift_labels=y).loss
+
+    def book_loss():
+        return F.cross_entropy(ours(x).flatten(0, 1), y.flatten())
+
+    def fused_loss():
+        return ours(x, targets=y)
+
+    steps = {}
+    for prec in ("fp32", "bf16"):
+        steps[f"hf/{prec}"] = make_step(hf, hf_loss, prec)
+        steps[f"ours-logits/{prec}"] = make_step(ours, book_loss, prec)
+        steps[f"ours/{prec}"] = make_step(ours, fused_loss, prec)
+    steps["ours-fast"] = make_step(ours, fused_loss, "bf16", fused=True)
+    if compile:
+        compiled = torch.compile(ours)
+        steps["ours-best"] = make_step(ours, lambda: compiled(x, targets=y), "bf16", fused=True)
+    return steps
+
+
+def run_shape(shape: Shape, peaks: dict) -> dict:
+    cfg, tokens = shape.cfg, shape.batch * shape.cfg.context_length
+    ours, hf = build_models(cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length), generator=g)
+    steps = contenders(ours, hf, x, y, compile=shape.compile)
+    # same weights, same loss: a check that the contenders compute the same thing
+    first = {name: steps[name]() for name in ("hf/fp32", "ours/fp32")}
+    start = time.perf_counter()
+    if "ours-best" in steps:
+        steps["ours-best"]()  # compiles
+    compile_s = time.perf_counter() - start
+    times = interleave(steps, shape.repeats, shape.warmup)
+    rows = [row(shape, name, seconds, peaks) for name, seconds in times.items()]
+    by_name = {r["contender"]: r for r in rows}
+    for r in rows:
+        hf_same = by_name[f"hf/{r['precision']}"]
+        r["x_hf_same_precision"] = r["tokens_per_s"] / hf_same["tokens_per_s"]
+        r["x_hf_same_precision_best"] = r["tokens_per_s_best"] / hf_same["tokens_per_s_best"]
+        r["x_hf_fp32"] = r["tokens_per_s"] / by_name["hf/fp32"]["tokens_per_s"]
+        r["x_hf_fp32_best"] = r["tokens_per_s_best"] / by_name["hf/fp32"]["tokens_per_s_best"]
+    return {"shape": shape.name, "model": asdict(cfg), "batch": shape.batch,
+            "tokens_per_step": tokens, "flops_per_token": flops_per_token(cfg), "repeats": shape.repeats,
+            "warmup": shape.warmup, "compile_s": compile_s if shape.compile else None,
+            "first_loss": first, "rows": rows}
+
+
+def row(shape: Shape, name: str, seconds: list[float], peaks: dict) -> dict:
+    """Tokens/s from the median step (and from the fastest: the least disturbed), MFU."""
+    tokens = shape.batch * shape.cfg.context_length
+    prec = "fp32" if name.endswith("fp32") else "bf16"
+    tps = tokens / median(seconds)
+    return {"shape": shape.name, "contender": name, "precision": prec, "tokens_per_s": tps,
+            "tokens_per_s_best": tokens / min(seconds), "step_s": median(seconds),
+            "seconds": seconds, "mfu": tps * flops_per_token(shape.cfg) / peaks[prec],
+            "mfu_peak": f"{prec} matmul"}
+
+
+def run(quick: bool = False) -> dict:
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    shapes = [run_shape(s, peaks) for s in (QUICK if quick else FULL)]
+    rows = [r for s in shapes for r in s["rows"]]
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(table(rows, ["shape", "contender", "tokens_per_s", "step_s", "mfu",
+                       "x_hf_same_precision", "x_hf_same_precision_best", "x_hf_fp32"]))
+    result = {"benchmark": "train", "quick": quick, "machine": machine(),
+              "settings": {"adamw": ADAMW, "dropout": 0.0, "qkv_bias": True,
+                           "tied_head": True, "bf16": "torch.autocast('cpu', bfloat16)",
+                           "ours-fast": "bf16 autocast, forward(idx, targets), "
+                                        "AdamW(fused=True)",
+                           "ours-best": "ours-fast under torch.compile(model)",
+                           "tokens_per_s": "from the median step; _best: from the fastest",
+                           "mfu": "flops_per_token (6N + 12LdT) x tokens/s / the 2048^3 "
+                                  "matmul FLOP/s of the contender's precision"},
+              "matmul_peak_flops": peaks, "shapes": shapes}
+    return result
