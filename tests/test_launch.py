@@ -187,12 +187,23 @@ def test_two_machines_on_localhost_train_together_through_multinode_sh(config_fi
 
 FAKE_SLURM = {
     # srun: one task per node of the job, here, with SLURM_NODEID set; records task pids
-    # so that scancel can signal them, and exits with the worst task status.
+    # so that scancel can signal them, and exits with the worst task status. On one host
+    # every node could host the c10d store, and accelerate refuses to start node 0 when
+    # its port is taken: node 0 starts first, the others once its port listens.
     "srun": r"""#!/usr/bin/env bash
 nodes=$SLURM_JOB_NUM_NODES
 while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done
+listening() {
+    awk -v port="$(printf ':%04X' "$MASTER_PORT")" '$4 == "0A" && $2 ~ port"$" {found=1}
+        END {exit !found}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
 pids=()
-for (( i = 0; i < nodes; i++ )); do SLURM_NODEID=$i "$@" & pids+=($!); done
+for (( i = 0; i < nodes; i++ )); do
+    SLURM_NODEID=$i "$@" & pids+=($!)
+    if (( i == 0 && nodes > 1 )); then
+        for (( t = 0; t < 1200; t++ )); do listening && break; sleep 0.1; done
+    fi
+done
 printf '%s\n' "${pids[@]}" >> "$FAKE_SLURM/tasks"
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
