@@ -59,16 +59,18 @@ class ModelInfo:
 
 
 def load_state(source: str | Path, *, context_length: int | None = None,
-               n_heads: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], ModelInfo]:
+               n_heads: int | None = None, default_heads: int | None = None
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor], ModelInfo]:
     """Config and weights (this project's names, CPU) of any source; see the module doc.
 
-    `n_heads` is only consulted for book-format files, whose shapes do not tell it.
+    Only book-format files, whose shapes do not tell the number of heads, consult
+    `n_heads` (wins), then GPT-2's head count at that width, then `default_heads`.
     """
     info = resolve(source)
     if info.kind == "checkpoint" or info.kind == "run":
         cfg, state = _read_checkpoint(info)
     elif info.kind == "book":
-        cfg, state = _read_book(info.path, n_heads)
+        cfg, state = _read_book(info.path, n_heads, default_heads)
     else:
         cfg, state = _read_hf_dir(info.path)
     check_shapes(cfg, state, where=str(info.path))
@@ -102,9 +104,10 @@ def init_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfig, di
     The architecture comes from the weights (OpenAI GPT-2: context 1024, qkv_bias true,
     tied head). From the user's config only `context_length` (which may crop the
     positions, never extend them), `drop_rate` (a training choice) and `init_from` are
-    taken; `n_heads` too for book-format files, whose shapes do not tell it.
+    taken; `n_heads` too for book-format files of a width GPT-2 does not have (their
+    shapes do not tell it).
     """
-    cfg, state, info = load_state(init_from, n_heads=user_cfg.n_heads)
+    cfg, state, info = load_state(init_from, default_heads=user_cfg.n_heads)
     if user_cfg.context_length > cfg.context_length:
         raise PipelineError(
             f"model.context_length is {user_cfg.context_length}, but {init_from} was trained "
@@ -246,7 +249,8 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
         f"{path} has a {HF_CONFIG} but no weights: expected one of {', '.join(HF_WEIGHTS)}")
 
 
-def _read_book(path: Path, n_heads: int | None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_book(path: Path, n_heads: int | None, default_heads: int | None
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     state = _torch_load(path)
     if isinstance(state.get("model_state_dict"), dict):  # the book's model_and_optimizer.pth
         state = state["model_state_dict"]
@@ -257,7 +261,7 @@ def _read_book(path: Path, n_heads: int | None) -> tuple[ModelConfig, dict[str, 
             f"{path} is not the state dict of the book's GPTModel (no "
             f"trf_blocks.0.att.W_query.weight).{hint}")
     try:
-        return gpt2.from_book(state, n_heads)
+        return gpt2.from_book(state, n_heads, default_heads)
     except KeyError as e:
         raise PipelineError(f"{path} lacks the book's tensor {e}") from None
     except ValueError as e:

@@ -265,3 +265,12 @@ def test_hub_name_offline_says_how_to_proceed(monkeypatch, tmp_path):
     with pytest.raises(PipelineError, match="HF_HUB_OFFLINE") as e:
         load_state("gpt2")
     assert "openai-community/gpt2" in str(e.value) and "local directory" in str(e.value)
+
+
+def test_init_weights_on_a_book_file_takes_heads_from_the_config_only_when_needed(tmp_path):
+    book_pth(tmp_path / "narrow.pth", True)  # width 64: not a GPT-2 width
+    cfg, _ = init_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "narrow.pth"))
+    assert (cfg.emb_dim, cfg.n_heads, cfg.qkv_bias, cfg.tie_embeddings) == (64, 4, True, False)
+    book_pth(tmp_path / "wide.pth", False, d=768, n_heads=12, n_layers=1, vocab=1000)
+    cfg, _ = init_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth"))
+    assert cfg.n_heads == 12  # GPT-2's width: its head count, not the config's default
