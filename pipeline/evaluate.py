@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from pipeline.errors import PipelineError, cli_main
@@ -45,10 +44,9 @@ def loss_sums(model: torch.nn.Module, batches, device, autocast=None) -> torch.T
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-            sums += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64,
-                                                             device=device)])
+                loss = model(x, targets=y)  # mean over the batch, never the whole logits
+            sums += torch.stack([loss.double() * y.numel(),
+                                 torch.tensor(y.numel(), dtype=torch.float64, device=device)])
     return sums
 
 

@@ -163,6 +163,8 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     dtype = weight.dtype
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
+    if not torch.is_grad_enabled():  # evaluation: autograd would still ask for gradients
+        h, weight = h.detach(), weight.detach()
     with torch.autocast(h.device.type, enabled=False):
         return _HeadCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten(), dtype,
                                        chunk_rows)

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, load_config, save_config, to_dict
 from pipeline.errors import PipelineError, cli_main
-from pipeline.loader import TokenWindows, TrainBatches, val_batches
+from pipeline.evaluate import evaluate
+from pipeline.loader import TokenWindows, TrainBatches
 from pipeline.mfu import mfu, peak_flops
 from pipeline.model import GPTModel, flops_per_token
 from pipeline.optim import build_optimizer, build_scheduler, total_steps
@@ -78,11 +78,9 @@ def build_model(config: Config) -> tuple[Config, GPTModel]:
     """The model of `model.init_from`: fresh weights, or GPT-2 / a model directory."""
     if config.model.init_from == "scratch":
         return config, GPTModel(config.model)
-    from pipeline.weights import init_weights
+    from pipeline.weights import build_model as model_with_weights, init_weights
     model_cfg, state = init_weights(config.model, config.model.init_from)
-    model = GPTModel(model_cfg)
-    model.load_state_dict(state, strict=not model_cfg.tie_embeddings)
-    return replace(config, model=model_cfg), model
+    return replace(config, model=model_cfg), model_with_weights(model_cfg, state)
 
 
 def run(config: Config) -> dict:
@@ -172,7 +170,7 @@ class TrainLoop:
             due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == self.max_steps
             stopping = (due_log or self.acc.num_processes == 1) and stop.requested(self.acc)
             if due_log or due_eval or due_ckpt or stopping:
-                self.write_metrics(evaluate=due_eval)
+                self.write_metrics(with_eval=due_eval)
             if due_ckpt or stopping:
                 self.save()
             if stopping:
@@ -186,7 +184,7 @@ class TrainLoop:
             x, y = next(self.batches)
             x, y = x.to(self.acc.device), y.to(self.acc.device)
             with self.acc.accumulate(self.model):
-                loss = cross_entropy(self.model(x), y)
+                loss = self.model(x, targets=y)  # the model's fused head + cross-entropy
                 self.acc.backward(loss)
             self.interval.losses.append(loss.detach())
         if t.grad_clip is not None:
@@ -198,7 +196,7 @@ class TrainLoop:
         self.progress.tokens += self.tokens_per_step
         self.bar.update(1)
 
-    def write_metrics(self, evaluate: bool) -> None:
+    def write_metrics(self, with_eval: bool) -> None:
         """Reduce the interval's numbers across processes, check them, write one row."""
         p, iv = self.progress, self.interval
         steps = len(iv.losses) // self.config.train.grad_accum_steps
@@ -218,23 +216,22 @@ class TrainLoop:
                 row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
                                  tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        if evaluate:
-            row.update(self.evaluate())
+        if with_eval:
+            row.update(self.run_eval())
         if self.acc.is_main_process:
             self.log.append(row)
-            if evaluate:
+            if with_eval:
                 self.log.plot()
         self.acc.log({k: v for k, v in row.items() if k != "step"}, step=p.step)
         self.interval = Interval()  # evaluation time is not training time
 
-    def evaluate(self) -> dict:
+    def run_eval(self) -> dict:
         """The book's evaluate_model + generate_and_print_sample."""
         e = self.config.eval
         self.model.eval()
-        train_loss = mean_loss(self.model, self.train_windows, self.acc,
-                               self.config.train.micro_batch_size, e.batches)
-        val_loss = mean_loss(self.model, self.val_windows, self.acc,
-                             self.config.train.micro_batch_size, e.batches)
+        batch = self.config.train.micro_batch_size
+        train_loss = evaluate(self.model, self.train_windows, batch, self.acc, e.batches)["loss"]
+        val_loss = evaluate(self.model, self.val_windows, batch, self.acc, e.batches)["loss"]
         sample = self.sample()
         self.model.train()
         self.progress.best_val_loss = min(self.progress.best_val_loss, val_loss)
@@ -247,7 +244,7 @@ class TrainLoop:
         """Text continuing eval.prompt; every process generates (FSDP needs all of them
         in each forward), with a generator seeded by the step, so the training RNG is
         left as it was and every process produces the same text."""
-        from pipeline.generate import generate
+        from pipeline.generate import completion, generate
         from pipeline.tokenizer import decode
 
         e = self.config.eval
@@ -257,7 +254,7 @@ class TrainLoop:
         with torch.no_grad(), self.acc.autocast():
             out = generate(model, idx, e.max_new_tokens, temperature=e.temperature,
                            top_k=e.top_k, generator=gen)
-        return decode(out[0, idx.shape[1]:].tolist())
+        return decode(completion(out[0, idx.shape[1]:].tolist()))
 
     def save(self) -> None:
         p = self.progress
@@ -279,28 +276,6 @@ class TrainLoop:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss; in fp32 whatever the autocast dtype of the logits."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-@torch.no_grad()
-def mean_loss(model, windows: TokenWindows, accelerator, batch_size: int,
-              max_batches: int | None) -> float:
-    """Mean per-token loss over fixed batches, summed over processes before dividing
-    (ranks may hold different numbers of tokens)."""
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for x, y in val_batches(windows, batch_size, accelerator.process_index,
-                            accelerator.num_processes, max_batches):
-        x, y = x.to(accelerator.device), y.to(accelerator.device)
-        with accelerator.autocast():
-            logits = model(x)
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        total[1] += y.numel()
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item()
 
 
 def check_finite(losses: torch.Tensor, first_step: int, accum: int) -> None:

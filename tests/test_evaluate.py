@@ -80,7 +80,7 @@ def test_run_is_scored_on_every_val_window_once(run, capsys):
     loss, tokens = direct_loss(model, data)
     assert tokens == 14 * 16 and record["tokens"] == tokens and record["windows"] == 14
     assert record["loss"] == pytest.approx(loss, rel=1e-6)
-    assert record["perplexity"] == pytest.approx(math.exp(loss), rel=1e-6)
+    assert record["perplexity"] == pytest.approx(math.exp(record["loss"]), rel=1e-12)
     assert record["step"] == 10 and record["micro_batch_size"] == 3  # from the run's config
     assert json.loads((run_dir / "eval.json").read_text()) == record
     line = capsys.readouterr().out
