@@ -42,7 +42,9 @@ def bucket(event, vocab: int) -> str:
 
 
 def profile_step(step, vocab: int) -> dict:
-    """Seconds of self CPU time per bucket over one call of `step` (after one warm-up)."""
+    """Seconds of self CPU time per bucket over one call of `step` (after two warm-ups:
+    the first steps of a fresh optimizer are slow while its state's pages are touched)."""
+    step()
     step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
