@@ -83,29 +83,47 @@ def build_model(config: Config) -> tuple[Config, GPTModel]:
     return replace(config, model=model_cfg), model_with_weights(model_cfg, state)
 
 
-def run(config: Config) -> dict:
-    """Train as the config says; return the end-of-run summary."""
-    accelerator, mode = make_accelerator(config)
+@dataclass
+class Training:
+    """What the loop trains with, built once from the config."""
+    config: Config
+    accelerator: object
+    model: torch.nn.Module  # as prepared by Accelerate (DDP/FSDP-wrapped, compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_windows: TokenWindows
+    val_windows: TokenWindows
+    max_steps: int
+    parameters: int
+
+
+def setup(config: Config, accelerator) -> Training:
     torch.manual_seed(config.seed)  # same initial weights on every process
     config, model = build_model(config)
-    ctx, stride = config.model.context_length, config.train.stride
-    train_windows = TokenWindows(config.data_dir, "train", ctx, stride)
+    ctx, t = config.model.context_length, config.train
+    train_windows = TokenWindows(config.data_dir, "train", ctx, t.stride)
     val_windows = TokenWindows(config.data_dir, "val", ctx)
-    t = config.train
     samples_per_step = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
     max_steps = total_steps(t, len(train_windows), samples_per_step, samples_per_step * ctx)
     optimizer = build_optimizer(model, t, accelerator.device.type)
     scheduler = build_scheduler(optimizer, t, max_steps)
-    raw_model = model
+    parameters = sum(p.numel() for p in model.parameters())
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return Training(config, accelerator, model, optimizer, scheduler, train_windows,
+                    val_windows, max_steps, parameters)
 
-    run_dir = config.run_dir
+
+def run(config: Config) -> dict:
+    """Train as the config says; return the end-of-run summary."""
+    accelerator, mode = make_accelerator(config)
+    tr = setup(config, accelerator)
+    config, run_dir = tr.config, tr.config.run_dir
     # Dropout masks differ between processes; a resume restores these generators.
     torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
-    progress, loader_state = resume(config, accelerator, model, optimizer, scheduler)
-    batches = TrainBatches(train_windows, t.micro_batch_size, config.seed,
+    progress, loader_state = resume(config, accelerator, tr.model, tr.optimizer, tr.scheduler)
+    batches = TrainBatches(tr.train_windows, config.train.micro_batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes)
     if loader_state:  # also checks that data, seed and window shape are unchanged
         batches.load_state_dict(loader_state)
@@ -115,23 +133,19 @@ def run(config: Config) -> dict:
         save_config(config, run_dir / "config.yaml")
         log.truncate_after(progress.step)
     start_trackers(accelerator, config, run_dir, mode)
-    announce(accelerator, config, raw_model, len(train_windows), samples_per_step, max_steps,
-             progress)
-    if progress.step >= max_steps:
-        accelerator.print(f"Nothing to do: the run already reached step {max_steps}.")
+    announce(tr, progress)
+    if progress.step >= tr.max_steps:
+        accelerator.print(f"Nothing to do: the run already reached step {tr.max_steps}.")
         accelerator.end_training()
         return summary(progress, log, time.perf_counter())
 
-    peak, peak_source = peak_flops(accelerator.device, t.precision, t.peak_flops)
-    accelerator.print(f"MFU is measured against {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+    loop = TrainLoop(tr, batches, log, progress)
     stop = StopRequest()
-    loop = TrainLoop(config, accelerator, model, raw_model, optimizer, scheduler, batches,
-                     train_windows, val_windows, log, progress, max_steps, peak)
     try:
         reason = loop.run(stop)
     finally:
         stop.restore()
-    loop.close()
+        loop.close()
     if reason == "signal":
         accelerator.print(
             f"Stopped by {stop.signal_name} after step {progress.step}; checkpoint saved. "
@@ -146,15 +160,17 @@ def run(config: Config) -> dict:
 class TrainLoop:
     """The optimizer-step loop and the work it does on a schedule."""
 
-    def __init__(self, config, accelerator, model, raw_model, optimizer, scheduler, batches,
-                 train_windows, val_windows, log, progress, max_steps, peak):
-        self.config, self.acc, self.model, self.raw_model = config, accelerator, model, raw_model
-        self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
-        self.train_windows, self.val_windows = train_windows, val_windows
-        self.log, self.progress, self.max_steps, self.peak = log, progress, max_steps, peak
-        self.flops_per_token = flops_per_token(config.model)
-        self.tokens_per_step = (config.train.micro_batch_size * config.train.grad_accum_steps
-                                * accelerator.num_processes * config.model.context_length)
+    def __init__(self, tr: Training, batches: TrainBatches, log: MetricsLog, progress: Progress):
+        self.config, self.acc, self.model = tr.config, tr.accelerator, tr.model
+        self.optimizer, self.scheduler, self.batches = tr.optimizer, tr.scheduler, batches
+        self.train_windows, self.val_windows = tr.train_windows, tr.val_windows
+        self.log, self.progress, self.max_steps = log, progress, tr.max_steps
+        t = self.config.train
+        self.peak, source = peak_flops(self.acc.device, t.precision, t.peak_flops)
+        self.acc.print(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s ({source})")
+        self.flops_per_token = flops_per_token(self.config.model)
+        self.tokens_per_step = (t.micro_batch_size * t.grad_accum_steps
+                                * self.acc.num_processes * self.config.model.context_length)
         self.interval = Interval()
         self.started = time.perf_counter() - progress.elapsed
         self.bar = self._progress_bar()
@@ -310,17 +326,18 @@ def resume(config: Config, accelerator, model, optimizer, scheduler) -> tuple[Pr
     return progress, meta["loader"]
 
 
-def announce(accelerator, config, model, windows, samples_per_step, max_steps, progress):
-    t, m = config.train, config.model
-    n = sum(p.numel() for p in model.parameters())
-    accelerator.print(
-        f"{config.name}: {n / 1e6:.2f}M parameters, {accelerator.num_processes} process(es) on "
-        f"{accelerator.device.type}, precision {t.precision}\n"
+def announce(tr: Training, progress: Progress) -> None:
+    t, m, acc = tr.config.train, tr.config.model, tr.accelerator
+    samples = t.micro_batch_size * t.grad_accum_steps * acc.num_processes
+    windows = len(tr.train_windows)
+    acc.print(
+        f"{tr.config.name}: {tr.parameters / 1e6:.2f}M parameters, {acc.num_processes} "
+        f"process(es) on {acc.device.type}, precision {t.precision}\n"
         f"global batch = {t.micro_batch_size} micro x {t.grad_accum_steps} accum x "
-        f"{accelerator.num_processes} processes = {samples_per_step} sequences x "
-        f"{m.context_length} tokens = {samples_per_step * m.context_length:,} tokens/step\n"
-        f"{windows:,} train windows; {max_steps} steps "
-        f"({max_steps * samples_per_step / windows:.2f} epochs)"
+        f"{acc.num_processes} processes = {samples} sequences x {m.context_length} tokens = "
+        f"{samples * m.context_length:,} tokens/step\n"
+        f"{windows:,} train windows; {tr.max_steps} steps "
+        f"({tr.max_steps * samples / windows:.2f} epochs)"
         + (f"; resuming at step {progress.step}" if progress.step else ""))
 
 
