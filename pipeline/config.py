@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,6 +166,23 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2), so `train.precision: no` is
+    the string "no" and not False, as YAML 1.1's yes/no/on/off would make it."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None) and apply overrides."""
     raw: dict = {}
@@ -173,7 +191,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -195,7 +213,7 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = parse_yaml(text) if text else ""
     except yaml.YAMLError:
         value = text
     node = raw
@@ -266,8 +284,13 @@ def _coerce(tp, value, key: str):
             return float(value)
         except ValueError:
             pass
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # 1e6 written for an integer count
+    if tp is int and isinstance(value, (float, str)):  # 1e6 written for a count
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -167,7 +167,7 @@ class TrainLoop:
         self.log, self.progress, self.max_steps = log, progress, tr.max_steps
         t = self.config.train
         self.peak, source = peak_flops(self.acc.device, t.precision, t.peak_flops)
-        self.acc.print(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s ({source})")
+        self.acc.print(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
         self.flops_per_token = flops_per_token(self.config.model)
         self.tokens_per_step = (t.micro_batch_size * t.grad_accum_steps
                                 * self.acc.num_processes * self.config.model.context_length)
