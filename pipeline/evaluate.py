@@ -23,12 +23,15 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from accelerate.utils import DistributedType
 
 from pipeline.errors import PipelineError, cli_main
 from pipeline.fileio import atomic_write_json
 from pipeline.loader import TokenWindows, val_batches
+from pipeline.model import IGNORE_INDEX
 from pipeline.shards import load_manifest
 
 EVAL_FILE = "eval.json"
@@ -45,9 +48,22 @@ def loss_sums(model: torch.nn.Module, batches, device, autocast=None) -> torch.T
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
                 loss = model(x, targets=y)  # mean over the batch, never the whole logits
-            sums += torch.stack([loss.double() * y.numel(),
-                                 torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+            counted = (y != IGNORE_INDEX).sum().double()
+            # A batch with nothing to count has a nan mean: it adds zero, not nan.
+            sums += torch.stack([torch.where(counted > 0, loss.double() * counted, 0.0), counted])
     return sums
+
+
+def _padded(batches, total: int, filler):
+    """`batches`, then `filler` until `total` batches went by. Under FSDP every process
+    must join every forward (each gathers weights from all), but the val split gives some
+    processes one batch fewer: they run a batch whose targets are all ignored."""
+    done = 0
+    for batch in batches:
+        done += 1
+        yield batch
+    for _ in range(total - done):
+        yield filler
 
 
 def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: int, accelerator,
@@ -58,6 +74,11 @@ def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: in
     start = time.perf_counter()
     batches = val_batches(windows, micro_batch_size, accelerator.process_index,
                           accelerator.num_processes, max_batches)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        most = len(range(0, len(windows), micro_batch_size * accelerator.num_processes))
+        x, y = windows.batch(np.arange(1))  # rank 0 gets the most batches: as many as this
+        batches = _padded(batches, most if max_batches is None else min(most, max_batches),
+                          (x, torch.full_like(y, IGNORE_INDEX)))
     sums = accelerator.reduce(loss_sums(model, batches, accelerator.device, accelerator.autocast),
                               reduction="sum")
     seconds = time.perf_counter() - start

@@ -136,3 +136,21 @@ def test_unknown_source_is_a_clean_error():
     with pytest.raises(PipelineError, match="neither an existing path nor a GPT-2 name"):
         from pipeline.weights import resolve
         resolve("no/such/model")
+
+
+def test_a_filler_batch_of_ignored_targets_counts_for_nothing():
+    # Under FSDP a process whose share of the val split ran out runs such a batch, so that
+    # it joins every forward; the sums must be those of the real batches alone.
+    from pipeline.evaluate import _padded, loss_sums
+    from pipeline.model import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=16, emb_dim=32, n_heads=2, n_layers=1)).eval()
+    x = torch.randint(0, 50257, (2, 16))
+    y = torch.randint(0, 50257, (2, 16))
+    filler = (x[:1], torch.full_like(y[:1], IGNORE_INDEX))
+    real = loss_sums(model, [(x, y)], torch.device("cpu"))
+    padded = loss_sums(model, _padded([(x, y)], 3, filler), torch.device("cpu"))
+    assert torch.equal(padded, real) and real[1] == 32
+    expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
+    assert real[0].item() == pytest.approx(expected.item(), rel=1e-6)
