@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import torch.distributed.checkpoint.state_dict as dcp_sd
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
@@ -73,8 +75,7 @@ TRAINER_FILE = "trainer.pt"
 
 
 def _full(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **kw)
+    return dcp_sd.StateDictOptions(full_state_dict=True, **kw)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optimizer,
@@ -84,11 +85,6 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
     `model` may be plain, DDP-wrapped, compiled or sharded with FSDP2: the state dicts
     are gathered to full, unsharded tensors, so the files do not depend on the layout
     the run used and a resume may choose another."""
-    import shutil
-
-    import torch.distributed.checkpoint.state_dict as dcp_sd
-    from safetensors.torch import save_file
-
     # Gathering full state dicts is collective under FSDP: every rank takes part.
     model_state = dcp_sd.get_model_state_dict(model, options=_full(cpu_offload=True))
     optim_state = dcp_sd.get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True))
@@ -119,7 +115,6 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    import shutil
     dirs = checkpoint_dirs(run_dir)
     if keep_last > 0:
         for old in dirs[:-keep_last]:
@@ -128,8 +123,6 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler) -> dict:
     """Restore every piece of training state saved by save_checkpoint; return its meta."""
-    import torch.distributed.checkpoint.state_dict as dcp_sd
-
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     _, model_state = load_model_state(ckpt_dir)

@@ -123,11 +123,11 @@ def _out_path(args, info) -> Path | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pipeline.weights import add_model_argument
+
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
                                 description="Val loss and perplexity of a model.")
-    p.add_argument("--model", required=True, metavar="SOURCE",
-                   help="a run dir (latest checkpoint), a checkpoint dir, a model dir, "
-                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl, or a book-format model.pth")
+    add_model_argument(p)
     p.add_argument("--data", metavar="DIR", help="prepared data set (default: the run's)")
     p.add_argument("--config", metavar="CONFIG", help="take the data set and batch size from it")
     p.add_argument("--max-batches", type=int, default=None,

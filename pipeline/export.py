@@ -36,7 +36,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError, cli_main
 from pipeline.fileio import atomic_write_json
 from pipeline.tokenizer import EOT_ID
-from pipeline.weights import ModelInfo, load_state
+from pipeline.weights import ModelInfo, add_model_argument, load_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What an export directory may hold; a destination with anything else is not replaced.
@@ -128,9 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="SOURCE",
-                   help="a run dir (its latest checkpoint), a checkpoint dir, a model dir, "
-                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl, or a book-format model.pth")
+    add_model_argument(p)
     p.add_argument("--out", metavar="DIR",
                    help="destination (default for a run or checkpoint: runs/<name>/export)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),

@@ -202,11 +202,11 @@ class TextStream:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pipeline.weights import add_model_argument
+
     p = argparse.ArgumentParser(prog="python -m pipeline.generate",
                                 description="Generate text from a trained or imported model.")
-    p.add_argument("--model", required=True, metavar="SOURCE",
-                   help="a run dir (latest checkpoint), a checkpoint dir, a model dir, "
-                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl, or a book-format model.pth")
+    add_model_argument(p)
     p.add_argument("--prompt", action="append",
                    help="text to continue; repeat for several (default: the book's "
                         "'Every effort moves you')")

@@ -285,3 +285,10 @@ def _describe(cfg: ModelConfig) -> str:
     return (f"vocab {cfg.vocab_size}, context {cfg.context_length}, emb_dim {cfg.emb_dim}, "
             f"{cfg.n_layers} layers, {cfg.n_heads} heads, qkv_bias {cfg.qkv_bias}, "
             f"tied head {cfg.tie_embeddings}")
+
+
+def add_model_argument(parser) -> None:
+    """The `--model SOURCE` option that evaluate, export and generate share."""
+    parser.add_argument("--model", required=True, metavar="SOURCE",
+                        help="a run dir (its latest checkpoint), a checkpoint dir, a model dir, "
+                             f"{'|'.join(gpt2.OPENAI_SIZES)}, or a book-format model.pth")
