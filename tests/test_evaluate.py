@@ -3,7 +3,6 @@ numbers from two processes as from one."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -107,20 +106,14 @@ def test_a_model_without_a_data_set_asks_for_one(run, tmp_path, capsys):
     assert (out / "eval.json").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_give_the_numbers_of_one(run, tmp_path):
+def test_two_processes_give_the_numbers_of_one(run, tmp_path, free_port):
     run_dir, model, data = run
     single = main(["--model", str(run_dir), "--batch-size", "4", "--out", str(tmp_path / "one.json")])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--main_process_port",
-              str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "pipeline.evaluate", "--model", str(run_dir), "--batch-size", "4",
               "--out", str(tmp_path / "two.json")]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300,

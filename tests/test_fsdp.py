@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(mode: str, out: Path, port: int) -> list[float]:
+def launch(mode: str, out: Path) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(port), str(ROOT / "tests" / "fsdp_worker.py"), mode, str(out)]
+    # --standalone: a rendezvous on a free local port, so runs never collide on one
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp_worker.py"), mode, str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "losses.json").read_text())
@@ -30,8 +31,8 @@ def launch(mode: str, out: Path, port: int) -> list[float]:
 
 @pytest.mark.slow
 def test_fsdp2_matches_ddp_losses_and_checkpoint_files(tmp_path):
-    ddp = launch("ddp", tmp_path / "ddp", 29761)
-    fsdp = launch("fsdp", tmp_path / "fsdp", 29762)
+    ddp = launch("ddp", tmp_path / "ddp")
+    fsdp = launch("fsdp", tmp_path / "fsdp")
     assert fsdp == pytest.approx(ddp, abs=1e-5)
     assert ddp[-1] < ddp[0]
     a = load_file(str(tmp_path / "ddp" / "checkpoints" / "step_000003" / "model.safetensors"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -41,12 +40,6 @@ def env(**extra: str) -> dict:
          "ACCELERATE": str(BIN / "accelerate"), "PYTHON": sys.executable, **extra}
     e.pop("WANDB_API_KEY", None)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +117,16 @@ def test_multinode_script_refuses_bad_rank_and_missing_data(config_file, tmp_pat
     assert empty.returncode == 2 and "make data" in empty.stderr
 
 
-def test_makefile_resolves_the_experiment_paths_from_config_and_args():
+def test_makefile_resolves_the_experiment_paths_from_config_and_args(tmp_path):
     """`make -n` shows the commands the chain would run, with ARGS moving the paths."""
-    venv = BIN.parent
-    if not (venv / ".installed").is_file():
-        pytest.skip("runs inside the venv that `make install` made")
+    # A stand-in for the venv that `make install` makes: its python is this one, and its
+    # install stamp is fresh, so make resolves paths without installing anything.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()
     make = ["make", "-n", f"VENV={venv}", "NUM_GPUS=0"]
     out = subprocess.run(make + ["eval", "ARGS=name=probe data.name=probe-data"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -170,7 +168,7 @@ def assert_trained_together(run_dir: Path, steps: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_machines_on_localhost_train_together_through_multinode_sh(config_file):
+def test_two_machines_on_localhost_train_together_through_multinode_sh(config_file, free_port):
     port = str(free_port())
     args = [str(ROOT / "launch" / "multinode.sh"), str(config_file), "name=two-machines",
             "train.max_steps=3"]
@@ -222,7 +220,8 @@ exit 0
 
 
 @pytest.mark.slow
-def test_slurm_script_checkpoints_on_time_limit_signal_requeues_and_resumes(config_file, tmp_path):
+def test_slurm_script_checkpoints_on_time_limit_signal_requeues_and_resumes(
+        config_file, tmp_path, free_port):
     fake = tmp_path / "slurm"
     fake.mkdir()
     for name, text in FAKE_SLURM.items():

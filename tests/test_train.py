@@ -90,7 +90,7 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(data_ro
 
 
 def test_two_processes_match_one_with_accumulation_and_resume_across_process_counts(
-        data_root, tmp_path):
+        data_root, tmp_path, free_port):
     # Constant lr, so that runs of different lengths share one schedule.
     common = ["train.log_every_steps=1", "eval.every_steps=1000", "train.lr=1e-3",
               "train.min_lr=1e-3", "checkpoint.every_steps=3"]
@@ -101,7 +101,7 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
     # steps: the same global batch, so the same samples in each step.
     two_env = {**env(), "ACCELERATE_USE_CPU": "1"}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29731",
+                "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
                 "--monitor_interval", "1", "-m"]
     two = run_train(train_args(data_root, tmp_path, "two", *common, "train.max_steps=3"),
                     launcher, env=two_env)
