@@ -56,7 +56,7 @@ BENCH_ARGS  ?=
 # (empty) makefile, so make installs first when it is missing or older than
 # pyproject.toml, then starts over and resolves the paths.
 CONFIG_CLI = $(PY) -m pipeline.config --config $(CONFIG) $(ARGS)
-PATH_GOALS := data train eval export sample all
+PATH_GOALS := data train eval export sample all book-report
 ifneq ($(filter $(PATH_GOALS),$(MAKECMDGOALS)),)
 include $(VENV)/.installed
 endif
@@ -102,6 +102,9 @@ else
 	$(PY) -m pip install -q --retries 1 --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
 endif
 	$(PY) -m pip install -q -e ".[dev]"
+	# The book's own code, the reference the tests hold the chapter-5 recipe against
+	# (without its notebook dependencies: it needs only torch, tiktoken, matplotlib).
+	$(PY) -m pip install -q --no-deps "llms-from-scratch==1.0.19"
 	touch $@
 
 ## data: tokenize the corpus into data/<data.name>/ (a no-op when up to date)
@@ -139,6 +142,15 @@ sample: $(EXPORT_DIR)/model.safetensors
 ## all: the whole pipeline: data -> train -> eval -> export -> sample
 all: data train eval export sample
 
+## book: the book's chapter 5 run (configs/verdict.yaml): train, then its table beside the book's, figure 5.12, samples
+# The Verdict is downloaded once; without a network give the file:
+#   make book ARGS="data.source.url=file:///path/to/the-verdict.txt"
+book:
+	$(MAKE) --no-print-directory book-report CONFIG=configs/verdict.yaml
+
+book-report: train
+	$(PY) -m pipeline.book --config $(CONFIG) $(ARGS)
+
 ## test: run the test suite
 test: install
 	$(PY) -m pytest -q
@@ -160,4 +172,4 @@ distclean:
 
 FORCE:
 
-.PHONY: help install data train eval export sample all test bench clean distclean FORCE
+.PHONY: help install data train eval export sample all book book-report test bench clean distclean FORCE

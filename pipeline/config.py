@@ -87,6 +87,11 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the token embedding with the output head
     # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a model directory
     init_from: str = "scratch"
+    # How fresh weights are drawn (init_from: scratch). gpt2: N(0, 0.02) for embeddings
+    # and linears, residual projections scaled by 1/sqrt(2 n_layers), zero biases, as
+    # GPT-2 and nanoGPT (what real pretraining wants). torch_default: each layer's own
+    # PyTorch init (Embedding N(0, 1), Linear kaiming-uniform), which the book keeps.
+    init: Literal["gpt2", "torch_default"] = "gpt2"
 
 
 @dataclass
@@ -99,10 +104,18 @@ class TrainConfig:
     max_tokens: Optional[int] = None
     epochs: Optional[float] = None
     stride: Optional[int] = None  # tokens between window starts (null: context_length)
+    # shuffle: a seeded permutation per epoch, split over processes, independent of
+    # everything else (pretraining). book: torch's DataLoader(shuffle=True,
+    # drop_last=True) as the book iterates it, seeds drawn from torch's global generator
+    # (so dropout and order interleave as in the book); one process only.
+    order: Literal["shuffle", "book"] = "shuffle"
     lr: float = 4e-4  # peak learning rate
     min_lr: Optional[float] = None  # end of the cosine decay (null: lr / 10)
     warmup_steps: int = 0  # linear warmup, in optimizer steps
-    weight_decay: float = 0.1  # AdamW decay of matrices (not biases, norms)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    # matrices: decay linear weights and embeddings only (GPT-2, nanoGPT); all: every
+    # parameter, biases and LayerNorms too, as the book's AdamW(model.parameters())
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: Optional[float] = 1.0  # max global grad norm (null: no clipping)
     precision: Literal["no", "bf16", "fp16"] = "no"  # mixed precision through Accelerate
@@ -114,6 +127,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 100  # evaluate (and sample) every N optimizer steps
+    # Step of the first evaluation, then every every_steps after it (null: every_steps).
+    # 1 is the book's schedule: its "Step 000000" is the evaluation after the first update.
+    first_step: Optional[int] = None
     batches: int = 10  # micro batches of train and of val per evaluation
     prompt: str = "Every effort moves you"  # start of the sample printed at each eval
     max_new_tokens: int = 50
@@ -331,6 +347,8 @@ def validate(config: Config) -> None:
     _check(t.stride is None or t.stride > 0, "train.stride must be positive")
     _check(t.lr > 0, "train.lr must be positive")
     _check(config.eval.every_steps > 0, "eval.every_steps must be positive")
+    _check(config.eval.first_step is None or config.eval.first_step > 0,
+           "eval.first_step must be positive (or null: every_steps)")
     _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive")
     _check(config.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0")
 

@@ -67,15 +67,17 @@ def _padded(batches, total: int, filler):
 
 
 def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: int, accelerator,
-             max_batches: int | None = None) -> dict:
-    """Loss, perplexity and tokens over `windows`, summed over all of accelerator's processes."""
+             max_batches: int | None = None, order: np.ndarray | None = None) -> dict:
+    """Loss, perplexity and tokens over `windows` (those listed in `order`, when given),
+    summed over all of accelerator's processes."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     batches = val_batches(windows, micro_batch_size, accelerator.process_index,
-                          accelerator.num_processes, max_batches)
+                          accelerator.num_processes, max_batches, order)
     if accelerator.distributed_type == DistributedType.FSDP:
-        most = len(range(0, len(windows), micro_batch_size * accelerator.num_processes))
+        count = len(windows) if order is None else len(order)
+        most = len(range(0, count, micro_batch_size * accelerator.num_processes))
         x, y = windows.batch(np.arange(1))  # rank 0 gets the most batches: as many as this
         batches = _padded(batches, most if max_batches is None else min(most, max_batches),
                           (x, torch.full_like(y, IGNORE_INDEX)))

@@ -147,29 +147,76 @@ def stream_indices(start: int, count: int, n: int, seed: int) -> np.ndarray:
     return out
 
 
+def dataloader_pass_draws(shuffle: bool) -> int | None:
+    """Draw from torch's global generator what starting one pass over a
+    `torch.utils.data.DataLoader(..., num_workers=0)` draws: the iterator's base seed
+    (which only workers would use), then, when shuffling, the RandomSampler's seed, which
+    is returned. The book's loop starts such a pass at every epoch and every evaluation,
+    so its dropout masks depend on these draws too."""
+    torch.empty((), dtype=torch.int64).random_()
+    if not shuffle:
+        return None
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def seeded_randperm(n: int, seed: int) -> np.ndarray:
+    """The RandomSampler's order for a sampler seed: torch.randperm on its own generator."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+ORDERS = ("shuffle", "book")
+
+
 class TrainBatches:
     """Endless, deterministic, distributed, resumable stream of train micro batches.
 
     Call __next__ in lockstep on every rank: each call returns this rank's chunk of the
     next micro_batch_size * world_size samples of the global stream and advances `samples`
     by that much on every rank.
+
+    `order` "shuffle" is the keyed permutation above. "book" is the book's
+    `DataLoader(shuffle=True, drop_last=True)` as `train_model_simple` iterates it: each
+    epoch a torch.randperm whose seed is drawn from torch's global generator when the
+    epoch's first batch is taken, the last incomplete batch dropped. It couples the order
+    to every other use of that generator (dropout), which is what makes the book's run
+    reproducible draw for draw, and why it needs a single process.
     """
 
     def __init__(self, windows: TokenWindows, micro_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_sample: int = 0):
+                 rank: int = 0, world_size: int = 1, start_sample: int = 0,
+                 order: str = "shuffle"):
         if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
                              f"{micro_batch_size}, rank {rank}, world_size {world_size}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if order == "book" and world_size > 1:
+            raise PipelineError(
+                f"train.order=book draws the order from the one process's torch generator, as "
+                f"the book's single-process loop does; this run has {world_size} processes. "
+                f"Use train.order=shuffle to train on several.")
         self.windows, self.micro_batch_size, self.seed = windows, micro_batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.order = rank, world_size, order
         self._samples = 0
         self._block, self._block_ids = (-1, -1), np.empty(0, dtype=np.int64)  # one cached
+        self._epoch_seed: int | None = None  # book: the sampler seed of the current epoch
+        if order == "book" and self.epoch_samples == 0:
+            raise PipelineError(
+                f"train.order=book drops the last incomplete batch of each epoch, as the "
+                f"book's drop_last=True, and the {len(windows)} train windows do not fill one "
+                f"batch of {micro_batch_size}")
         self._seek(start_sample)
 
     @property
     def global_batch(self) -> int:
         """Samples consumed by one lockstep call on all ranks."""
         return self.micro_batch_size * self.world_size
+
+    @property
+    def epoch_samples(self) -> int:
+        """Global samples in one epoch: every window, or (book) every complete batch."""
+        n = len(self.windows)
+        return n - n % self.global_batch if self.order == "book" else n
 
     def _seek(self, samples: int) -> None:
         if samples < 0 or samples % self.global_batch:
@@ -185,7 +232,10 @@ class TrainBatches:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self._samples + self.rank * self.micro_batch_size
-        idx = self._window_ids(first, self.micro_batch_size)
+        if self.order == "book":
+            idx = self._book_ids(first, self.micro_batch_size)
+        else:
+            idx = self._window_ids(first, self.micro_batch_size)
         self._samples += self.global_batch
         return self.windows.batch(idx)
 
@@ -205,6 +255,27 @@ class TrainBatches:
             pos = stop
         return np.concatenate(parts)
 
+    def _book_ids(self, start: int, count: int) -> np.ndarray:
+        """One batch of the book's order (a batch never straddles its drop_last epoch)."""
+        within = start % self.epoch_samples
+        if within == 0:  # the epoch's first batch: the DataLoader pass starts here
+            self._epoch_seed = dataloader_pass_draws(shuffle=True)
+        if self._block != (self._epoch_seed, -1):
+            self._block_ids = seeded_randperm(len(self.windows), self._epoch_seed)
+            self._block = (self._epoch_seed, -1)
+        return self._block_ids[within:within + count]
+
+    def evaluation_windows(self, batches: int) -> np.ndarray | None:
+        """Train windows for an evaluation of `batches` micro batches: None for the first
+        windows in a fixed order; for the book's order, the first batches of a fresh
+        shuffled pass, after the draws the book's evaluate_model makes (a pass over the
+        train loader, then one over the val loader)."""
+        if self.order != "book":
+            return None
+        seed = dataloader_pass_draws(shuffle=True)
+        dataloader_pass_draws(shuffle=False)  # the val loader's pass, drawn in the same call
+        return seeded_randperm(len(self.windows), seed)[:batches * self.micro_batch_size]
+
     @property
     def samples(self) -> int:
         """Global samples consumed so far (all ranks together)."""
@@ -212,29 +283,38 @@ class TrainBatches:
 
     @property
     def epoch(self) -> float:
-        return self._samples / len(self.windows)
+        return self._samples / self.epoch_samples
 
     def state_dict(self) -> dict:
-        # windows / context_length / stride are there to catch a resume on different data.
-        return {"samples": self._samples, "seed": self.seed, "windows": len(self.windows),
-                "context_length": self.windows.context_length, "stride": self.windows.stride}
+        # windows / context_length / stride / order are there to catch a resume on
+        # different data; epoch_seed is the book order's current epoch.
+        state = {"samples": self._samples, "seed": self.seed, "windows": len(self.windows),
+                 "context_length": self.windows.context_length, "stride": self.windows.stride,
+                 "order": self.order}
+        if self.order == "book":
+            state["epoch_seed"] = self._epoch_seed
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "windows", "context_length", "stride"):
-            if key in state and state[key] != mine[key]:
+        for key in ("seed", "windows", "context_length", "stride", "order"):
+            saved = state.get(key, "shuffle" if key == "order" else mine[key])  # older files
+            if saved != mine[key]:
                 raise PipelineError(
-                    f"the saved train loader position was made with {key} = {state[key]}, but "
+                    f"the saved train loader position was made with {key} = {saved}, but "
                     f"this run has {key} = {mine[key]}: the same sample count would mean other "
                     f"samples. Resume with the data and settings of the saved run (same seed, "
-                    f"data set, model.context_length and train.stride), or start a new run.")
+                    f"data set, model.context_length, train.stride and train.order), or start "
+                    f"a new run.")
         self._seek(int(state["samples"]))
+        self._epoch_seed = state.get("epoch_seed")
 
 
 def val_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
-                world_size: int = 1, max_batches: int | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's micro batches of the split in a fixed order (no shuffling).
+                world_size: int = 1, max_batches: int | None = None,
+                order: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro batches of the split in a fixed order (no shuffling): the
+    windows 0..N-1, or the windows listed in `order`.
 
     Consecutive chunks of micro_batch_size windows go to the ranks in turn (chunk k to rank
     k % world_size), so all ranks together see every window exactly once; the last chunk may
@@ -245,9 +325,10 @@ def val_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
     if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
                          f"{micro_batch_size}, rank {rank}, world_size {world_size}")
-    n = len(windows)
+    ids = np.arange(len(windows)) if order is None else np.asarray(order)
+    n = len(ids)
     starts = range(rank * micro_batch_size, n, micro_batch_size * world_size)
     if max_batches is not None:
         starts = starts[:max(0, max_batches)]
     for start in starts:
-        yield windows.batch(np.arange(start, min(start + micro_batch_size, n)))
+        yield windows.batch(ids[start:start + micro_batch_size])

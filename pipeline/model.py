@@ -106,15 +106,23 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        # "torch_default" keeps what each layer drew when it was built: the book's init.
+        # The layers are built in the book's order and its three q, k, v matrices draw
+        # from the generator one after the other, as the one qkv matrix here does, so
+        # under the same seed the initial weights are the book's own.
+        if cfg.init == "gpt2":
+            self._init_gpt2()
+
+    def _init_gpt2(self) -> None:
+        self.apply(self._init_gpt2_layer)
         # GPT-2: scale the init of projections that add into the residual stream, so its
         # variance does not grow with depth.
         for block in self.trf_blocks:
             for proj in (block.att.out_proj, block.ff.proj):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_gpt2_layer(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, load_config, save_config, to_dict
+from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
 from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import evaluate
 from pipeline.loader import TokenWindows, TrainBatches
@@ -93,6 +93,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_windows: TokenWindows
     val_windows: TokenWindows
+    batches: TrainBatches  # at the start of the stream; resume moves it
     max_steps: int
     parameters: int
 
@@ -103,8 +104,10 @@ def setup(config: Config, accelerator) -> Training:
     ctx, t = config.model.context_length, config.train
     train_windows = TokenWindows(config.data_dir, "train", ctx, t.stride)
     val_windows = TokenWindows(config.data_dir, "val", ctx)
+    batches = TrainBatches(train_windows, t.micro_batch_size, config.seed,
+                           accelerator.process_index, accelerator.num_processes, order=t.order)
     samples_per_step = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
-    max_steps = total_steps(t, len(train_windows), samples_per_step, samples_per_step * ctx)
+    max_steps = total_steps(t, batches.epoch_samples, samples_per_step, samples_per_step * ctx)
     optimizer = build_optimizer(model, t, accelerator.device.type)
     scheduler = build_scheduler(optimizer, t, max_steps)
     parameters = sum(p.numel() for p in model.parameters())
@@ -112,7 +115,7 @@ def setup(config: Config, accelerator) -> Training:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Training(config, accelerator, model, optimizer, scheduler, train_windows,
-                    val_windows, max_steps, parameters)
+                    val_windows, batches, max_steps, parameters)
 
 
 def run(config: Config) -> dict:
@@ -120,11 +123,13 @@ def run(config: Config) -> dict:
     accelerator, mode = make_accelerator(config)
     tr = setup(config, accelerator)
     config, run_dir = tr.config, tr.config.run_dir
-    # Dropout masks differ between processes; a resume restores these generators.
-    torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
+    # Dropout masks differ between processes; a resume restores these generators. The
+    # first process goes on drawing where the model's initialization stopped, as the
+    # book's script does.
+    if accelerator.process_index > 0:
+        torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
     progress, loader_state = resume(config, accelerator, tr.model, tr.optimizer, tr.scheduler)
-    batches = TrainBatches(tr.train_windows, config.train.micro_batch_size, config.seed,
-                           accelerator.process_index, accelerator.num_processes)
+    batches = tr.batches
     if loader_state:  # also checks that data, seed and window shape are unchanged
         batches.load_state_dict(loader_state)
     log = MetricsLog(run_dir)
@@ -182,7 +187,7 @@ class TrainLoop:
         while p.step < self.max_steps:
             self.train_step()
             due_log = p.step % c.train.log_every_steps == 0
-            due_eval = p.step % c.eval.every_steps == 0 or p.step == self.max_steps
+            due_eval = eval_due(p.step, c.eval, self.max_steps)
             due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == self.max_steps
             stopping = (due_log or self.acc.num_processes == 1) and stop.requested(self.acc)
             if due_log or due_eval or due_ckpt or stopping:
@@ -246,12 +251,16 @@ class TrainLoop:
         e = self.config.eval
         self.model.eval()
         batch = self.config.train.micro_batch_size
-        train_loss = evaluate(self.model, self.train_windows, batch, self.acc, e.batches)["loss"]
+        order = self.batches.evaluation_windows(e.batches)
+        train_loss = evaluate(self.model, self.train_windows, batch, self.acc, e.batches,
+                              order)["loss"]
         val_loss = evaluate(self.model, self.val_windows, batch, self.acc, e.batches)["loss"]
         sample = self.sample()
         self.model.train()
         self.progress.best_val_loss = min(self.progress.best_val_loss, val_loss)
-        self.bar.write(f"step {self.progress.step:>6} | tokens {self.progress.tokens:,} | "
+        epoch = math.ceil(self.batches.epoch)  # counted from 1, as the book's "Ep"
+        self.bar.write(f"step {self.progress.step:>6} (ep {epoch}) | "
+                       f"tokens {self.progress.tokens:,} | "
                        f"train loss {train_loss:.3f} | val loss {val_loss:.3f}\n"
                        f"  sample: {sample!r}")
         return {"train_loss": train_loss, "val_loss": val_loss, "sample": sample}
@@ -294,6 +303,13 @@ class TrainLoop:
         self.bar.close()
 
 
+def eval_due(step: int, schedule: EvalConfig, max_steps: int) -> bool:
+    """Evaluate after step first_step (default every_steps), every every_steps after it,
+    and after the last step."""
+    first = schedule.first_step or schedule.every_steps
+    return step == max_steps or (step >= first and (step - first) % schedule.every_steps == 0)
+
+
 def check_finite(losses: torch.Tensor, first_step: int, accum: int) -> None:
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
@@ -329,14 +345,14 @@ def resume(config: Config, accelerator, model, optimizer, scheduler) -> tuple[Pr
 def announce(tr: Training, progress: Progress) -> None:
     t, m, acc = tr.config.train, tr.config.model, tr.accelerator
     samples = t.micro_batch_size * t.grad_accum_steps * acc.num_processes
-    windows = len(tr.train_windows)
+    windows = tr.batches.epoch_samples
     acc.print(
         f"{tr.config.name}: {tr.parameters / 1e6:.2f}M parameters, {acc.num_processes} "
         f"process(es) on {acc.device.type}, precision {t.precision}\n"
         f"global batch = {t.micro_batch_size} micro x {t.grad_accum_steps} accum x "
         f"{acc.num_processes} processes = {samples} sequences x {m.context_length} tokens = "
         f"{samples * m.context_length:,} tokens/step\n"
-        f"{windows:,} train windows; {tr.max_steps} steps "
+        f"{len(tr.train_windows):,} train windows; {tr.max_steps} steps "
         f"({tr.max_steps * samples / windows:.2f} epochs)"
         + (f"; resuming at step {progress.step}" if progress.step else ""))
 
