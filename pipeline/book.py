@@ -36,9 +36,11 @@ BOOK_TABLE = [
     (80, 0.541, 6.393), (85, 0.391, 6.452),
 ]
 BOOK_TOKENS_PER_STEP = 512  # 2 sequences x 256 tokens
-BOOK_LAST_SAMPLE = ('Every effort moves you?"  "Yes--quite insensible to the irony. She wanted '
-                    'him vindicated--and by me!"  He laughed again, and threw back his head to '
-                    'look up at the sketch of the donkey. "There were days when I')
+# The greedy sample generate_and_print_sample prints after the last epoch (update 90),
+# newlines shown as the book shows them (replaced by spaces).
+BOOK_LAST_SAMPLE = ('Every effort moves you know," was one of the axioms he laid down across the '
+                    'Sevres and silver of an exquisitely appointed luncheon-table, when, on a later '
+                    'day, I had again run over from Monte Carlo; and Mrs. Gis')
 # Section 5.3: torch.manual_seed(123), then 15 tokens with top_k=25, temperature=1.4.
 BOOK_TOPK_SAMPLE = "Every effort moves you stand to work on surprise, a one of us had gone with random-"
 FIGURE = "book.png"
@@ -121,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(table(rows)))
     plot(rows, run_dir / FIGURE)
     print(f"\nfigure 5.12: {run_dir / FIGURE}")
-    print(f"\ngreedy sample at step {rows[-1]['step']} (eval.prompt, eval.max_new_tokens):\n"
-          f"  ours: {rows[-1].get('sample', '')!r}\n  book: {BOOK_LAST_SAMPLE[len('Every effort moves you'):]!r}")
+    ours = rows[-1].get("sample", "").replace("\n", " ")
+    print(f"\ngreedy sample at step {rows[-1]['step']} (the book's: after the last epoch):\n"
+          f"  ours: {ours!r}\n  book: {BOOK_LAST_SAMPLE[len('Every effort moves you'):]!r}")
     print(f"\nsection 5.3, top_k=25, temperature=1.4, seed 123:\n"
           f"  ours: {topk_sample(run_dir)!r}\n  book: {BOOK_TOPK_SAMPLE!r}")
 
