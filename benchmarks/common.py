@@ -41,8 +41,17 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_rows": bf16_meaningful(),
         "load_average_1m": os.getloadavg()[0],
     }
+
+
+def bf16_meaningful() -> bool:
+    """bf16 rows are timed only where bf16 is a choice a user would make: on a GPU, or a
+    CPU with bf16 matrix units (elsewhere it is ~40x slower than fp32 and only costs time)."""
+    from pipeline.mfu import cpu_has_bf16_units
+    return torch.cuda.is_available() or cpu_has_bf16_units()
 
 
 def interleave(contenders: dict[str, Callable[[], object]], repeats: int,
@@ -65,19 +74,6 @@ def interleave(contenders: dict[str, Callable[[], object]], repeats: int,
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype`: the practical peak MFU is measured against."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)  # min: the peak is what the unit reaches undisturbed
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

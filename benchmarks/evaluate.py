@@ -23,7 +23,7 @@ def run(quick: bool = False) -> dict:
     from accelerate import Accelerator
 
     from pipeline.evaluate import evaluate
-    from pipeline.loader import TokenWindows, val_batches
+    from pipeline.loader import TokenWindows, fixed_batches
 
     shape = train.QUICK[0] if quick else train.FULL[0]
     cfg, batch = shape.cfg, shape.batch
@@ -37,7 +37,7 @@ def run(quick: bool = False) -> dict:
                              val_tokens=windows_needed * cfg.context_length + 1)
         windows = TokenWindows(data, "val", cfg.context_length)
         assert len(windows) == windows_needed, len(windows)
-        batches = list(val_batches(windows, batch))
+        batches = list(fixed_batches(windows, batch))
         tokens = sum(y.numel() for _, y in batches)
         results = {}
 

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import interleave, machine, matmul_peak, median, table, write_result
+from benchmarks.common import bf16_meaningful, interleave, machine, median, table
 from pipeline.config import ModelConfig
 from pipeline.gpt2 import hf_config, to_hf
+from pipeline.mfu import measure_matmul_peak
 from pipeline.model import GPTModel, flops_per_token
 
 # AdamW as the train stage configures it (pipeline/config.py TrainConfig defaults).
@@ -98,11 +99,13 @@ def contenders(ours, hf, x, y, compile: bool = False, book: bool = True) -> dict
         return ours(x, targets=y)
 
     steps = {}
-    for prec in ("fp32", "bf16"):
+    for prec in precisions():
         steps[f"hf/{prec}"] = make_step(hf, hf_loss, prec)
         if book:
             steps[f"ours-logits/{prec}"] = make_step(ours, book_loss, prec)
         steps[f"ours/{prec}"] = make_step(ours, fused_loss, prec)
+    if "bf16" not in precisions():
+        return steps
     steps["ours-fast"] = make_step(ours, fused_loss, "bf16", fused=True)
     if compile:
         compiled = torch.compile(ours)
@@ -149,21 +152,27 @@ def row(shape: Shape, name: str, seconds: list[float], peaks: dict) -> dict:
             "mfu_peak": f"{prec} matmul"}
 
 
+def precisions() -> tuple[str, ...]:
+    return ("fp32", "bf16") if bf16_meaningful() else ("fp32",)
+
+
 def run(quick: bool = False) -> dict:
     # The peak is measured before every shape and the highest taken: a peak measured
     # while other work loads the machine would flatter the MFU of the quieter moments.
-    peaks = {"fp32": 0.0, "bf16": 0.0}
+    peaks = {name: 0.0 for name in precisions()}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     shapes = []
     for shape in QUICK if quick else FULL:
-        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            peaks[name] = max(peaks[name], matmul_peak(dtype))
+        for name in peaks:
+            peaks[name] = max(peaks[name], measure_matmul_peak(dtypes[name], size=2048))
         shapes.append(run_shape(shape, peaks))
     for shape in shapes:  # MFU against the final (highest) peaks
         for r in shape["rows"]:
             r["mfu"] = r["tokens_per_s"] * shape["flops_per_token"] / peaks[r["precision"]]
     rows = [r for s in shapes for r in s["rows"]]
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; matmul peak: "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+          + ("" if "bf16" in peaks else " (no bf16 rows: this CPU has no bf16 matrix units)"))
     print(table(rows, ["shape", "contender", "tokens_per_s", "step_s", "mfu",
                        "x_hf_same_precision", "x_hf_same_precision_best", "x_hf_fp32"]))
     result = {"benchmark": "train", "quick": quick, "machine": machine(),

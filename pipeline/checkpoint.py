@@ -4,8 +4,9 @@ One directory per optimizer step, `runs/<name>/checkpoints/step_NNNNNN/`:
 
     model.safetensors   model weights, this project's names, fp32; a tied head is
                         stored once (as tok_emb.weight)
-    meta.json           step, tokens, samples, the model config and the full run config
-    ...                 optimizer, scheduler, RNG and scaler states (see save_checkpoint)
+    meta.json           step, tokens, process count, the model config and the full run
+                        config: what readers of a checkpoint need
+    ...                 optimizer, the trainer's stateful parts and RNG states (below)
 
 A checkpoint is written under a temporary name and renamed into place only when
 complete, so a directory named step_* is always whole.
@@ -21,7 +22,7 @@ import torch
 import torch.distributed.checkpoint.state_dict as dcp_sd
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ModelConfig
+from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.errors import PipelineError
 
 CHECKPOINTS = "checkpoints"
@@ -66,7 +67,10 @@ def load_model_state(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch
 #
 # Besides model.safetensors and meta.json a training checkpoint holds
 #     optimizer.pt      AdamW state, keyed by parameter name (full, unsharded)
-#     trainer.pt        LR scheduler and fp16 grad-scaler states
+#     trainer.pt        the state_dict() of every other stateful part, by name: the caller
+#                       hands one mapping (the train stage: progress counters, loader
+#                       position, LR schedule, fp16 grad scaler) and gets each restored
+#                       through its load_state_dict()
 #     rng_<rank>.pt     torch CPU (and CUDA) generator states of each process
 # All .pt files hold only tensors and plain containers: they load with weights_only=True.
 
@@ -79,7 +83,7 @@ def _full(**kw):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optimizer,
-                    scheduler, meta: dict, keep_last: int) -> Path:
+                    parts: dict, meta: dict, keep_last: int) -> Path:
     """Write step_NNNNNN/ atomically from every process (a collective call).
 
     `model` may be plain, DDP-wrapped, compiled or sharded with FSDP2: the state dicts
@@ -100,9 +104,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
             model_state.pop("out_head.weight", None)  # shared with tok_emb.weight
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
         torch.save(optim_state, tmp / OPTIMIZER_FILE)
-        scaler = _scaler(accelerator)
-        torch.save({"scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None}, tmp / TRAINER_FILE)
+        torch.save({name: part.state_dict() for name, part in parts.items()}, tmp / TRAINER_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # last: marks it complete
@@ -121,28 +123,29 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler) -> dict:
-    """Restore every piece of training state saved by save_checkpoint; return its meta."""
+def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, parts: dict) -> dict:
+    """Restore every piece of training state saved by save_checkpoint (each of `parts`
+    through its load_state_dict); return the checkpoint's meta."""
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     _, model_state = load_model_state(ckpt_dir)
     dcp_sd.set_model_state_dict(model, model_state, options=_full())
     optim_state = torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True)
     dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state, options=_full())
-    trainer = torch.load(ckpt_dir / TRAINER_FILE, weights_only=True)
-    scheduler.load_state_dict(trainer["scheduler"])
-    if _scaler(accelerator) is not None and trainer["scaler"] is not None:
-        _scaler(accelerator).load_state_dict(trainer["scaler"])
+    saved = torch.load(ckpt_dir / TRAINER_FILE, weights_only=True)
+    missing = [name for name in parts if name not in saved]
+    if missing:
+        raise PipelineError(
+            f"{ckpt_dir} holds no state for {', '.join(missing)} (it has: "
+            f"{', '.join(saved) or 'nothing'}); it was written by another version of the train "
+            f"stage. Resume from a checkpoint of this version, or start over with "
+            f"checkpoint.resume=never and another run name.")
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
     rng_file = ckpt_dir / f"rng_{accelerator.process_index}.pt"
     if rng_file.is_file():  # absent when resuming on more processes than were saved
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
-
-
-def _scaler(accelerator):
-    """The fp16 grad scaler, if any. `accelerator` may also be Accelerate's PartialState
-    (used where a script shards the model itself), which has none."""
-    return getattr(accelerator, "scaler", None)
 
 
 def _rng_state() -> dict:
@@ -156,10 +159,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
-              "tie_embeddings")
 
 
 def shape_mismatch(saved: dict, current: ModelConfig) -> list[str]:

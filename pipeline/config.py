@@ -94,6 +94,12 @@ class ModelConfig:
     init: Literal["gpt2", "torch_default"] = "gpt2"
 
 
+# The ModelConfig keys that fix the tensors' shapes: a checkpoint resumes, and an export
+# reads back, only where these agree.
+SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
+              "tie_embeddings")
+
+
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 8  # sequences per process per forward pass

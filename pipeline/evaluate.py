@@ -7,14 +7,15 @@
 `--model` takes every source pipeline.weights reads. The data set is `--data`, else the
 one of `--config`, else the one of the run (its config.yaml) or checkpoint (its meta.json).
 Every val window (context_length inputs, next-token targets, non-overlapping) is scored
-once: under `accelerate launch` each process takes its disjoint share (loader.val_batches)
+once: under `accelerate launch` each process takes its disjoint share (loader.fixed_batches)
 and the processes add up sum(loss x tokens) and the token count, so nothing is counted
 twice and the mean is over tokens whatever the process count. Writes eval.json beside the
 model (the run dir, checkpoint dir or model dir; `--out` for anything else) and prints one
 line. Evaluating OpenAI's GPT-2 on your own val split at your context length is how a run
 is compared with it.
 
-Knows Accelerate and the loader's interface; nothing of checkpoints' or exports' files.
+Knows Accelerate, the loader's interface and a run's config.yaml (through the schema);
+checkpoints and exports only as pipeline.weights reads them.
 """
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate.utils import DistributedType
 
+from pipeline.config import Config, from_dict, load_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.fileio import atomic_write_json
-from pipeline.loader import TokenWindows, val_batches
+from pipeline.loader import TokenWindows, fixed_batches
 from pipeline.model import IGNORE_INDEX
 from pipeline.shards import load_manifest
 
@@ -73,8 +74,8 @@ def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: in
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    batches = val_batches(windows, micro_batch_size, accelerator.process_index,
-                          accelerator.num_processes, max_batches, order)
+    batches = fixed_batches(windows, micro_batch_size, accelerator.process_index,
+                            accelerator.num_processes, max_batches, order)
     if accelerator.distributed_type == DistributedType.FSDP:
         count = len(windows) if order is None else len(order)
         most = len(range(0, count, micro_batch_size * accelerator.num_processes))
@@ -96,21 +97,21 @@ def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: in
 # ----------------------------------------------------------------------------- CLI
 
 
-def run_config(info) -> dict:
-    """The raw run config that produced the model, when the source is a run or checkpoint."""
+def run_config(info) -> Config | None:
+    """The config that produced the model, read back through the schema, when the source
+    is a run (its config.yaml) or a checkpoint (its meta.json); else None."""
     if info.kind == "run" and (info.home / "config.yaml").is_file():
-        return yaml.safe_load((info.home / "config.yaml").read_text()) or {}
-    if info.kind in ("run", "checkpoint"):
-        return (info.meta or {}).get("config") or {}
-    return {}
+        return load_config(info.home / "config.yaml")
+    if info.kind in ("run", "checkpoint") and (info.meta or {}).get("config"):
+        return from_dict(info.meta["config"])
+    return None
 
 
-def _data_dir(args, config: dict) -> Path:
+def _data_dir(args, config: Config | None) -> Path:
     if args.data:
         return Path(args.data)
-    data = config.get("data") or {}
-    if "root" in data and "name" in data:
-        return Path(data["root"]) / data["name"]
+    if config is not None:
+        return config.data_dir
     raise PipelineError(
         f"which data set should {args.model} be evaluated on? Give --data DIR (a prepared "
         f"data set, made by `python -m pipeline.prepare`) or --config CONFIG")
@@ -149,16 +150,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     from accelerate import Accelerator
 
-    from pipeline.config import load_config, to_dict
     from pipeline.weights import load_model
 
     args = parse_args(argv)
     model, info = load_model(args.model, context_length=args.context_length)
-    config = to_dict(load_config(args.config)) if args.config else run_config(info)
+    config = load_config(args.config) if args.config else run_config(info)
     data_dir = _data_dir(args, config)
-    train = config.get("train") or {}
-    batch_size = args.batch_size or train.get("micro_batch_size") or 8
-    precision = args.precision or train.get("precision") or "no"
+    batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)
+    precision = args.precision or (config.train.precision if config else "no")
     vocab = load_manifest(data_dir).vocab_size
     if vocab > model.cfg.vocab_size:
         raise PipelineError(f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import gpt2
-from pipeline.config import ModelConfig
+from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.errors import PipelineError, cli_main
 from pipeline.fileio import atomic_write_json
 from pipeline.tokenizer import EOT_ID
@@ -75,16 +75,14 @@ def write_hf_dir(path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]
 def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> None:
     """Re-read `path` as every stage would and compare it with the source, tensor by tensor."""
     want = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    zero_bias = all(not v.any() for k, v in want.items() if k.endswith("att.qkv.bias"))
-    want_cfg = replace(cfg, qkv_bias=cfg.qkv_bias and not zero_bias)  # see weights.py
+    zero_bias = gpt2.qkv_biases_are_zero(v for k, v in want.items() if k.endswith("att.qkv.bias"))
+    want_cfg = replace(cfg, qkv_bias=cfg.qkv_bias and not zero_bias)
     if not want_cfg.qkv_bias:
         want = {k: v for k, v in want.items() if not k.endswith("att.qkv.bias")}
     if cfg.tie_embeddings:
         want.pop("out_head.weight", None)
     got_cfg, got, _ = load_state(path)
-    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
-            "tie_embeddings")
-    diff = [f"config {k}" for k in keys if getattr(got_cfg, k) != getattr(want_cfg, k)]
+    diff = [f"config {k}" for k in SHAPE_KEYS if getattr(got_cfg, k) != getattr(want_cfg, k)]
     diff += [k for k, v in want.items()
              if k not in got or got[k].dtype != v.dtype or not torch.equal(got[k], v)]
     if diff:

@@ -165,13 +165,21 @@ def completion(ids, eos_id: int | None = EOT_ID) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
-def text_sample(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50, **kwargs) -> str:
-    """The prompt (as the model saw it: cropped to the context) and its continuation."""
+def continue_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50,
+                  **kwargs) -> tuple[str, str]:
+    """(the prompt as the model saw it, cropped to the context; its continuation up to
+    the first end-of-text). `kwargs` are generate()'s."""
     ids, note = prompt_ids(prompt, base_model(model).cfg.context_length)
     if note:
         print(note, file=sys.stderr)
     out = generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)[0].tolist()
-    return decode(ids + completion(out[len(ids):], kwargs.get("eos_id", EOT_ID)))
+    return decode(ids), decode(completion(out[len(ids):], kwargs.get("eos_id", EOT_ID)))
+
+
+def text_sample(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50, **kwargs) -> str:
+    """The prompt (as the model saw it: cropped to the context) and its continuation."""
+    seen, continuation = continue_text(model, prompt, max_new_tokens, **kwargs)
+    return seen + continuation
 
 
 class TextStream:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.model import state_shapes
 
 # OpenAI's released sizes: (emb_dim, n_layers, n_heads). All have context 1024,
 # vocabulary 50257, biases on q/k/v, and the head tied to the token embedding.
@@ -20,13 +21,6 @@ OPENAI_SIZES = {
     "gpt2-large": (1280, 36, 20),  # 774M
     "gpt2-xl": (1600, 48, 25),  # 1558M
 }
-
-
-def openai_config(name: str, **overrides) -> ModelConfig:
-    emb_dim, n_layers, n_heads = OPENAI_SIZES[name]
-    base = dict(vocab_size=50257, context_length=1024, emb_dim=emb_dim, n_layers=n_layers,
-                n_heads=n_heads, drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
-    return ModelConfig(**{**base, **overrides})
 
 
 # (our suffix, HF suffix, transposed) for the tensors of one block
@@ -88,7 +82,7 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     hf_state = {k.removeprefix("module."): v for k, v in hf_state.items()}
     if "transformer.wte.weight" not in hf_state and "wte.weight" in hf_state:
         hf_state = {f"transformer.{k}": v for k, v in hf_state.items()}  # GPT2Model, no head
-    expected = _expected_shapes(cfg)
+    expected = state_shapes(cfg)
     out, missing, wrong = {}, [], []
     for ours, hf, transpose in name_map(cfg.n_layers):
         if ours == "out_head.weight" and (cfg.tie_embeddings or hf not in hf_state):
@@ -117,11 +111,12 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     return out
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from pipeline.model import GPTModel  # only for shapes, built on the meta device
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def qkv_biases_are_zero(biases) -> bool:
+    """GPT-2's layout has no switch for q/k/v biases: a model without them exports zeros,
+    and weights whose q/k/v biases are all exactly zero read back as qkv_bias false. The
+    one rule for both directions (no biases at all: False)."""
+    biases = list(biases)
+    return bool(biases) and all(not b.any() for b in biases)
 
 
 def hf_config(cfg: ModelConfig) -> dict:

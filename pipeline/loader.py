@@ -310,9 +310,9 @@ class TrainBatches:
         self._epoch_seed = state.get("epoch_seed")
 
 
-def val_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
-                world_size: int = 1, max_batches: int | None = None,
-                order: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
+                  world_size: int = 1, max_batches: int | None = None,
+                  order: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro batches of the split in a fixed order (no shuffling): the
     windows 0..N-1, or the windows listed in `order`.
 

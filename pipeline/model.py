@@ -232,6 +232,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the state dict of GPTModel(cfg), without allocating
+    it (built on the meta device)."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, a tied matrix counted once (as the book's chapter 4 counts)."""
     return sum(p.numel() for p in model.parameters())

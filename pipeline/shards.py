@@ -1,11 +1,13 @@
 """The token shard format and the manifest: the one place that knows their bytes.
 
-A shard is the llm.c / modded-nanogpt token file, so data prepared here also feeds
-those tools and theirs feeds ours:
+A shard is llm.c's token file (dev/data/data_common.py), in its two variants:
 
     header: 256 little-endian int32
-        [0] = 20240520  magic
-        [1] = 1 | 2     version: 1 = uint16 tokens, 2 = uint32 tokens
+        [0], [1]        magic, version: 20240520, 1 for uint16 tokens (GPT-2's files,
+                        which llm.c's C loader and modded-nanogpt read, so data prepared
+                        here feeds those tools and theirs feeds ours); 20240801, 7 for
+                        uint32 tokens (llm.c's llama-3 files, which only its Python
+                        writer and this loader know)
         [2] = n         number of tokens
         [3:] = 0
     body:   n tokens, little-endian uint16 (or uint32)
@@ -29,10 +31,11 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_open, atomic_write_json
 
-MAGIC = 20240520
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-VERSIONS = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+# (magic, version) of each token width, as llm.c writes them
+FORMATS = {np.dtype("<u2"): (20240520, 1), np.dtype("<u4"): (20240801, 7)}
+_DTYPES = {header: dtype for dtype, header in FORMATS.items()}
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -43,7 +46,7 @@ class DataError(PipelineError):
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (GPT-2's 50257 does), else uint32."""
-    return VERSIONS[1] if vocab_size <= 2**16 else VERSIONS[2]
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -56,9 +59,8 @@ def shard_name(split: str, index: int) -> str:
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) -> str:
     """Write one shard atomically; return the sha256 of the whole file."""
     dtype = np.dtype(dtype).newbyteorder("<")
-    version = {v.str: k for k, v in VERSIONS.items()}[dtype.str]
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, version, len(tokens))
+    header[:3] = (*FORMATS[dtype], len(tokens))
     body = np.asarray(tokens).astype(dtype, copy=False)
     digest = hashlib.sha256()
     with atomic_open(path, "wb") as f:
@@ -74,9 +76,10 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     if not path.is_file():
         raise DataError(f"shard {path} is missing; rerun the prepare stage to rebuild it")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if len(header) < 3 or header[0] != MAGIC or header[1] not in VERSIONS:
+    dtype = _DTYPES.get((int(header[0]), int(header[1]))) if len(header) >= 3 else None
+    if dtype is None:
         raise DataError(f"{path} is not a token shard (bad magic or version)")
-    dtype, count = VERSIONS[int(header[1])], int(header[2])
+    count = int(header[2])
     expected = HEADER_BYTES + count * dtype.itemsize
     if path.stat().st_size != expected:
         raise DataError(f"{path} holds {path.stat().st_size} bytes but its header promises "

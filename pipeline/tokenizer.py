@@ -22,7 +22,6 @@ import tiktoken
 from pipeline.errors import PipelineError
 
 ENCODING_NAME = "gpt2"
-EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 VOCAB_SIZE = 50257
 

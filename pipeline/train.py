@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,10 +24,9 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import evaluate
 from pipeline.loader import TokenWindows, TrainBatches
 from pipeline.mfu import mfu, peak_flops
-from pipeline.model import GPTModel, flops_per_token
+from pipeline.model import GPTModel, count_parameters, flops_per_token
 from pipeline.optim import build_optimizer, build_scheduler, total_steps
 from pipeline.stopping import StopRequest
-from pipeline.tokenizer import encode
 from pipeline.tracking import MetricsLog, start_trackers, wandb_mode
 
 
@@ -38,6 +37,45 @@ class Progress:
     tokens: int = 0  # input tokens consumed, all processes together
     best_val_loss: float = math.inf
     elapsed: float = 0.0  # seconds of training before this process started
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How much one optimizer step takes and how many steps the run has, computed once."""
+    micro_batch_size: int  # sequences per process per forward
+    grad_accum_steps: int
+    processes: int
+    context_length: int
+    epoch_samples: int  # global samples in one epoch of the train stream
+    max_steps: int
+
+    @classmethod
+    def make(cls, config: Config, processes: int, epoch_samples: int) -> "BatchPlan":
+        t = config.train
+        samples = t.micro_batch_size * t.grad_accum_steps * processes
+        tokens = samples * config.model.context_length
+        return cls(t.micro_batch_size, t.grad_accum_steps, processes,
+                   config.model.context_length, epoch_samples,
+                   total_steps(t, epoch_samples, samples, tokens))
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.samples_per_step * self.context_length
+
+    @property
+    def epochs(self) -> float:
+        return self.max_steps * self.samples_per_step / self.epoch_samples
 
 
 @dataclass
@@ -74,13 +112,22 @@ def make_accelerator(config: Config):
     ), mode
 
 
-def build_model(config: Config) -> tuple[Config, GPTModel]:
-    """The model of `model.init_from`: fresh weights, or GPT-2 / a model directory."""
+def resolve_initial_weights(config: Config) -> tuple[Config, dict | None]:
+    """The config with `model` as the weights of `model.init_from` dictate (GPT-2's
+    shape, say), and those weights; for `scratch` the config unchanged and None."""
     if config.model.init_from == "scratch":
-        return config, GPTModel(config.model)
-    from pipeline.weights import build_model as model_with_weights, init_weights
-    model_cfg, state = init_weights(config.model, config.model.init_from)
-    return replace(config, model=model_cfg), model_with_weights(model_cfg, state)
+        return config, None
+    from pipeline.weights import init_from_weights
+    model_cfg, state = init_from_weights(config.model, config.model.init_from)
+    return replace(config, model=model_cfg), state
+
+
+def new_model(config: Config, initial_state: dict | None) -> GPTModel:
+    """Fresh weights (model.init), or the ones resolve_initial_weights read."""
+    if initial_state is None:
+        return GPTModel(config.model)
+    from pipeline.weights import build_model
+    return build_model(config.model, initial_state)
 
 
 @dataclass
@@ -93,58 +140,65 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_windows: TokenWindows
     val_windows: TokenWindows
-    batches: TrainBatches  # at the start of the stream; resume moves it
-    max_steps: int
+    batches: TrainBatches  # the train stream; resume moves it
+    plan: BatchPlan
     parameters: int
+    progress: Progress = field(default_factory=Progress)
+
+    def stateful_parts(self) -> dict:
+        """Everything a checkpoint saves besides the model and the optimizer, by name;
+        each has state_dict()/load_state_dict(). A new stateful part is one line here."""
+        parts = {"progress": self.progress, "loader": self.batches, "scheduler": self.scheduler}
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling
+        if scaler is not None:
+            parts["scaler"] = scaler
+        return parts
 
 
-def setup(config: Config, accelerator) -> Training:
+def setup(config: Config, accelerator, initial_state: dict | None = None) -> Training:
     torch.manual_seed(config.seed)  # same initial weights on every process
-    config, model = build_model(config)
+    model = new_model(config, initial_state)
     ctx, t = config.model.context_length, config.train
     train_windows = TokenWindows(config.data_dir, "train", ctx, t.stride)
     val_windows = TokenWindows(config.data_dir, "val", ctx)
     batches = TrainBatches(train_windows, t.micro_batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes, order=t.order)
-    samples_per_step = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
-    max_steps = total_steps(t, batches.epoch_samples, samples_per_step, samples_per_step * ctx)
+    plan = BatchPlan.make(config, accelerator.num_processes, batches.epoch_samples)
     optimizer = build_optimizer(model, t, accelerator.device.type)
-    scheduler = build_scheduler(optimizer, t, max_steps)
-    parameters = sum(p.numel() for p in model.parameters())
+    scheduler = build_scheduler(optimizer, t, plan.max_steps)
+    parameters = count_parameters(model)
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Training(config, accelerator, model, optimizer, scheduler, train_windows,
-                    val_windows, batches, max_steps, parameters)
+                    val_windows, batches, plan, parameters)
 
 
 def run(config: Config) -> dict:
     """Train as the config says; return the end-of-run summary."""
+    config, initial_state = resolve_initial_weights(config)  # one config from here on
     accelerator, mode = make_accelerator(config)
-    tr = setup(config, accelerator)
-    config, run_dir = tr.config, tr.config.run_dir
+    tr = setup(config, accelerator, initial_state)
+    run_dir, progress = config.run_dir, tr.progress
     # Dropout masks differ between processes; a resume restores these generators. The
     # first process goes on drawing where the model's initialization stopped, as the
     # book's script does.
     if accelerator.process_index > 0:
         torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
-    progress, loader_state = resume(config, accelerator, tr.model, tr.optimizer, tr.scheduler)
-    batches = tr.batches
-    if loader_state:  # also checks that data, seed and window shape are unchanged
-        batches.load_state_dict(loader_state)
+    resume(tr)
     log = MetricsLog(run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         log.truncate_after(progress.step)
     start_trackers(accelerator, config, run_dir, mode)
-    announce(tr, progress)
-    if progress.step >= tr.max_steps:
-        accelerator.print(f"Nothing to do: the run already reached step {tr.max_steps}.")
+    announce(tr)
+    if progress.step >= tr.plan.max_steps:
+        accelerator.print(f"Nothing to do: the run already reached step {tr.plan.max_steps}.")
         accelerator.end_training()
         return summary(progress, log, time.perf_counter())
 
-    loop = TrainLoop(tr, batches, log, progress)
+    loop = TrainLoop(tr, log)
     stop = StopRequest()
     try:
         reason = loop.run(stop)
@@ -165,31 +219,28 @@ def run(config: Config) -> dict:
 class TrainLoop:
     """The optimizer-step loop and the work it does on a schedule."""
 
-    def __init__(self, tr: Training, batches: TrainBatches, log: MetricsLog, progress: Progress):
-        self.config, self.acc, self.model = tr.config, tr.accelerator, tr.model
-        self.optimizer, self.scheduler, self.batches = tr.optimizer, tr.scheduler, batches
-        self.train_windows, self.val_windows = tr.train_windows, tr.val_windows
-        self.log, self.progress, self.max_steps = log, progress, tr.max_steps
-        t = self.config.train
-        self.peak, source = peak_flops(self.acc.device, t.precision, t.peak_flops)
-        self.acc.print(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
-        self.flops_per_token = flops_per_token(self.config.model)
-        self.tokens_per_step = (t.micro_batch_size * t.grad_accum_steps
-                                * self.acc.num_processes * self.config.model.context_length)
+    def __init__(self, tr: Training, log: MetricsLog):
+        self.tr, self.log = tr, log
+        t = tr.config.train
+        self.peak, source = peak_flops(tr.accelerator.device, t.precision, t.peak_flops)
+        tr.accelerator.print(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
+        self.flops_per_token = flops_per_token(tr.config.model)
         self.interval = Interval()
-        self.started = time.perf_counter() - progress.elapsed
+        self.started = time.perf_counter() - tr.progress.elapsed
         self.bar = self._progress_bar()
 
     def run(self, stop: StopRequest) -> str:
         """Train to max_steps; return "done" or "signal"."""
-        c, p = self.config, self.progress
-        self.model.train()
-        while p.step < self.max_steps:
+        tr, c, p = self.tr, self.tr.config, self.tr.progress
+        last = tr.plan.max_steps
+        tr.model.train()
+        while p.step < last:
             self.train_step()
             due_log = p.step % c.train.log_every_steps == 0
-            due_eval = eval_due(p.step, c.eval, self.max_steps)
-            due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == self.max_steps
-            stopping = (due_log or self.acc.num_processes == 1) and stop.requested(self.acc)
+            due_eval = eval_due(p.step, c.eval, last)
+            due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == last
+            one_process = tr.accelerator.num_processes == 1
+            stopping = (due_log or one_process) and stop.requested(tr.accelerator)
             if due_log or due_eval or due_ckpt or stopping:
                 self.write_metrics(with_eval=due_eval)
             if due_ckpt or stopping:
@@ -200,37 +251,37 @@ class TrainLoop:
 
     def train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro batches."""
-        t = self.config.train
+        tr, acc, t = self.tr, self.tr.accelerator, self.tr.config.train
         for _ in range(t.grad_accum_steps):
-            x, y = next(self.batches)
-            x, y = x.to(self.acc.device), y.to(self.acc.device)
-            with self.acc.accumulate(self.model):
-                loss = self.model(x, targets=y)  # the model's fused head + cross-entropy
-                self.acc.backward(loss)
+            x, y = next(tr.batches)
+            x, y = x.to(acc.device), y.to(acc.device)
+            with acc.accumulate(tr.model):
+                loss = tr.model(x, targets=y)  # the model's fused head + cross-entropy
+                acc.backward(loss)
             self.interval.losses.append(loss.detach())
         if t.grad_clip is not None:
-            self.interval.grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.progress.step += 1
-        self.progress.tokens += self.tokens_per_step
+            self.interval.grad_norm = acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+        tr.optimizer.step()
+        tr.scheduler.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.progress.step += 1
+        tr.progress.tokens += tr.plan.tokens_per_step
         self.bar.update(1)
 
     def write_metrics(self, with_eval: bool) -> None:
         """Reduce the interval's numbers across processes, check them, write one row."""
-        p, iv = self.progress, self.interval
-        steps = len(iv.losses) // self.config.train.grad_accum_steps
-        losses = self.acc.reduce(torch.stack(iv.losses), reduction="mean") if iv.losses else None
+        tr, acc, p, iv = self.tr, self.tr.accelerator, self.tr.progress, self.interval
+        accum = tr.plan.grad_accum_steps
+        steps = len(iv.losses) // accum
+        losses = acc.reduce(torch.stack(iv.losses), reduction="mean") if iv.losses else None
         elapsed = time.perf_counter() - iv.start
-        row = {"step": p.step, "tokens": p.tokens, "epoch": round(self.batches.epoch, 4)}
+        row = {"step": p.step, "tokens": p.tokens, "epoch": round(tr.batches.epoch, 4)}
         if losses is not None:
-            check_finite(losses, p.step - steps + 1, self.config.train.grad_accum_steps)
-            tokens_per_s = steps * self.tokens_per_step / elapsed
-            row.update(loss=losses.mean().item(), lr=self.scheduler.get_last_lr()[0],
+            check_finite(losses, p.step - steps + 1, accum)
+            tokens_per_s = steps * tr.plan.tokens_per_step / elapsed
+            row.update(loss=losses.mean().item(), lr=tr.scheduler.get_last_lr()[0],
                        tokens_per_s=tokens_per_s, step_time=elapsed / steps,
-                       mfu=mfu(self.flops_per_token, tokens_per_s / self.acc.num_processes,
-                               self.peak))
+                       mfu=mfu(self.flops_per_token, tokens_per_s / tr.plan.processes, self.peak))
             if iv.grad_norm is not None:
                 row["grad_norm"] = float(iv.grad_norm)
             if torch.cuda.is_available():
@@ -239,28 +290,28 @@ class TrainLoop:
                                  tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         if with_eval:
             row.update(self.run_eval())
-        if self.acc.is_main_process:
+        if acc.is_main_process:
             self.log.append(row)
             if with_eval:
                 self.log.plot()
-        self.acc.log({k: v for k, v in row.items() if k != "step"}, step=p.step)
+        acc.log({k: v for k, v in row.items() if k != "step"}, step=p.step)
         self.interval = Interval()  # evaluation time is not training time
 
     def run_eval(self) -> dict:
         """The book's evaluate_model + generate_and_print_sample."""
-        e = self.config.eval
-        self.model.eval()
-        batch = self.config.train.micro_batch_size
-        order = self.batches.evaluation_windows(e.batches)
-        train_loss = evaluate(self.model, self.train_windows, batch, self.acc, e.batches,
+        tr, e, p = self.tr, self.tr.config.eval, self.tr.progress
+        batch = tr.plan.micro_batch_size
+        tr.model.eval()
+        order = tr.batches.evaluation_windows(e.batches)
+        train_loss = evaluate(tr.model, tr.train_windows, batch, tr.accelerator, e.batches,
                               order)["loss"]
-        val_loss = evaluate(self.model, self.val_windows, batch, self.acc, e.batches)["loss"]
+        val_loss = evaluate(tr.model, tr.val_windows, batch, tr.accelerator, e.batches)["loss"]
         sample = self.sample()
-        self.model.train()
-        self.progress.best_val_loss = min(self.progress.best_val_loss, val_loss)
-        epoch = math.ceil(self.batches.epoch)  # counted from 1, as the book's "Ep"
-        self.bar.write(f"step {self.progress.step:>6} (ep {epoch}) | "
-                       f"tokens {self.progress.tokens:,} | "
+        tr.model.train()
+        p.best_val_loss = min(p.best_val_loss, val_loss)
+        epoch = math.ceil(tr.batches.epoch)  # counted from 1, as the book's "Ep"
+        self.bar.write(f"step {p.step:>6} (ep {epoch}) | "
+                       f"tokens {p.tokens:,} | "
                        f"train loss {train_loss:.3f} | val loss {val_loss:.3f}\n"
                        f"  sample: {sample!r}")
         return {"train_loss": train_loss, "val_loss": val_loss, "sample": sample}
@@ -269,35 +320,34 @@ class TrainLoop:
         """Text continuing eval.prompt; every process generates (FSDP needs all of them
         in each forward), with a generator seeded by the step, so the training RNG is
         left as it was and every process produces the same text."""
-        from pipeline.generate import completion, generate
-        from pipeline.tokenizer import decode
+        from pipeline.generate import continue_text
 
-        e = self.config.eval
-        model = self.acc.unwrap_model(self.model)
-        idx = torch.tensor([encode(e.prompt)], device=self.acc.device)
-        gen = torch.Generator(device=self.acc.device).manual_seed(self.config.seed + self.progress.step)
-        with torch.no_grad(), self.acc.autocast():
-            out = generate(model, idx, e.max_new_tokens, temperature=e.temperature,
-                           top_k=e.top_k, generator=gen)
-        return decode(completion(out[0, idx.shape[1]:].tolist()))
+        tr, e = self.tr, self.tr.config.eval
+        model = tr.accelerator.unwrap_model(tr.model)
+        device = tr.accelerator.device
+        gen = torch.Generator(device=device).manual_seed(tr.config.seed + tr.progress.step)
+        with torch.no_grad(), tr.accelerator.autocast():
+            _, text = continue_text(model, e.prompt, e.max_new_tokens, temperature=e.temperature,
+                                    top_k=e.top_k, generator=gen)
+        return text
 
     def save(self) -> None:
-        p = self.progress
+        tr, p = self.tr, self.tr.progress
         p.elapsed = time.perf_counter() - self.started
-        meta = {"step": p.step, "tokens": p.tokens, "best_val_loss": p.best_val_loss,
-                "elapsed": p.elapsed, "loader": self.batches.state_dict(),
-                "num_processes": self.acc.num_processes,
-                "model": to_dict(self.config.model), "config": to_dict(self.config)}
-        path = ckpt.save_checkpoint(self.config.run_dir, p.step, accelerator=self.acc,
-                                    model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, meta=meta,
-                                    keep_last=self.config.checkpoint.keep_last)
+        # meta.json is for readers of the checkpoint (evaluate, export, people); the
+        # training state itself is in the stateful parts.
+        meta = {"step": p.step, "tokens": p.tokens, "num_processes": tr.accelerator.num_processes,
+                "model": to_dict(tr.config.model), "config": to_dict(tr.config)}
+        path = ckpt.save_checkpoint(tr.config.run_dir, p.step, accelerator=tr.accelerator,
+                                    model=tr.model, optimizer=tr.optimizer,
+                                    parts=tr.stateful_parts(), meta=meta,
+                                    keep_last=tr.config.checkpoint.keep_last)
         self.bar.write(f"checkpoint: {path}")
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
-        return tqdm(total=self.max_steps, initial=self.progress.step, unit="step",
-                    disable=not self.acc.is_main_process, dynamic_ncols=True)
+        return tqdm(total=self.tr.plan.max_steps, initial=self.tr.progress.step, unit="step",
+                    disable=not self.tr.accelerator.is_main_process, dynamic_ncols=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -320,41 +370,39 @@ def check_finite(losses: torch.Tensor, first_step: int, accum: int) -> None:
             f"or use train.precision=bf16 instead of fp16, then resume.")
 
 
-def resume(config: Config, accelerator, model, optimizer, scheduler) -> tuple[Progress, dict]:
-    """Load the checkpoint that checkpoint.resume names; return counters and the loader's
-    state (empty for a fresh run)."""
+def resume(tr: Training) -> None:
+    """Restore the run from the checkpoint that checkpoint.resume names (if any): model,
+    optimizer, RNG and every stateful part of `tr`, which check their own consistency
+    (the loader refuses other data, seed or window shape)."""
+    config, accelerator = tr.config, tr.accelerator
     choice = config.checkpoint.resume
     if choice == "never":
-        return Progress(), {}
+        return
     path = ckpt.latest_checkpoint(config.run_dir) if choice == "auto" else Path(choice)
     if path is None:
-        return Progress(), {}
+        return
     meta = ckpt.read_meta(path)
     mismatch = ckpt.shape_mismatch(meta["model"], config.model)
     if mismatch:
         raise PipelineError(
             f"cannot resume from {path}: the model differs from the config ({'; '.join(mismatch)}). "
             f"Use another run name, or checkpoint.resume=never to start over.")
-    ckpt.load_checkpoint(path, accelerator=accelerator, model=model, optimizer=optimizer,
-                         scheduler=scheduler)
-    accelerator.print(f"Resumed from {path} (step {meta['step']}, {meta['tokens']:,} tokens)")
-    progress = Progress(meta["step"], meta["tokens"], meta["best_val_loss"], meta["elapsed"])
-    return progress, meta["loader"]
+    ckpt.load_checkpoint(path, accelerator=accelerator, model=tr.model, optimizer=tr.optimizer,
+                         parts=tr.stateful_parts())
+    accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
+                      f"{tr.progress.tokens:,} tokens)")
 
 
-def announce(tr: Training, progress: Progress) -> None:
-    t, m, acc = tr.config.train, tr.config.model, tr.accelerator
-    samples = t.micro_batch_size * t.grad_accum_steps * acc.num_processes
-    windows = tr.batches.epoch_samples
+def announce(tr: Training) -> None:
+    t, plan, acc, step = tr.config.train, tr.plan, tr.accelerator, tr.progress.step
     acc.print(
-        f"{tr.config.name}: {tr.parameters / 1e6:.2f}M parameters, {acc.num_processes} "
+        f"{tr.config.name}: {tr.parameters / 1e6:.2f}M parameters, {plan.processes} "
         f"process(es) on {acc.device.type}, precision {t.precision}\n"
-        f"global batch = {t.micro_batch_size} micro x {t.grad_accum_steps} accum x "
-        f"{acc.num_processes} processes = {samples} sequences x {m.context_length} tokens = "
-        f"{samples * m.context_length:,} tokens/step\n"
-        f"{len(tr.train_windows):,} train windows; {tr.max_steps} steps "
-        f"({tr.max_steps * samples / windows:.2f} epochs)"
-        + (f"; resuming at step {progress.step}" if progress.step else ""))
+        f"global batch = {plan.micro_batch_size} micro x {plan.grad_accum_steps} accum x "
+        f"{plan.processes} processes = {plan.samples_per_step} sequences x "
+        f"{plan.context_length} tokens = {plan.tokens_per_step:,} tokens/step\n"
+        f"{len(tr.train_windows):,} train windows; {plan.max_steps} steps "
+        f"({plan.epochs:.2f} epochs)" + (f"; resuming at step {step}" if step else ""))
 
 
 def summary(progress: Progress, log: MetricsLog, started: float) -> dict:

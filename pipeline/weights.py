@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from pipeline import checkpoint, gpt2
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.model import GPTModel
+from pipeline.model import GPTModel, state_shapes
 
 HUB_ORG = "openai-community"
 HF_CONFIG = "config.json"
@@ -98,7 +98,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu") 
     return model.eval()
 
 
-def init_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def init_from_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Starting weights for training with `model.init_from` (anything but "scratch").
 
     The architecture comes from the weights (OpenAI GPT-2: context 1024, qkv_bias true,
@@ -133,8 +133,7 @@ def crop_context(cfg: ModelConfig, state: dict[str, torch.Tensor], context_lengt
 
 def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
     """PipelineError naming every tensor that is missing, extra, or of the wrong shape."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPTModel(cfg).state_dict().items()}
+    expected = state_shapes(cfg)
     if cfg.tie_embeddings:
         expected.pop("out_head.weight")
         state = {k: v for k, v in state.items() if k != "out_head.weight"}
@@ -226,8 +225,8 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if hf.get("model_type", "gpt2") != "gpt2":
         raise PipelineError(f"{path} holds a '{hf['model_type']}' model; only GPT-2 loads here")
     hf_state = read_hf_tensors(path)
-    biases = [v for k, v in hf_state.items() if k.endswith("attn.c_attn.bias")]
-    zero_bias = bool(biases) and all(not b.any() for b in biases)
+    zero_bias = gpt2.qkv_biases_are_zero(v for k, v in hf_state.items()
+                                         if k.endswith("attn.c_attn.bias"))
     try:
         cfg = gpt2.model_config_from_hf(hf, qkv_bias=not zero_bias)
         return cfg, gpt2.from_hf(hf_state, cfg)

@@ -61,10 +61,10 @@ def main(mode: str, out: Path) -> None:
     losses = [step(model, optimizer, scheduler, n) for n in range(3)]
     meta = {"step": 3, "model": to_dict(CFG)}
     path = save_checkpoint(out, 3, accelerator=state, model=model, optimizer=optimizer,
-                           scheduler=scheduler, meta=meta, keep_last=0)
+                           parts={"scheduler": scheduler}, meta=meta, keep_last=0)
     model, optimizer, scheduler = wrapped(mode)  # fresh weights, then the checkpoint's
     load_checkpoint(path, accelerator=state, model=model, optimizer=optimizer,
-                    scheduler=scheduler)
+                    parts={"scheduler": scheduler})
     losses += [step(model, optimizer, scheduler, n) for n in range(3, 6)]
     if state.is_main_process:
         (out / "losses.json").write_text(json.dumps(losses))

@@ -143,3 +143,17 @@ def test_cli_streams_the_sample_it_generates(model, tmp_path, capsys):
     expected = text_sample(model, "Every effort moves you", 8, temperature=0.9, top_k=20,
                            generator=torch.Generator().manual_seed(7))
     assert streamed.startswith(expected + "\n---")
+
+
+def test_a_prompt_longer_than_the_context_keeps_every_generated_token():
+    """The train loop's sample once sliced the output by the uncropped prompt length."""
+    from pipeline.generate import continue_text
+
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=16, emb_dim=32, n_heads=2, n_layers=1))
+    prompt = "one two three four five six seven eight nine ten eleven twelve " * 3
+    seen, continuation = continue_text(model, prompt, max_new_tokens=6, eos_id=None)
+    last16 = encode(prompt)[-16:]
+    assert len(encode(prompt)) > 16 and seen == decode(last16)
+    out = generate(model, torch.tensor([last16]), 6, eos_id=None)[0, 16:]
+    assert len(out) == 6 and continuation == decode(out.tolist())

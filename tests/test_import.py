@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.export import export
-from pipeline.weights import init_weights, load_model, load_state
+from pipeline.weights import init_from_weights, load_model, load_state
 
 transformers = pytest.importorskip("transformers")
 
@@ -220,7 +220,7 @@ def test_pickles_with_arbitrary_objects_are_refused(tmp_path):
 def test_init_weights_takes_the_architecture_from_the_weights(tiny):
     _, path = tiny
     user = ModelConfig(context_length=32, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.2)
-    cfg, state = init_weights(user, str(path))
+    cfg, state = init_from_weights(user, str(path))
     assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.qkv_bias, cfg.tie_embeddings) == (
         64, 2, 4, True, True)
     assert (cfg.context_length, cfg.drop_rate, cfg.init_from) == (32, 0.2, str(path))
@@ -229,7 +229,7 @@ def test_init_weights_takes_the_architecture_from_the_weights(tiny):
 
 def test_init_weights_refuses_a_longer_context(tiny):
     with pytest.raises(PipelineError, match="model.context_length is 128"):
-        init_weights(ModelConfig(context_length=128), str(tiny[1]))
+        init_from_weights(ModelConfig(context_length=128), str(tiny[1]))
 
 
 # ----------------------------------------------------------------------------- bad sources
@@ -269,8 +269,8 @@ def test_hub_name_offline_says_how_to_proceed(monkeypatch, tmp_path):
 
 def test_init_weights_on_a_book_file_takes_heads_from_the_config_only_when_needed(tmp_path):
     book_pth(tmp_path / "narrow.pth", True)  # width 64: not a GPT-2 width
-    cfg, _ = init_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "narrow.pth"))
+    cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "narrow.pth"))
     assert (cfg.emb_dim, cfg.n_heads, cfg.qkv_bias, cfg.tie_embeddings) == (64, 4, True, False)
     book_pth(tmp_path / "wide.pth", False, d=768, n_heads=12, n_layers=1, vocab=1000)
-    cfg, _ = init_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth"))
+    cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth"))
     assert cfg.n_heads == 12  # GPT-2's width: its head count, not the config's default

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline import loader
-from pipeline.loader import TokenWindows, TrainBatches, permute, val_batches
+from pipeline.loader import TokenWindows, TrainBatches, permute, fixed_batches
 from pipeline.shards import Manifest, ShardInfo, shard_name, token_dtype, write_shard
 
 VOCAB = 50257
@@ -169,31 +169,31 @@ def test_resume_rejects_a_position_between_global_batches_and_other_data(tmp_pat
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_val_batches_are_fixed_disjoint_and_complete(tmp_path, world_size):
+def test_fixed_batches_are_fixed_disjoint_and_complete(tmp_path, world_size):
     make_data(tmp_path, [100], val_sizes=(8 * 11 + 1, 8 * 6 + 5))  # 17 val windows
     w = TokenWindows(tmp_path, "val", 8)
-    per_rank = [list(val_batches(w, 4, rank=r, world_size=world_size))
+    per_rank = [list(fixed_batches(w, 4, rank=r, world_size=world_size))
                 for r in range(world_size)]
     ids = [first_column_ids([x for x, _ in batches], w) for batches in per_rank]
     assert sorted(sum(ids, [])) == list(range(17))  # every window once over all ranks
     chunks = [sorted(ids[k % world_size][4 * (k // world_size):4 * (k // world_size) + 4])
               for k in range(5)]
     assert chunks == [list(range(4 * k, min(4 * k + 4, 17))) for k in range(5)]  # fixed order
-    again = list(val_batches(w, 4, rank=0, world_size=world_size))
+    again = list(fixed_batches(w, 4, rank=0, world_size=world_size))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                for a, b in zip(again, per_rank[0]))
     x, y = per_rank[0][0]
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_val_batches_honour_max_batches(tmp_path):
+def test_fixed_batches_honour_max_batches(tmp_path):
     make_data(tmp_path, [100], val_sizes=(8 * 40 + 1,))
     w = TokenWindows(tmp_path, "val", 8)
-    capped = [list(val_batches(w, 4, rank=r, world_size=2, max_batches=3)) for r in range(2)]
+    capped = [list(fixed_batches(w, 4, rank=r, world_size=2, max_batches=3)) for r in range(2)]
     assert [len(c) for c in capped] == [3, 3]
     ids = sorted(first_column_ids([x for c in capped for x, _ in c], w))
     assert ids == list(range(24))  # the first 3 * 2 chunks, as 1 rank with max_batches=6
-    assert len(list(val_batches(w, 4, max_batches=0))) == 0
+    assert len(list(fixed_batches(w, 4, max_batches=0))) == 0
 
 
 def test_cached_order_blocks_do_not_change_the_stream(tmp_path, monkeypatch):

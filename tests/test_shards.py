@@ -21,11 +21,12 @@ def test_write_shard_is_the_llmc_layout(tmp_path):
     assert read_shard(tmp_path / "s.bin").tolist() == tokens.tolist()
 
 
-def test_vocabularies_over_65536_use_uint32_version_2(tmp_path):
+def test_vocabularies_over_65536_use_llm_c_uint32_files(tmp_path):
     assert token_dtype(50257) == np.dtype("<u2") and token_dtype(100_277) == np.dtype("<u4")
     write_shard(tmp_path / "s.bin", np.array([100_000, 3]), token_dtype(100_277))
     header = np.fromfile(tmp_path / "s.bin", dtype="<i4", count=256)
-    assert header[1] == 2 and read_shard(tmp_path / "s.bin").tolist() == [100_000, 3]
+    assert header[:3].tolist() == [20240801, 7, 2]  # llm.c's magic and version for uint32
+    assert read_shard(tmp_path / "s.bin").tolist() == [100_000, 3]
 
 
 def test_truncated_or_foreign_files_are_refused(tmp_path):

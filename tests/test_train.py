@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here runs real training processes
 
 TINY_MODEL = [
     "model.context_length=64", "model.emb_dim=64", "model.n_heads=4", "model.n_layers=2",
