@@ -1,0 +1,97 @@
+"""The learning-rate schedule, the optimizer's groups, the run length, checkpoint pruning,
+the W&B mode and the metrics log: small rules, each checked against numbers worked out by
+hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from accelerate import PartialState
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ModelConfig, TrainConfig, WandbConfig, to_dict
+from pipeline.mfu import gpu_peak_flops
+from pipeline.model import GPTModel
+from pipeline.optim import build_optimizer, build_scheduler, lr_factor, total_steps
+from pipeline.tracking import MetricsLog, wandb_mode
+
+
+def test_warmup_then_cosine_hits_its_endpoints():
+    f = lambda step: lr_factor(step, warmup_steps=10, max_steps=110, min_ratio=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear to the peak
+    assert f(10) == pytest.approx(1.0)  # the cosine starts at the peak
+    assert f(60) == pytest.approx(0.55)  # halfway down: min + (1 - min) / 2
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)  # and stays at min
+
+
+def test_scheduler_defaults_min_lr_to_a_tenth_and_steps_once_per_call():
+    model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2,
+                                 n_layers=1))
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3), "cpu")
+    scheduler = build_scheduler(optimizer, TrainConfig(lr=1e-3), max_steps=4)
+    lrs = []
+    for _ in range(5):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[4] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_matrices_decay_and_a_tied_head_is_counted_once():
+    model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2,
+                                 n_layers=1, tie_embeddings=True))
+    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.3), "cpu").param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert {p.dim() for p in decay["params"]} == {2} and {p.dim() for p in no_decay["params"]} == {1}
+    assert sum(p is model.tok_emb.weight for p in decay["params"]) == 1
+
+
+def test_run_length_takes_max_steps_then_max_tokens_then_epochs():
+    both = TrainConfig(max_steps=7, max_tokens=10**9, epochs=3)
+    assert total_steps(both, windows=100, samples_per_step=8, tokens_per_step=8 * 64) == 7
+    tokens = TrainConfig(max_tokens=10_000, epochs=3)
+    assert total_steps(tokens, 100, 8, 512) == math.ceil(10_000 / 512)
+    assert total_steps(TrainConfig(epochs=2.5), 100, 8, 512) == math.ceil(250 / 8)
+    assert total_steps(TrainConfig(), 100, 8, 512) == math.ceil(100 / 8)  # one epoch
+
+
+def test_pruning_keeps_the_newest_checkpoints(tmp_path):
+    state = PartialState(cpu=True)
+    cfg = ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2, n_layers=1)
+    model = GPTModel(cfg)
+    optimizer = build_optimizer(model, TrainConfig(), "cpu")
+    for step in (5, 10, 15, 20):
+        ckpt.save_checkpoint(tmp_path, step, accelerator=state, model=model, optimizer=optimizer,
+                             parts={}, meta={"step": step, "model": to_dict(cfg)}, keep_last=2)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_000015", "step_000020"]
+    ckpt.prune_checkpoints(tmp_path, keep_last=0)  # 0 keeps every one
+    assert len(ckpt.checkpoint_dirs(tmp_path)) == 2
+
+
+def test_wandb_mode_environment_then_config_then_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode(WandbConfig(mode="online")) == "offline"  # the environment wins
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"
+    assert wandb_mode(WandbConfig()) == "offline"  # no key anywhere
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(WandbConfig()) == "online"
+
+
+def test_truncate_after_drops_the_rows_a_resume_logs_again(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (10, 20, 30):
+        log.append({"step": step, "tokens": step * 4})
+    log.truncate_after(20)
+    assert [r["step"] for r in log.rows()] == [10, 20]
+
+
+def test_gpu_peaks_by_the_name_cuda_reports():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", low_precision=True) == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe", low_precision=False) == 51e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", low_precision=True) == 312e12
+    assert gpu_peak_flops("Some Future GPU", low_precision=True) is None
