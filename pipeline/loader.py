@@ -32,6 +32,16 @@ _MASK64 = (1 << 64) - 1
 ORDER_BLOCK = 1 << 15
 
 
+def windows_per_shard(shard_tokens: list[int], context_length: int,
+                      stride: int | None = None) -> list[int]:
+    """The book's window count per shard: starts 0, stride, ... below n - context_length,
+    so the last window's target (one token further) still lies inside the shard. Windows
+    never cross a shard boundary: a shard needs context_length + 1 tokens to hold one.
+    The one statement of that rule; prepare asks it too."""
+    stride = context_length if stride is None else stride
+    return [len(range(0, n - context_length, stride)) for n in shard_tokens]
+
+
 class TokenWindows:
     """Windows of context_length input tokens + next-token targets over one split's shards."""
 
@@ -45,9 +55,7 @@ class TokenWindows:
         self.split, self.context_length, self.stride = split, context_length, stride
         shards = open_split(data_dir, split)
         self.tokens = sum(len(s) for s in shards)
-        # The book's count per shard: starts 0, stride, ... below n - context_length, so the
-        # last window's target (one token further) still lies inside the shard.
-        counts = [len(range(0, len(s) - context_length, stride)) for s in shards]
+        counts = windows_per_shard([len(s) for s in shards], context_length, stride)
         # Only shards that hold a window take part; a window's shard is then found by bisection.
         self._shards = [s for s, c in zip(shards, counts) if c > 0]
         self._first = np.cumsum([0] + [c for c in counts if c > 0])  # first window of each

@@ -45,8 +45,9 @@ from tqdm import tqdm
 from pipeline import corpus
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, cli_main
-from pipeline.shards import (HEADER_BYTES, MANIFEST, SPLITS, DataError, Manifest, ShardInfo,
-                             load_manifest, manifest_path, shard_name, token_dtype, write_shard)
+from pipeline.loader import windows_per_shard
+from pipeline.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, load_manifest,
+                             manifest_path, shard_bytes, shard_name, token_dtype, write_shard)
 from pipeline.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_tokenizer
 
 TRAIN, VAL = 0, 1  # indices into SPLITS
@@ -209,8 +210,8 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _intact(data_dir: Path, manifest: Manifest) -> bool:
     """Every shard of the manifest exists with the size its token count gives (cheap;
     the sha256 check is shards.verify)."""
-    return all((data_dir / s.file).is_file() and (data_dir / s.file).stat().st_size
-               == HEADER_BYTES + s.tokens * DTYPE.itemsize
+    return all((data_dir / s.file).is_file()
+               and (data_dir / s.file).stat().st_size == shard_bytes(s.tokens, DTYPE)
                for shards in manifest.splits.values() for s in shards)
 
 
@@ -254,22 +255,28 @@ def clear(data_dir: Path) -> None:
 # ----------------------------------------------------------------------------- the stage
 
 
-def check_windows(tokens: dict[str, int], config: Config) -> None:
-    """Each split must hold at least one window: context_length inputs + 1 target."""
+def check_windows(shard_tokens: dict[str, list[int]], config: Config) -> None:
+    """Each split must hold at least one training window (the loader's rule: inside one
+    shard, context_length inputs + 1 target), so that train does not refuse what
+    prepare accepted."""
     need = config.model.context_length + 1
-    short = [s for s in SPLITS if tokens.get(s, 0) < need]
+    short = [s for s in SPLITS
+             if not any(windows_per_shard(shard_tokens.get(s, []), need - 1))]
     if not short:
         return
-    have = ", ".join(f"{s} {tokens.get(s, 0):,}" for s in SPLITS)
+    have = ", ".join(f"{s} {sum(shard_tokens.get(s, [])):,} in {len(shard_tokens.get(s, []))} "
+                     f"shard(s)" for s in SPLITS)
     hints = {("val",): ["raise data.val_fraction"], ("train",): ["lower data.val_fraction"]}
     hint = hints.get(tuple(short), [])
     if config.data.split_by == "document" and short == ["val"]:
         hint.append("use data.split_by=text (it needs no minimum number of documents)")
+    if config.data.shard_tokens < need:
+        hint.append("raise data.shard_tokens (a window never crosses a shard boundary)")
     hint += ["lower model.context_length", "add data"]
     raise PrepareError(
         f"the corpus is too small: its {' and '.join(short)} "
-        f"{'splits have' if len(short) > 1 else 'split has'} fewer tokens than one "
-        f"window of model.context_length + 1 = {need} (tokens: {have}). To fix it, "
+        f"{'splits hold' if len(short) > 1 else 'split holds'} no window of "
+        f"model.context_length + 1 = {need} tokens inside one shard (tokens: {have}). To fix it, "
         f"{', '.join(hint[:-1])} or {hint[-1]}.")
 
 
@@ -283,7 +290,8 @@ def prepare(config: Config, force: bool = False) -> Manifest:
     want = fingerprint(config)
     manifest = existing_state(data_dir, want, force)
     if manifest is not None:
-        check_windows({s: manifest.tokens(s) for s in SPLITS}, config)
+        check_windows({s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS},
+                      config)
         print(f"{data_dir} is up to date (its {MANIFEST} matches these settings): nothing to do")
         return manifest
     get_tokenizer()  # fail here, before any work, when the tokenizer cannot load
@@ -343,7 +351,7 @@ def _tokenize_into_shards(config: Config, data_dir: Path, want: dict, pool, work
             bar.update(sum(counts))
     shards = {s: w.close() for s, w in zip(SPLITS, writers)}
     totals = {s: sum(x.tokens for x in shards[s]) for s in SPLITS}
-    check_windows(totals, config)
+    check_windows({s: [x.tokens for x in shards[s]] for s in SPLITS}, config)
     seconds = time.perf_counter() - start
     n_tokens = sum(totals.values())
     summary = (f"prepared {data_dir}: {sum(documents):,} documents (train {documents[TRAIN]:,}, "

@@ -49,6 +49,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
+def shard_bytes(tokens: int, dtype: np.dtype) -> int:
+    """The size of a shard file holding `tokens` tokens of `dtype`."""
+    return HEADER_BYTES + tokens * np.dtype(dtype).itemsize
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
 
@@ -80,7 +85,7 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     if dtype is None:
         raise DataError(f"{path} is not a token shard (bad magic or version)")
     count = int(header[2])
-    expected = HEADER_BYTES + count * dtype.itemsize
+    expected = shard_bytes(count, dtype)
     if path.stat().st_size != expected:
         raise DataError(f"{path} holds {path.stat().st_size} bytes but its header promises "
                         f"{expected}: the file is truncated or corrupt; rerun prepare with --force")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from accelerate import PartialState
 
 from pipeline import checkpoint as ckpt

@@ -165,6 +165,22 @@ def test_a_larger_context_is_checked_even_when_up_to_date(tmp_path):
         prepare(load_config(None, stdlib_args(tmp_path, "model.context_length=100000")))
 
 
+def test_shards_too_short_for_a_window_are_refused_by_prepare_not_later_by_train(tmp_path):
+    """Plenty of tokens in all, but no shard holds context_length + 1 of them: the loader
+    (windows never cross a shard) would refuse the data set, so prepare does."""
+    from pipeline.loader import TokenWindows
+
+    cfg = config(tmp_path, "data.source.kind=python-stdlib", "data.source.max_bytes=20000",
+                 "data.split_by=text", "data.shard_tokens=8")
+    with pytest.raises(PrepareError, match="inside one shard.*raise data.shard_tokens"):
+        prepare(cfg)
+    assert not (cfg.data_dir / "manifest.json").exists()
+    ok = config(tmp_path, "data.source.kind=python-stdlib", "data.source.max_bytes=20000",
+                "data.split_by=text", "data.shard_tokens=9", name="ok")
+    prepare(ok)  # 9 tokens per shard: exactly one window of 8 + 1 in each
+    assert len(TokenWindows(ok.data_dir, "val", 8)) > 0
+
+
 def test_undecodable_bytes_are_reported_during_prepare(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text(text_of(3, 300))
@@ -229,7 +245,7 @@ def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_pat
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     message = " ".join(out.stderr.split())
-    assert "too small: its val split has fewer tokens than one window" in message
+    assert "too small: its val split holds no window of model.context_length + 1 = 257" in message
     assert "raise data.val_fraction" in message and "lower model.context_length" in message
     assert list((tmp_path / "data" / "s").glob("*.bin")) == []
     assert not (tmp_path / "data" / "s" / "manifest.json").exists()
