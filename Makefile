@@ -44,6 +44,14 @@ LAUNCH = $(if $(ON_CPU),ACCELERATE_USE_CPU=1 )$(ACCELERATE) launch \
 	--config_file $(ACCEL_CONFIG) --num_processes $(NUM_PROCESSES) \
 	$(if $(ON_CPU),--num_cpu_threads_per_process $(CPU_THREADS))
 
+# What the user types reaches the shell only as data: `shq` makes a make value one
+# single-quoted shell word (nothing inside it runs), and WITH_ARGS hands the overrides
+# to a command as separate words ($$ARGS split on spaces, with globbing off), so a
+# backtick or $( ) in ARGS, CONFIG or PROMPT is text, never a command.
+shq = '$(subst ','\'',$(1))'
+WITH_ARGS = ARGS=$(call shq,$(ARGS)); set -f;
+QCONFIG = $(call shq,$(CONFIG))
+
 # `make sample`: the start of the text (default: the config's eval.prompt) and
 # pipeline.generate's options.
 PROMPT      ?=
@@ -55,7 +63,7 @@ BENCH_ARGS  ?=
 # That needs the installed venv: for the targets below, .venv/.installed is read as a
 # (empty) makefile, so make installs first when it is missing or older than
 # pyproject.toml, then starts over and resolves the paths.
-CONFIG_CLI = $(PY) -m pipeline.config --config $(CONFIG) $(ARGS)
+CONFIG_CLI = $(WITH_ARGS) $(PY) -m pipeline.config --config $(QCONFIG) $$ARGS
 PATH_GOALS := data train eval export sample all book-report
 ifneq ($(filter $(PATH_GOALS),$(MAKECMDGOALS)),)
 include $(VENV)/.installed
@@ -109,26 +117,26 @@ endif
 
 ## data: tokenize the corpus into data/<data.name>/ (a no-op when up to date)
 data: install
-	$(PY) -m pipeline.prepare --config $(CONFIG) $(ARGS)
-	touch $(MANIFEST)
+	$(WITH_ARGS) $(PY) -m pipeline.prepare --config $(QCONFIG) $$ARGS
+	touch $(call shq,$(MANIFEST))
 
 # The manifest is remade when missing or older than the config, and whenever ARGS
 # touch a data.* key (prepare itself then decides: nothing to do, or refuse to mix).
 $(MANIFEST): $(CONFIG) $(if $(findstring data.,$(ARGS)),FORCE) | install
-	$(PY) -m pipeline.prepare --config $(CONFIG) $(ARGS)
-	touch $@
+	$(WITH_ARGS) $(PY) -m pipeline.prepare --config $(QCONFIG) $$ARGS
+	touch $(call shq,$@)
 
 ## train: train (or resume) runs/<name>/ with accelerate, one process per GPU
 train: $(MANIFEST)
-	$(LAUNCH) -m pipeline.train --config $(CONFIG) $(ARGS)
+	$(WITH_ARGS) $(LAUNCH) -m pipeline.train --config $(QCONFIG) $$ARGS
 
 ## eval: val loss and perplexity of the run's latest checkpoint -> runs/<name>/eval.json
 eval: train
-	$(LAUNCH) -m pipeline.evaluate --model $(RUN_DIR)
+	$(LAUNCH) -m pipeline.evaluate --model $(call shq,$(RUN_DIR))
 
 ## export: the run to the Hugging Face GPT-2 layout in runs/<name>/export/
 export: train
-	$(PY) -m pipeline.export --model $(RUN_DIR)
+	$(PY) -m pipeline.export --model $(call shq,$(RUN_DIR))
 
 # `sample` uses the export that is there; only a missing one is made (train + export).
 $(EXPORT_DIR)/model.safetensors:
@@ -136,8 +144,8 @@ $(EXPORT_DIR)/model.safetensors:
 
 ## sample: print text from the exported model (PROMPT="..." to choose the start)
 sample: $(EXPORT_DIR)/model.safetensors
-	$(PY) -m pipeline.generate --model $(EXPORT_DIR) $(SAMPLE_ARGS) \
-		--prompt "$(if $(PROMPT),$(PROMPT),$$($(CONFIG_CLI) --get eval.prompt))"
+	$(PY) -m pipeline.generate --model $(call shq,$(EXPORT_DIR)) $(SAMPLE_ARGS) \
+		--prompt $(if $(PROMPT),$(call shq,$(PROMPT)),"$$($(CONFIG_CLI) --get eval.prompt)")
 
 ## all: the whole pipeline: data -> train -> eval -> export -> sample
 all: data train eval export sample
@@ -149,7 +157,7 @@ book:
 	$(MAKE) --no-print-directory book-report CONFIG=configs/verdict.yaml
 
 book-report: train
-	$(PY) -m pipeline.book --config $(CONFIG) $(ARGS)
+	$(WITH_ARGS) $(PY) -m pipeline.book --config $(QCONFIG) $$ARGS
 
 ## test: run the test suite
 test: install
@@ -161,8 +169,8 @@ bench: install
 
 ## clean: delete this CONFIG's run directory and prepared data
 clean:
-	$(if $(RUN_DIR),rm -rf -- "$(RUN_DIR)")
-	$(if $(DATA_DIR),rm -rf -- "$(DATA_DIR)")
+	$(if $(RUN_DIR),rm -rf -- $(call shq,$(RUN_DIR)))
+	$(if $(DATA_DIR),rm -rf -- $(call shq,$(DATA_DIR)))
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 ## distclean: delete everything made here: .venv, data/, runs/, wandb/, caches

@@ -10,6 +10,7 @@ Knows nothing about what the stages do with the values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -323,9 +324,49 @@ def _coerce(tp, value, key: str):
 # ----------------------------------------------------------------------------- validation
 
 
+# A run or data set name becomes a directory and reaches shells: plain names only.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes a 64-bit seed
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
-    src = config.data.source
+    """Every value against what is allowed, before any work: ranges of numbers, plain
+    names, and the cross-field rules the types alone cannot express."""
+    _validate_names(config)
+    _validate_source(config.data.source)
+    d = config.data
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
+    _require(d.shard_tokens > 0, "data.shard_tokens", d.shard_tokens, "a positive count")
+    _require(d.num_workers is None or d.num_workers >= 1, "data.num_workers", d.num_workers,
+             "at least 1, or null for all cores")
+    _validate_model(config.model)
+    _validate_train(config.train)
+    e = config.eval
+    for key in ("every_steps", "batches", "max_new_tokens"):
+        _require(getattr(e, key) > 0, f"eval.{key}", getattr(e, key), "a positive count")
+    _require(e.first_step is None or e.first_step > 0, "eval.first_step", e.first_step,
+             "a positive step, or null for every_steps")
+    _require(math.isfinite(e.temperature) and e.temperature >= 0, "eval.temperature",
+             e.temperature, "0 (greedy) or a positive number")
+    _require(e.top_k is None or 0 < e.top_k <= config.model.vocab_size, "eval.top_k", e.top_k,
+             f"null or 1 .. model.vocab_size ({config.model.vocab_size})")
+    c = config.checkpoint
+    _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive count")
+    _require(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "0 (keep all) or more")
+    _require(bool(c.resume), "checkpoint.resume", c.resume, "auto, never or a checkpoint path")
+    _require(0 <= config.seed <= SEED_MAX, "seed", config.seed, "0 .. 2**64 - 1")
+
+
+def _validate_names(config: Config) -> None:
+    for key, value in (("name", config.name), ("data.name", config.data.name)):
+        _require(bool(PLAIN_NAME.match(value)), key, value,
+                 "a plain name: letters, digits, '.', '_' and '-', not starting with '.' or '-' "
+                 "(it becomes a directory under the runs or data root)")
+    for key, value in (("runs_root", config.runs_root), ("data.root", config.data.root)):
+        _require(bool(value.strip()), key, value, "a directory path")
+
+
+def _validate_source(src: SourceConfig) -> None:
     given = {f.name for f in dataclasses.fields(src)
              if f.name != "kind" and getattr(src, f.name) != getattr(SourceConfig(), f.name)}
     stray = given - SOURCE_KEYS[src.kind]
@@ -339,24 +380,45 @@ def validate(config: Config) -> None:
         raise ConfigError("data.source.path is empty: name a dataset, e.g. HuggingFaceFW/fineweb-edu")
     if src.kind == "url" and not src.url:
         raise ConfigError("data.source.url is empty")
-    _check(0 < config.data.val_fraction < 1, "data.val_fraction must be between 0 and 1")
-    _check(config.data.shard_tokens > 0, "data.shard_tokens must be positive")
-    m = config.model
+    for key in ("max_documents", "max_bytes"):
+        value = getattr(src, key)
+        _require(value is None or value > 0, f"data.source.{key}", value,
+                 "a positive count, or null for all")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "a positive count")
     _check(m.emb_dim % m.n_heads == 0,
            f"model.emb_dim ({m.emb_dim}) must be divisible by model.n_heads ({m.n_heads})")
-    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-        _check(getattr(m, key) > 0, f"model.{key} must be positive")
-    _check(0 <= m.drop_rate < 1, "model.drop_rate must be in [0, 1)")
-    t = config.train
-    _check(t.micro_batch_size > 0 and t.grad_accum_steps > 0,
-           "train.micro_batch_size and train.grad_accum_steps must be positive")
-    _check(t.stride is None or t.stride > 0, "train.stride must be positive")
-    _check(t.lr > 0, "train.lr must be positive")
-    _check(config.eval.every_steps > 0, "eval.every_steps must be positive")
-    _check(config.eval.first_step is None or config.eval.first_step > 0,
-           "eval.first_step must be positive (or null: every_steps)")
-    _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive")
-    _check(config.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0")
+    _require(0 <= m.drop_rate < 1, "model.drop_rate", m.drop_rate, "in [0, 1)")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    for key in ("micro_batch_size", "grad_accum_steps", "log_every_steps"):
+        _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "a positive count")
+    for key in ("max_steps", "max_tokens", "stride"):
+        value = getattr(t, key)
+        _require(value is None or value > 0, f"train.{key}", value, "positive, or null")
+    _require(t.epochs is None or (math.isfinite(t.epochs) and t.epochs > 0), "train.epochs",
+             t.epochs, "a positive number, or null")
+    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a positive number")
+    _require(t.min_lr is None or (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr),
+             "train.min_lr", t.min_lr, f"0 .. train.lr ({t.lr}), or null for lr / 10")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "0 or more")
+    _require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+             t.weight_decay, "0 or more")
+    _require(all(math.isfinite(b) and 0 <= b < 1 for b in t.betas), "train.betas",
+             list(t.betas), "two numbers in [0, 1)")
+    _require(t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0),
+             "train.grad_clip", t.grad_clip, "a positive norm, or null for no clipping")
+    _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops,
+             "a positive FLOP/s, or null")
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -130,10 +130,11 @@ def test_makefile_resolves_the_experiment_paths_from_config_and_args(tmp_path):
     make = ["make", "-n", f"VENV={venv}", "NUM_GPUS=0"]
     out = subprocess.run(make + ["eval", "ARGS=name=probe data.name=probe-data"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "pipeline.prepare --config configs/tiny.yaml name=probe data.name=probe-data" in out
-    assert "touch data/probe-data/manifest.json" in out
+    assert ("ARGS='name=probe data.name=probe-data'; set -f; " in out
+            and "pipeline.prepare --config 'configs/tiny.yaml' $ARGS" in out)
+    assert "touch 'data/probe-data/manifest.json'" in out
     assert "ACCELERATE_USE_CPU=1" in out and "--config_file configs/accelerate/cpu.yaml" in out
-    assert "-m pipeline.evaluate --model runs/probe" in out
+    assert "-m pipeline.evaluate --model 'runs/probe'" in out
     bad = subprocess.run(make + ["train", "ARGS=nope=1"], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "unknown config key 'nope'" in bad.stderr

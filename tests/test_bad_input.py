@@ -1,0 +1,117 @@
+"""Bad input gets one clear paragraph before any work, and nothing is run or lost.
+
+Each case is what a user can type: a config value out of range, a hostile name, shell
+syntax in a make variable. Each asserts the message names the key, the value and what
+is allowed, and, for the Makefile, that nothing the user typed ran and nothing was
+deleted.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (override, words the message must hold)
+BAD_VALUES = [
+    ("train.lr=0", ["train.lr=0.0", "positive"]),
+    ("train.lr=.nan", ["train.lr=nan", "positive"]),
+    ("train.min_lr=-1", ["train.min_lr=-1.0", "0 .. train.lr"]),
+    ("train.min_lr=1", ["train.min_lr=1.0", "0 .. train.lr"]),
+    ("train.grad_clip=-1", ["train.grad_clip=-1.0", "positive norm, or null"]),
+    ("train.max_steps=-5", ["train.max_steps=-5", "positive"]),
+    ("train.max_tokens=0", ["train.max_tokens=0", "positive"]),
+    ("train.epochs=0", ["train.epochs=0.0", "positive"]),
+    ("train.weight_decay=-0.5", ["train.weight_decay=-0.5", "0 or more"]),
+    ("train.betas=[1.5,0.9]", ["train.betas=[1.5, 0.9]", "[0, 1)"]),
+    ("train.warmup_steps=-1", ["train.warmup_steps=-1", "0 or more"]),
+    ("train.log_every_steps=0", ["train.log_every_steps=0", "positive"]),
+    ("train.micro_batch_size=0", ["train.micro_batch_size=0", "positive"]),
+    ("train.peak_flops=-3", ["train.peak_flops=-3.0", "positive"]),
+    ("eval.temperature=-1", ["eval.temperature=-1.0", "0 (greedy)"]),
+    ("eval.temperature=.inf", ["eval.temperature=inf", "0 (greedy)"]),
+    ("eval.top_k=0", ["eval.top_k=0", "1 .. model.vocab_size"]),
+    ("eval.top_k=60000", ["eval.top_k=60000", "1 .. model.vocab_size (50257)"]),
+    ("eval.batches=0", ["eval.batches=0", "positive"]),
+    ("eval.max_new_tokens=0", ["eval.max_new_tokens=0", "positive"]),
+    ("eval.first_step=0", ["eval.first_step=0", "positive"]),
+    ("checkpoint.keep_last=-1", ["checkpoint.keep_last=-1", "0 (keep all)"]),
+    ("checkpoint.resume=", ["checkpoint.resume=''", "auto, never"]),
+    ("seed=1e23", ["seed=", "2**64 - 1"]),
+    ("seed=-1", ["seed=-1", "2**64 - 1"]),
+    ("data.num_workers=0", ["data.num_workers=0", "at least 1"]),
+    ("data.shard_tokens=0", ["data.shard_tokens=0", "positive"]),
+    ("data.val_fraction=1", ["data.val_fraction=1.0", "between 0 and 1"]),
+    ("data.source.max_bytes=0", ["data.source.max_bytes=0", "positive"]),
+    ("model.drop_rate=1", ["model.drop_rate=1.0", "[0, 1)"]),
+    ("model.n_layers=0", ["model.n_layers=0", "positive"]),
+    ("model.init=xavier", ["model.init='xavier'", "gpt2, torch_default"]),
+    ("train.order=random", ["train.order='random'", "shuffle, book"]),
+    ("train.weight_decay_on=some", ["train.weight_decay_on='some'", "matrices, all"]),
+]
+
+HOSTILE_NAMES = ["", ".", "..", "../x", "/etc", "a/b", ".hidden", "x`touch m`", "$(id)",
+                 "a b", "x;rm -rf y", "-rf", "--help", "a\nb"]
+
+
+@pytest.mark.parametrize("override,words", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_naming_key_value_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "configs/tiny.yaml", [override])
+    for word in words:
+        assert word in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["name", "data.name"])
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_names_that_are_not_plain_are_refused(key, name):
+    with pytest.raises(ConfigError, match=f"{key}=.*plain name"):
+        load_config(None, [f"{key}={name}"])
+
+
+def _stand_in_venv(tmp_path: Path) -> Path:
+    """The venv `make install` makes, standing in: its python is this one, its install
+    stamp fresh, so make resolves paths without installing anything."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()
+    return venv
+
+
+@pytest.mark.parametrize("args", [
+    "name=",                                  # once: rm -rf runs (every run)
+    "name=x`touch {mark}`",                  # once: ran in make's shell
+    "name=x$$(touch {mark})",
+    "name=../outside",
+    "runs_root=/tmp name=x;touch${{IFS}}{mark}",
+])
+def test_make_clean_with_a_hostile_name_deletes_and_runs_nothing(tmp_path, args):
+    runs = tmp_path / "runs"
+    (runs / "keep").mkdir(parents=True)
+    (runs / "keep" / "metrics.jsonl").write_text("{}\n")
+    mark = tmp_path / "marker"
+    venv = _stand_in_venv(tmp_path)
+    out = subprocess.run(["make", "clean", f"VENV={venv}", f"ARGS=runs_root={runs} "
+                          + args.format(mark=mark)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "error:" in out.stderr
+    assert (runs / "keep" / "metrics.jsonl").is_file() and not mark.exists()
+
+
+def test_make_passes_shell_syntax_in_prompt_and_args_as_text(tmp_path):
+    mark = tmp_path / "marker"
+    venv = _stand_in_venv(tmp_path)
+    out = subprocess.run(
+        ["make", "-n", "sample", f"VENV={venv}", f"PROMPT=it`touch {mark}`s $$(touch {mark})",
+         "ARGS=eval.prompt=x`id`"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"--prompt 'it`touch {mark}`s $(touch {mark})'" in out.stdout
+    assert not mark.exists()
