@@ -68,7 +68,7 @@ PATH_GOALS := data train eval export sample all book-report
 ifneq ($(filter $(PATH_GOALS),$(MAKECMDGOALS)),)
 include $(VENV)/.installed
 endif
-ifneq ($(filter $(PATH_GOALS) clean,$(MAKECMDGOALS)),)
+ifneq ($(filter $(PATH_GOALS),$(MAKECMDGOALS)),)
 ifneq ($(wildcard $(VENV)/.installed),)
 DATA_DIR := $(shell $(CONFIG_CLI) --get data_dir || echo CONFIG-ERROR)
 RUN_DIR  := $(strip $(if $(filter CONFIG-ERROR,$(DATA_DIR)),CONFIG-ERROR,\
@@ -167,10 +167,12 @@ test: install
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-## clean: delete this CONFIG's run directory and prepared data
+## clean: delete this CONFIG's run directory and prepared data (only what the project wrote)
+# pipeline.clean deletes only directories this project wrote (a run's config.yaml, a
+# data set's manifest), so no config value can point it at anything else.
 clean:
-	$(if $(RUN_DIR),rm -rf -- $(call shq,$(RUN_DIR)))
-	$(if $(DATA_DIR),rm -rf -- $(call shq,$(DATA_DIR)))
+	@if [ -x $(PY) ]; then $(WITH_ARGS) $(PY) -m pipeline.clean --config $(QCONFIG) $$ARGS; \
+	else echo "no $(VENV): nothing to clean by config (make distclean removes all made here)"; fi
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 ## distclean: delete everything made here: .venv, data/, runs/, wandb/, caches

@@ -115,3 +115,27 @@ def test_make_passes_shell_syntax_in_prompt_and_args_as_text(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"--prompt 'it`touch {mark}`s $(touch {mark})'" in out.stdout
     assert not mark.exists()
+
+
+def test_make_clean_deletes_a_run_and_data_set_and_nothing_it_did_not_write(tmp_path):
+    venv = _stand_in_venv(tmp_path)
+    run, data = tmp_path / "runs" / "exp", tmp_path / "data" / "set"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: exp\n")
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
+    (data / "train_000000.bin").write_bytes(b"x")
+    mine = tmp_path / "mine" / "exp"  # the user's own directory, named like a run
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    make = ["make", "clean", f"VENV={venv}"]
+    refused = subprocess.run(make + [f"ARGS=runs_root={tmp_path / 'mine'} name=exp "
+                                     f"data.root={tmp_path / 'data'} data.name=set"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "leaves it alone" in refused.stderr
+    assert (mine / "thesis.tex").is_file() and (data / "manifest.json").is_file()
+    done = subprocess.run(make + [f"ARGS=runs_root={tmp_path / 'runs'} name=exp "
+                                  f"data.root={tmp_path / 'data'} data.name=set"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not run.exists() and not data.exists() and (mine / "thesis.tex").is_file()
