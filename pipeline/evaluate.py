@@ -153,6 +153,10 @@ def main(argv=None) -> dict:
     from pipeline.weights import load_model
 
     args = parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches),
+                        ("--context-length", args.context_length)):
+        if value is not None and value < 1:
+            raise PipelineError(f"{flag} {value}: it must be a positive count")
     model, info = load_model(args.model, context_length=args.context_length)
     config = load_config(args.config) if args.config else run_config(info)
     data_dir = _data_dir(args, config)

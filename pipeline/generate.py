@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import sys
 
 import torch
@@ -45,13 +46,29 @@ def base_model(model: torch.nn.Module) -> GPTModel:
 
 
 def check_sampling(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise PipelineError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise PipelineError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise PipelineError(f"top_k must be between 1 and the vocabulary size {vocab_size}, "
                             f"got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses nan
         raise PipelineError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def checked_device(name: str) -> str:
+    """A torch device that exists here, or a PipelineError saying which do."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    usable = device is not None and (device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.is_available()
+        and (device.index or 0) < torch.cuda.device_count()))
+    if not usable:
+        have = "cpu" + (f", cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+                        if torch.cuda.is_available() else " (no GPU is visible)")
+        raise PipelineError(f"--device {name!r} is not a device here; use one of: {have}")
+    return name
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -235,6 +252,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise PipelineError("--max-new-tokens and --num-samples must be at least 1")
+    if not 0 <= args.seed < 2**64:
+        raise PipelineError(f"--seed {args.seed}: a seed is 0 .. 2**64 - 1")
+    args.device = checked_device(args.device)
     model, info = load_model(args.model, device=args.device)
     check_sampling(model.cfg.vocab_size, args.temperature, args.top_k, args.top_p)
     if args.num_samples > 1 and args.temperature == 0:

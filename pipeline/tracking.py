@@ -11,9 +11,11 @@ import json
 import netrc
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 from pipeline.config import Config, WandbConfig, to_dict
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_open, atomic_write_text
 
 METRICS = "metrics.jsonl"
@@ -67,9 +69,24 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def rows(self) -> list[dict]:
+        """The logged rows. A last line cut short (a kill during the append) is dropped
+        with a warning, and the next truncate_after rewrites the file without it; a bad
+        line anywhere else means the file was damaged otherwise, and is an error."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if number < len(lines):
+                    raise PipelineError(
+                        f"{self.path} line {number} is not JSON: the file is damaged. Move it "
+                        f"aside to start the log afresh (the checkpoints are unaffected).") from None
+                warnings.warn(f"{self.path}: dropping its last line, cut short (a kill "
+                              f"during the write?): {line[:60]!r}", stacklevel=2)
+        return rows
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as f:

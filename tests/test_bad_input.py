@@ -139,3 +139,45 @@ def test_make_clean_deletes_a_run_and_data_set_and_nothing_it_did_not_write(tmp_
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not run.exists() and not data.exists() and (mine / "thesis.tex").is_file()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--temperature", "nan"], ["temperature", "nan"]),
+    (["--temperature", "-1"], ["temperature", ">= 0"]),
+    (["--top-p", "nan"], ["top_p", "(0, 1]"]),
+    (["--top-k", "0"], ["top_k", "between 1"]),
+    (["--seed", "100000000000000000000000"], ["--seed", "2**64"]),
+    (["--device", "bogus"], ["--device 'bogus'", "cpu"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+])
+def test_generate_refuses_bad_arguments_in_one_paragraph(tiny_book_model, capsys, args, words):
+    from pipeline.generate import main
+
+    with pytest.raises(SystemExit) as exit:  # cli_main: the message, then exit 2
+        main(["--model", str(tiny_book_model), *args])
+    message = " ".join(capsys.readouterr().err.split())
+    assert exit.value.code == 2 and message.startswith("error:")
+    assert all(word in message for word in words), message
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-batches", "--context-length"])
+def test_evaluate_refuses_non_positive_counts(tiny_book_model, capsys, flag):
+    from pipeline.evaluate import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", str(tiny_book_model), flag, "-1"])
+    assert exit.value.code == 2
+    assert f"{flag} -1: it must be a positive count" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_book_model(tmp_path_factory) -> Path:
+    """A small book-format model.pth at GPT-2's width (so its head count is known)."""
+    import torch
+    from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+
+    cfg = dict(vocab_size=256, context_length=8, emb_dim=768, n_heads=12, n_layers=1,
+               drop_rate=0.0, qkv_bias=False)
+    path = tmp_path_factory.mktemp("book") / "model.pth"
+    torch.save(BookGPTModel(cfg).state_dict(), path)
+    return path

@@ -10,6 +10,7 @@ from accelerate import PartialState
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ModelConfig, TrainConfig, WandbConfig, to_dict
+from pipeline.errors import PipelineError
 from pipeline.mfu import gpu_peak_flops
 from pipeline.model import GPTModel
 from pipeline.optim import build_optimizer, build_scheduler, lr_factor, total_steps
@@ -94,3 +95,16 @@ def test_gpu_peaks_by_the_name_cuda_reports():
     assert gpu_peak_flops("NVIDIA H100 PCIe", low_precision=False) == 51e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", low_precision=True) == 312e12
     assert gpu_peak_flops("Some Future GPU", low_precision=True) is None
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_path):
+    log = MetricsLog(tmp_path)
+    log.append({"step": 10, "tokens": 40})
+    with open(log.path, "a") as f:
+        f.write('{"step": 20, "tok')  # a kill during the append
+    with pytest.warns(UserWarning, match="cut short"):
+        log.truncate_after(20)
+    assert log.path.read_text() == '{"step": 10, "tokens": 40}\n'
+    log.path.write_text('{"step": 10\n{"step": 20, "tokens": 80}\n')  # damage mid-file
+    with pytest.raises(PipelineError, match="line 1 is not JSON"):
+        log.rows()
