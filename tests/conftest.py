@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 import socket
+import sys
 
 import pytest
 
@@ -13,3 +14,16 @@ def free_port():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return pick
+
+
+@pytest.fixture
+def stand_in_venv(tmp_path):
+    """A stand-in for the venv `make install` makes: its python is this one and its
+    install stamp is fresh, so make resolves paths without installing anything."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()
+    return venv

@@ -8,7 +8,6 @@ deleted.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -74,18 +73,6 @@ def test_names_that_are_not_plain_are_refused(key, name):
         load_config(None, [f"{key}={name}"])
 
 
-def _stand_in_venv(tmp_path: Path) -> Path:
-    """The venv `make install` makes, standing in: its python is this one, its install
-    stamp fresh, so make resolves paths without installing anything."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
-    (venv / ".installed").touch()
-    return venv
-
-
 @pytest.mark.parametrize("args", [
     "name=",                                  # once: rm -rf runs (every run)
     "name=x`touch {mark}`",                  # once: ran in make's shell
@@ -93,12 +80,12 @@ def _stand_in_venv(tmp_path: Path) -> Path:
     "name=../outside",
     "runs_root=/tmp name=x;touch${{IFS}}{mark}",
 ])
-def test_make_clean_with_a_hostile_name_deletes_and_runs_nothing(tmp_path, args):
+def test_make_clean_with_a_hostile_name_deletes_and_runs_nothing(tmp_path, stand_in_venv, args):
     runs = tmp_path / "runs"
     (runs / "keep").mkdir(parents=True)
     (runs / "keep" / "metrics.jsonl").write_text("{}\n")
     mark = tmp_path / "marker"
-    venv = _stand_in_venv(tmp_path)
+    venv = stand_in_venv
     out = subprocess.run(["make", "clean", f"VENV={venv}", f"ARGS=runs_root={runs} "
                           + args.format(mark=mark)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
@@ -106,9 +93,9 @@ def test_make_clean_with_a_hostile_name_deletes_and_runs_nothing(tmp_path, args)
     assert (runs / "keep" / "metrics.jsonl").is_file() and not mark.exists()
 
 
-def test_make_passes_shell_syntax_in_prompt_and_args_as_text(tmp_path):
+def test_make_passes_shell_syntax_in_prompt_and_args_as_text(tmp_path, stand_in_venv):
     mark = tmp_path / "marker"
-    venv = _stand_in_venv(tmp_path)
+    venv = stand_in_venv
     out = subprocess.run(
         ["make", "-n", "sample", f"VENV={venv}", f"PROMPT=it`touch {mark}`s $$(touch {mark})",
          "ARGS=eval.prompt=x`id`"], cwd=ROOT, capture_output=True, text=True)
@@ -117,8 +104,8 @@ def test_make_passes_shell_syntax_in_prompt_and_args_as_text(tmp_path):
     assert not mark.exists()
 
 
-def test_make_clean_deletes_a_run_and_data_set_and_nothing_it_did_not_write(tmp_path):
-    venv = _stand_in_venv(tmp_path)
+def test_make_clean_deletes_a_run_and_data_set_and_nothing_it_did_not_write(tmp_path, stand_in_venv):
+    venv = stand_in_venv
     run, data = tmp_path / "runs" / "exp", tmp_path / "data" / "set"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("name: exp\n")

@@ -117,17 +117,9 @@ def test_multinode_script_refuses_bad_rank_and_missing_data(config_file, tmp_pat
     assert empty.returncode == 2 and "make data" in empty.stderr
 
 
-def test_makefile_resolves_the_experiment_paths_from_config_and_args(tmp_path):
+def test_makefile_resolves_the_experiment_paths_from_config_and_args(stand_in_venv):
     """`make -n` shows the commands the chain would run, with ARGS moving the paths."""
-    # A stand-in for the venv that `make install` makes: its python is this one, and its
-    # install stamp is fresh, so make resolves paths without installing anything.
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
-    (venv / ".installed").touch()
-    make = ["make", "-n", f"VENV={venv}", "NUM_GPUS=0"]
+    make = ["make", "-n", f"VENV={stand_in_venv}", "NUM_GPUS=0"]
     out = subprocess.run(make + ["eval", "ARGS=name=probe data.name=probe-data"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert ("ARGS='name=probe data.name=probe-data'; set -f; " in out
