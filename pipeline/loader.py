@@ -268,6 +268,7 @@ class TrainBatches:
         within = start % self.epoch_samples
         if within == 0:  # the epoch's first batch: the DataLoader pass starts here
             self._epoch_seed = dataloader_pass_draws(shuffle=True)
+        # The same one-entry cache as the shuffle order, keyed by the epoch's seed here.
         if self._block != (self._epoch_seed, -1):
             self._block_ids = seeded_randperm(len(self.windows), self._epoch_seed)
             self._block = (self._epoch_seed, -1)
