@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -50,24 +51,53 @@ def seed_tiktoken_cache() -> bool:
     """Copy the local BPE files into tiktoken's cache where they are missing.
 
     Returns True when the cache holds both files afterwards. Copies go through a
-    temporary name, so concurrent workers never see half a file.
+    temporary file, so concurrent workers never see half a file.
     """
     cache = tiktoken_cache_dir()
     if str(cache) == "":  # tiktoken's switch for "never cache"
         return False
     targets = {f: cache / hashlib.sha1((_BASE_URL + f).encode()).hexdigest() for f in BPE_FILES}
-    if all(p.exists() for p in targets.values()):
+    if all(_is_regular_file(p) for p in targets.values()):
         return True
     source = _local_bpe_dir()
     if source is None:
         return False
     cache.mkdir(parents=True, exist_ok=True)
     for name, target in targets.items():
-        if not target.exists():
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            shutil.copyfile(source / name, tmp)
-            os.replace(tmp, target)
+        if not _is_regular_file(target):
+            _install(source / name, target)
     return True
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Whether `path` itself (not what a symlink there points to) is a regular file.
+
+    In a shared cache, a symlink under a target's name may have been planted by another
+    user; it is not trusted as a seeded file but replaced (see _install)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _install(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a new temporary file beside it.
+
+    The cache is shared (/tmp/data-gym-cache by default), so any name in it that we could
+    predict, another user could plant first as a symlink, and writing to it would
+    overwrite the link's target. mkstemp creates a new file under a random name with
+    O_EXCL, which fails rather than follow a link; os.replace then renames it onto
+    `target`, and a rename replaces a symlink at that name itself, never the file it
+    points to."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users
+            shutil.copyfileobj(src, f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @functools.lru_cache(maxsize=1)
