@@ -18,8 +18,10 @@ from pathlib import Path
 from pipeline.errors import PipelineError, cli_main
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
-# What prepare leaves in a data directory (shards, temporaries, a url download).
-DATA_FILES = re.compile(r"^(manifest\.json|(train|val)_\d{6}\.bin|\..*\.tmp.*|download)$")
+# What prepare leaves in a data directory (shards, temporaries, a url download, its lock,
+# its verification cache, an unfinished build).
+DATA_FILES = re.compile(r"^(manifest\.json|(train|val)_\d{6}\.bin|\..*\.tmp.*|download|\.lock"
+                        r"|\.verified\.json|\.staging|\.replaced-manifest\.json)$")
 
 
 def is_run_dir(path: Path) -> bool:

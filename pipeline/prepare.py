@@ -33,6 +33,8 @@ import argparse
 import hashlib
 import multiprocessing
 import os
+import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -42,12 +44,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import corpus
+from pipeline import corpus, locking
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, cli_main
+from pipeline.fileio import fsync_dir
 from pipeline.loader import windows_per_shard
-from pipeline.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, load_manifest,
-                             manifest_path, shard_bytes, shard_name, token_dtype, write_shard)
+from pipeline.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, check_shards,
+                             load_manifest, manifest_path, remember_verified, shard_name,
+                             token_dtype, write_shard)
 from pipeline.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_tokenizer
 
 TRAIN, VAL = 0, 1  # indices into SPLITS
@@ -133,7 +137,13 @@ def worker_pool(workers: int):
     if workers <= 1:
         return None
     method = "fork" if sys.platform == "linux" else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
+    return multiprocessing.get_context(method).Pool(workers, initializer=_leave_ctrl_c_to_main)
+
+
+def _leave_ctrl_c_to_main() -> None:
+    """Ctrl-C reaches the whole process group; the main process alone answers it (and
+    ends the pool), so the terminal shows one line, not a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def ordered_map(func, items: Iterable, pool, workers: int) -> Iterator:
@@ -207,24 +217,22 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _intact(data_dir: Path, manifest: Manifest) -> bool:
-    """Every shard of the manifest exists with the size its token count gives (cheap;
-    the sha256 check is shards.verify)."""
-    return all((data_dir / s.file).is_file()
-               and (data_dir / s.file).stat().st_size == shard_bytes(s.tokens, DTYPE)
-               for shards in manifest.splits.values() for s in shards)
+def _intact(data_dir: Path, manifest: Manifest) -> str | None:
+    """None when every shard of the manifest is there with its bytes and ids; else why not."""
+    infos = [s for shards in manifest.splits.values() for s in shards]
+    try:
+        check_shards(data_dir, manifest, infos)
+    except DataError as e:
+        return str(e).split(";")[0]
+    return None
 
 
 def existing_state(data_dir: Path, want: dict, force: bool) -> Manifest | None:
     """The manifest when the data directory already holds exactly this data set; None
     when it must be (re)built (always with --force); PrepareError when it holds another
     one and not --force."""
-    if force or not manifest_path(data_dir).is_file():
-        return None
-    try:
-        manifest = load_manifest(data_dir)
-    except DataError:
-        print(f"{manifest_path(data_dir)} is unreadable: preparing again")
+    manifest = own_manifest(manifest_path(data_dir))
+    if force or manifest is None:
         return None
     have = {"source": manifest.source, "settings": manifest.settings}
     if have != want:
@@ -232,24 +240,91 @@ def existing_state(data_dir: Path, want: dict, force: bool) -> Manifest | None:
             f"{data_dir} already holds data prepared with other settings: "
             f"{'; '.join(_differences(have, want))}. Rerun with --force to replace it, "
             f"or set data.name to prepare into another directory.")
-    if not _intact(data_dir, manifest):
-        print(f"{data_dir}: shard files are missing or truncated: preparing again")
+    damage = _intact(data_dir, manifest)
+    if damage:
+        print(f"{damage}: preparing {data_dir} again")
         return None
     return manifest
 
 
-def stale_files(data_dir: Path) -> list[Path]:
-    """What an earlier or interrupted run may have left: shards and temporary files."""
-    patterns = [f"{s}_*.bin" for s in SPLITS] + [f".{s}_*.bin.tmp*" for s in SPLITS]
-    patterns.append(f".{MANIFEST}.tmp*")
-    return sorted(p for pattern in patterns for p in data_dir.glob(pattern))
+# ----------------------------------------------------------------------------- replacing
+#
+# A new data set is built in STAGING inside the data directory and swapped in only when
+# complete, so the old one stays usable until then (also when the build fails on a full
+# disk). Only files that a manifest of this project lists are ever replaced or deleted;
+# the old manifest is kept as REPLACED during the swap, so that a kill at any point of it
+# leaves a record of which files were ours, and the next prepare finishes the swap.
+
+STAGING = ".staging"
+REPLACED = ".replaced-manifest.json"
 
 
-def clear(data_dir: Path) -> None:
-    """Remove the manifest first (so the directory stops being a data set), then shards."""
-    manifest_path(data_dir).unlink(missing_ok=True)
-    for path in stale_files(data_dir):
-        path.unlink(missing_ok=True)
+def own_manifest(path: Path) -> Manifest | None:
+    """The manifest at `path`, None when there is none; PrepareError when a file is there
+    that is not a manifest this project wrote (it, and the files beside it, are left alone)."""
+    if not path.exists():
+        return None
+    try:
+        return load_manifest(path.parent, name=path.name)
+    except DataError as e:
+        raise PrepareError(
+            f"{path} is not a manifest this project wrote ({str(e).split('(', 1)[-1].rstrip(')')}),"
+            f" so prepare leaves that directory alone. Set data.name (or data.root) to a "
+            f"directory of its own, or move the file away.") from None
+
+
+def listed_files(manifest: Manifest | None) -> set[str]:
+    return {s.file for shards in (manifest.splits.values() if manifest else []) for s in shards}
+
+
+def refuse_foreign_shards(data_dir: Path) -> None:
+    """Files named like shards that no manifest of ours lists belong to someone else (or to
+    an older version's interrupted run): the swap would overwrite them, so refuse."""
+    ours = listed_files(own_manifest(manifest_path(data_dir))) | listed_files(
+        own_manifest(data_dir / REPLACED))
+    foreign = sorted(p.name for split in SPLITS for p in data_dir.glob(f"{split}_*.bin")
+                     if p.name not in ours)
+    if foreign:
+        raise PrepareError(
+            f"{data_dir} holds {len(foreign)} shard-named file(s) that no {MANIFEST} of this "
+            f"project lists ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), "
+            f"so prepare would overwrite files it did not write. Move them away, or set "
+            f"data.name to prepare into another directory.")
+
+
+def swap_in(data_dir: Path) -> Manifest:
+    """Make the complete build in STAGING the data set. Every step can be redone, so a
+    kill anywhere in here is finished by `finish_interrupted_swap`."""
+    staging, current, replaced = data_dir / STAGING, manifest_path(data_dir), data_dir / REPLACED
+    new = load_manifest(staging)
+    if current.exists() and not replaced.exists():
+        os.replace(current, replaced)  # from here on the directory is not a data set
+    keep = listed_files(new)
+    for name in sorted(keep):
+        if (staging / name).exists():
+            os.replace(staging / name, data_dir / name)
+    for name in sorted(listed_files(own_manifest(replaced)) - keep):
+        (data_dir / name).unlink(missing_ok=True)
+    fsync_dir(data_dir)
+    os.replace(staging / MANIFEST, current)  # now the new data set is there, whole
+    fsync_dir(data_dir)
+    replaced.unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    remember_verified(data_dir, [s for shards in new.splits.values() for s in shards])
+    return new
+
+
+def finish_interrupted_swap(data_dir: Path) -> None:
+    """Complete a swap that a kill interrupted; drop a build that never completed."""
+    staging = data_dir / STAGING
+    if manifest_path(staging).is_file():
+        print(f"{data_dir}: finishing the replacement of the data set that an earlier "
+              f"prepare began")
+        swap_in(data_dir)
+    elif staging.exists():
+        shutil.rmtree(staging)  # an unfinished build: its files are ours and incomplete
+    if (data_dir / REPLACED).exists() and manifest_path(data_dir).exists():
+        (data_dir / REPLACED).unlink()
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -284,34 +359,40 @@ def prepare(config: Config, force: bool = False) -> Manifest:
     """Make `config.data_dir` hold the data set these settings describe; return its manifest.
 
     Nothing is done when it already does; another data set there is refused unless
-    `force`; an interrupted or damaged one is removed and made again.
+    `force`; a damaged one is made again. Another prepare into the same directory is
+    refused while it runs.
     """
     data_dir = config.data_dir
-    want = fingerprint(config)
-    manifest = existing_state(data_dir, want, force)
-    if manifest is not None:
-        check_windows({s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS},
-                      config)
-        print(f"{data_dir} is up to date (its {MANIFEST} matches these settings): nothing to do")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise PrepareError(f"{data_dir} is a file, not a directory: data.root and data.name "
+                           f"must name a directory for the data set.")
+    with locking.exclusive(data_dir, "prepare"):
+        finish_interrupted_swap(data_dir)
+        manifest = existing_state(data_dir, fingerprint(config), force)
+        if manifest is not None:
+            check_windows({s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS},
+                          config)
+            print(f"{data_dir} is up to date (its {MANIFEST} matches these settings and its "
+                  f"shards their sha256): nothing to do")
+            return manifest
+        get_tokenizer()  # fail here, before any work, when the tokenizer cannot load
+        refuse_foreign_shards(data_dir)
+        staging = data_dir / STAGING
+        staging.mkdir()
+        try:
+            manifest, summary = _build(config, staging, data_dir)
+            manifest.save(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the old data set is untouched
+            raise
+        swap_in(data_dir)
+        print(summary)
         return manifest
-    get_tokenizer()  # fail here, before any work, when the tokenizer cannot load
-    stale = stale_files(data_dir)
-    if stale and not manifest_path(data_dir).is_file():
-        print(f"{data_dir} holds {len(stale)} shard files but no {MANIFEST} (an interrupted "
-              f"run): removing them and preparing again")
-    clear(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest, summary = _build(config, data_dir, want)
-    except PipelineError:
-        clear(data_dir)  # leave no half data set behind an error
-        raise
-    manifest.save(data_dir)  # last: only now is the directory a data set
-    print(summary)
-    return manifest
 
 
-def _build(config: Config, data_dir: Path, want: dict) -> tuple[Manifest, str]:
+def _build(config: Config, out_dir: Path, data_dir: Path) -> tuple[Manifest, str]:
+    """Tokenize the corpus into shards and a manifest in `out_dir` (the staging directory
+    of `data_dir`, whose download/ keeps a url source's file)."""
     d = config.data
     workers = d.num_workers or len(os.sched_getaffinity(0))
     if workers < 1:
@@ -319,14 +400,14 @@ def _build(config: Config, data_dir: Path, want: dict) -> tuple[Manifest, str]:
     start = time.perf_counter()
     pool = worker_pool(workers)
     try:
-        return _tokenize_into_shards(config, data_dir, want, pool, workers, start)
+        return _tokenize_into_shards(config, out_dir, data_dir, pool, workers, start)
     finally:
         if pool is not None:
             pool.terminate()  # finished or failed: no worker outlives the stage
             pool.join()
 
 
-def _tokenize_into_shards(config: Config, data_dir: Path, want: dict, pool, workers: int,
+def _tokenize_into_shards(config: Config, out_dir: Path, data_dir: Path, pool, workers: int,
                           start: float) -> tuple[Manifest, str]:
     d = config.data
     bar = tqdm(unit="doc", desc=f"prepare {d.name}", file=sys.stderr, dynamic_ncols=True)
@@ -341,7 +422,7 @@ def _tokenize_into_shards(config: Config, data_dir: Path, want: dict, pool, work
         pieces = pieces_by_text(make_docs, d.val_fraction)
     else:
         pieces = pieces_by_document(make_docs(), d.val_fraction)
-    writers = [ShardWriter(data_dir, s, d.shard_tokens) for s in SPLITS]
+    writers = [ShardWriter(out_dir, s, d.shard_tokens) for s in SPLITS]
     documents = [0] * len(SPLITS)
     with bar:
         for tokens, counts in ordered_map(encode_chunk, chunks(pieces), pool, workers):
@@ -360,7 +441,7 @@ def _tokenize_into_shards(config: Config, data_dir: Path, want: dict, pool, work
                f"{n_tokens / seconds:,.0f} tokens/s ({workers} workers)")
     manifest = Manifest(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, dtype=DTYPE.name,
                         eot_token=EOT_ID, splits=shards, documents=dict(zip(SPLITS, documents)),
-                        source=want["source"], settings=want["settings"])
+                        **fingerprint(config))
     return manifest, summary
 
 

@@ -38,6 +38,10 @@ FORMATS = {np.dtype("<u2"): (20240520, 1), np.dtype("<u4"): (20240801, 7)}
 _DTYPES = {header: dtype for dtype, header in FORMATS.items()}
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+VERIFIED = ".verified.json"  # shards checked against the manifest, by size + mtime
+# How to mend a damaged data set (prepare rebuilds one whose manifest still matches).
+REBUILD = ("rerun the prepare stage with the same config (`python -m pipeline.prepare "
+           "--config CONFIG`, or `make data`): it rebuilds a damaged data set")
 
 
 class DataError(PipelineError):
@@ -88,7 +92,7 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     expected = shard_bytes(count, dtype)
     if path.stat().st_size != expected:
         raise DataError(f"{path} holds {path.stat().st_size} bytes but its header promises "
-                        f"{expected}: the file is truncated or corrupt; rerun prepare with --force")
+                        f"{expected}: the file is truncated or corrupt; {REBUILD}")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
@@ -134,8 +138,8 @@ def manifest_path(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / MANIFEST
 
 
-def load_manifest(data_dir: str | os.PathLike) -> Manifest:
-    path = manifest_path(data_dir)
+def load_manifest(data_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
+    path = Path(data_dir) / name
     if not path.is_file():
         raise DataError(
             f"no prepared data in {data_dir} ({MANIFEST} is missing). Make it with "
@@ -144,8 +148,9 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
         raw = json.loads(path.read_text())
         raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
         return Manifest(**raw)
-    except (ValueError, TypeError, KeyError) as e:
-        raise DataError(f"{path} is not a valid manifest ({e}); rerun prepare with --force") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"{path} is not a valid manifest ({e}); rerun prepare with --force "
+                        f"if this project wrote it") from None
 
 
 def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
@@ -158,14 +163,85 @@ def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
         tokens = read_shard(Path(data_dir) / info.file)
         if len(tokens) != info.tokens:
             raise DataError(f"{info.file} holds {len(tokens)} tokens, the manifest says "
-                            f"{info.tokens}; rerun prepare with --force")
+                            f"{info.tokens}; {REBUILD}")
         arrays.append(tokens)
+    check_shards(data_dir, manifest, manifest.splits[split])
     return arrays
 
 
 def verify(data_dir: str | os.PathLike) -> list[str]:
-    """Check every shard's sha256 against the manifest; return the files that differ."""
+    """Check every shard's sha256 against the manifest (no cache); return the files that differ."""
     manifest = load_manifest(data_dir)
     return [info.file for infos in manifest.splits.values() for info in infos
             if not (Path(data_dir) / info.file).is_file()
             or file_sha256(Path(data_dir) / info.file) != info.sha256]
+
+
+# ----------------------------------------------------------------------------- integrity
+#
+# Train and evaluate check every shard they open against the manifest's sha256 and the
+# vocabulary. Hashing is ~1 GB/s, so each result is remembered in `.verified.json` beside
+# the shards, keyed by the file's size and mtime_ns: a shard is hashed again only when
+# its file changed (a byte written in place moves its mtime). prepare records the shards
+# it writes, so fresh data is never hashed twice. An unwritable data directory (a shared,
+# read-only data set) just means hashing at every open.
+
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def scan_shard(path: Path) -> tuple[str, int]:
+    """(sha256 of the whole file, largest token id) in one pass over the file."""
+    tokens = read_shard(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    largest = int(tokens.max()) if len(tokens) else -1
+    return digest.hexdigest(), largest
+
+
+def _load_verified(data_dir: Path) -> dict:
+    try:
+        cache = json.loads((data_dir / VERIFIED).read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember_verified(data_dir: str | os.PathLike, infos: list[ShardInfo]) -> None:
+    """Record shards known to match their manifest entries (as they are on disk now)."""
+    data_dir = Path(data_dir)
+    cache = _load_verified(data_dir)
+    for info in infos:
+        cache[info.file] = {"stamp": _stamp(data_dir / info.file), "sha256": info.sha256}
+    try:
+        atomic_write_json(data_dir / VERIFIED, cache)
+    except OSError:
+        pass  # read-only data: verification is then repeated at every open
+
+
+def check_shards(data_dir: str | os.PathLike, manifest: Manifest, infos: list[ShardInfo]) -> None:
+    """DataError naming the first shard whose bytes differ from the manifest or that holds
+    a token id outside the vocabulary; shards unchanged since their last check are skipped."""
+    data_dir = Path(data_dir)
+    cache = _load_verified(data_dir)
+    checked = []
+    for info in infos:
+        path = data_dir / info.file
+        known = cache.get(info.file, {})
+        if known.get("sha256") == info.sha256 and known.get("stamp") == _stamp(path):
+            continue
+        sha, largest = scan_shard(path)
+        if sha != info.sha256:
+            raise DataError(f"shard {path} is damaged: its sha256 is {sha[:16]}..., the manifest "
+                            f"says {info.sha256[:16]}...; {REBUILD}.")
+        if largest >= manifest.vocab_size:
+            raise DataError(f"shard {path} holds token id {largest}, outside the vocabulary of "
+                            f"{manifest.vocab_size}; {REBUILD}.")
+        checked.append(info)
+    if checked:
+        remember_verified(data_dir, checked)

@@ -46,8 +46,9 @@ def read_split(data_dir: Path, split: str) -> list[np.ndarray]:
 
 
 def snapshot(directory: Path) -> dict:
+    """Every file's bytes and mtime (not the lock file, whose content is its last holder)."""
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())
-            if p.is_file()}
+            if p.is_file() and p.name != ".lock"}
 
 
 def spec_is_val(doc: str, val_fraction: float) -> bool:
@@ -146,17 +147,78 @@ def test_other_settings_are_refused_without_force(tmp_path, capsys):
     assert '"val_fraction": 0.2' in manifest
 
 
-def test_directory_without_manifest_is_cleaned_and_redone(tmp_path, capsys):
+def test_an_unfinished_build_is_dropped_and_redone(tmp_path, capsys):
     main(stdlib_args(tmp_path))
     data_dir = tmp_path / "data" / "std"
-    good = {n: b for n, (b, _) in snapshot(data_dir).items()}
-    (data_dir / "manifest.json").unlink()
-    (data_dir / "train_000099.bin").write_bytes(b"left by a crash")
-    (data_dir / ".train_000000.bin.tmp4242").write_bytes(b"half a shard")
-    (data_dir / "train_000000.bin").write_bytes(b"truncated")
+    good = snapshot_bytes(data_dir)
+    staging = data_dir / ".staging"  # what a kill during a --force rebuild leaves
+    staging.mkdir()
+    (staging / "train_000000.bin").write_bytes(b"half a shard")
     main(stdlib_args(tmp_path))
-    assert "no manifest.json (an interrupted run)" in capsys.readouterr().out
-    assert {n: b for n, (b, _) in snapshot(data_dir).items()} == good
+    assert "up to date" in capsys.readouterr().out
+    assert not staging.exists() and snapshot_bytes(data_dir) == good
+
+
+def test_files_no_manifest_lists_are_refused_and_kept(tmp_path, capsys):
+    data_dir = tmp_path / "data" / "std"
+    data_dir.mkdir(parents=True)
+    (data_dir / "train_000000.bin").write_bytes(b"someone's file")
+    with pytest.raises(SystemExit):
+        main(stdlib_args(tmp_path, "--force"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 shard-named file(s) that no manifest.json of this project lists" in err
+    assert (data_dir / "train_000000.bin").read_bytes() == b"someone's file"
+    assert not (data_dir / ".staging").exists()
+
+
+def test_a_manifest_this_project_did_not_write_is_left_alone(tmp_path, capsys):
+    data_dir = tmp_path / "data" / "std"
+    data_dir.mkdir(parents=True)
+    (data_dir / "manifest.json").write_text('{"name": "my web app"}')
+    (data_dir / "bundle.bin").write_bytes(b"theirs")
+    with pytest.raises(SystemExit):
+        main(stdlib_args(tmp_path, "--force"))
+    assert "is not a manifest this project wrote" in " ".join(capsys.readouterr().err.split())
+    assert (data_dir / "manifest.json").read_text() == '{"name": "my web app"}'
+    assert sorted(p.name for p in data_dir.iterdir()) == [".lock", "bundle.bin", "manifest.json"]
+
+
+def test_a_flipped_shard_byte_is_found_and_the_shard_rebuilt(tmp_path, capsys):
+    main(stdlib_args(tmp_path))
+    data_dir = tmp_path / "data" / "std"
+    good = snapshot_bytes(data_dir)
+    shard = data_dir / "train_000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0x10  # same size: only the sha256 sees it
+    shard.write_bytes(bytes(data))
+    main(stdlib_args(tmp_path))
+    out = capsys.readouterr().out
+    assert f"shard {shard} is damaged" in out and "preparing" in out
+    assert snapshot_bytes(data_dir) == good
+
+
+def test_a_failed_force_rebuild_leaves_the_old_data_set_usable(tmp_path, capsys):
+    from pipeline.shards import open_split
+
+    main(stdlib_args(tmp_path))
+    data_dir = tmp_path / "data" / "std"
+    good = snapshot_bytes(data_dir)
+    with pytest.raises(SystemExit):  # a rebuild that fails half-way (here: too small a corpus)
+        main(stdlib_args(tmp_path, "--force", "model.context_length=100000"))
+    assert snapshot_bytes(data_dir) == good and not (data_dir / ".staging").exists()
+    assert sum(len(a) for a in open_split(data_dir, "train")) > 0
+
+
+def test_two_prepares_into_one_directory_are_refused(tmp_path, capsys):
+    from pipeline.locking import exclusive
+
+    with exclusive(tmp_path / "data" / "std", "prepare"):
+        out = run_cli(*stdlib_args(tmp_path), cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is in use: process" in " ".join(out.stderr.split())
+    assert not (tmp_path / "data" / "std" / "manifest.json").exists()
+    main(stdlib_args(tmp_path))  # the lock went with its holder
+    assert "prepared" in capsys.readouterr().out
 
 
 def test_a_larger_context_is_checked_even_when_up_to_date(tmp_path):
@@ -205,14 +267,15 @@ def test_sigkilled_prepare_then_rerun_gives_identical_shards(tmp_path):
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while len(list(data_dir.glob("train_*.bin"))) < 3 and time.monotonic() < deadline:
+        while (len(list(data_dir.glob(".staging/train_*.bin"))) < 3
+               and time.monotonic() < deadline):
             assert proc.poll() is None, "prepare finished before it could be killed"
             time.sleep(0.005)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the stage and its workers, mid-way
         proc.wait()
     assert not (data_dir / "manifest.json").exists()
-    partial = len(list(data_dir.glob("*_*.bin")))
+    partial = len(list(data_dir.glob(".staging/*_*.bin")))
     total = len(list(reference.data_dir.glob("*_*.bin")))
     assert 0 < partial < total
     prepare(load_config(None, killed))  # the rerun, with 2 workers against the 1 of the reference
@@ -220,7 +283,8 @@ def test_sigkilled_prepare_then_rerun_gives_identical_shards(tmp_path):
 
 
 def snapshot_bytes(directory: Path) -> dict:
-    return {n: b for n, (b, _) in snapshot(directory).items()}
+    """The data set's bytes: manifest and shards (not the verification cache)."""
+    return {n: b for n, (b, _) in snapshot(directory).items() if not n.startswith(".")}
 
 
 def run_cli(*args, cwd):

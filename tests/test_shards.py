@@ -75,3 +75,34 @@ def test_damage_is_detected(tmp_path):
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(DataError, match="no prepared data"):
         load_manifest(tmp_path)
+
+
+def test_opening_a_split_checks_sha256_once_per_change_of_the_file(tmp_path, monkeypatch):
+    import pipeline.shards as shards
+
+    make_data_set(tmp_path)
+    scans = []
+    real_scan = shards.scan_shard
+    monkeypatch.setattr(shards, "scan_shard", lambda path: scans.append(path.name) or real_scan(path))
+    open_split(tmp_path, "train")
+    assert scans == ["train_000000.bin", "train_000001.bin"]
+    open_split(tmp_path, "train")  # unchanged since: remembered by size + mtime
+    assert len(scans) == 2
+    path = tmp_path / "train_000001.bin"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_000001.bin is damaged.*rerun the prepare stage"):
+        open_split(tmp_path, "train")
+    with pytest.raises(DataError, match="damaged"):  # and not remembered as good
+        open_split(tmp_path, "train")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
+    infos = [ShardInfo("train_000000.bin", 3,
+                       write_shard(tmp_path / "train_000000.bin", [1, 50257, 2], "<u2"))]
+    Manifest(tokenizer="gpt2", vocab_size=50257, dtype="uint16", eot_token=50256,
+             splits={"train": infos}, documents={"train": 1}, source={}, settings={}
+             ).save(tmp_path)
+    with pytest.raises(DataError, match="holds token id 50257, outside the vocabulary of 50257"):
+        open_split(tmp_path, "train")
