@@ -45,10 +45,20 @@ class SourceConfig:
     name: Optional[str] = None
     split: str = "train"
     streaming: bool = True
+    # hf: the dataset's git revision (branch, tag or commit; null: the default branch)
+    revision: Optional[str] = None
     # files and hf: stop after this many documents (null: all)
     max_documents: Optional[int] = None
     # url: a text file, downloaded once into the data directory
     url: str = ""
+    # url: the file's sha256 (64 hex digits), checked after every download and on reuse
+    # of a cached one (null: not checked)
+    sha256: Optional[str] = None
+    # url: a download past this many bytes is stopped and deleted (null: no limit). The
+    # file is read whole into memory as one document, so one larger than 4 GiB would not
+    # prepare on most machines anyway; the limit keeps a wrong URL (an archive, a stream
+    # that never ends) from filling the disk first.
+    max_download_bytes: Optional[int] = 4 * 2**30
     # python-stdlib: stop after this many bytes of source (null: all of it)
     max_bytes: Optional[int] = None
 
@@ -56,8 +66,8 @@ class SourceConfig:
 # The keys that mean something for each source kind (besides `kind`).
 SOURCE_KEYS = {
     "files": {"paths", "text_field", "max_documents"},
-    "hf": {"path", "name", "split", "text_field", "streaming", "max_documents"},
-    "url": {"url"},
+    "hf": {"path", "name", "split", "revision", "text_field", "streaming", "max_documents"},
+    "url": {"url", "sha256", "max_download_bytes"},
     "python-stdlib": {"max_bytes"},
 }
 
@@ -384,6 +394,14 @@ def _validate_source(src: SourceConfig) -> None:
         value = getattr(src, key)
         _require(value is None or value > 0, f"data.source.{key}", value,
                  "a positive count, or null for all")
+    _require(src.max_download_bytes is None or src.max_download_bytes > 0,
+             "data.source.max_download_bytes", src.max_download_bytes,
+             "a positive number of bytes, or null for no limit")
+    _require(src.sha256 is None or bool(re.fullmatch("[0-9a-fA-F]{64}", src.sha256)),
+             "data.source.sha256", src.sha256,
+             "64 hexadecimal digits (as sha256sum prints them), or null")
+    _require(src.revision is None or bool(src.revision.strip()), "data.source.revision",
+             src.revision, "a branch, tag or commit of the dataset, or null for the default")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -7,15 +7,17 @@ and how their bytes become text. Four kinds:
   (or any other explicitly named file) is one document; `.jsonl`/`.json`/`.parquet`
   hold one document per row in `text_field`, read through `datasets`' streaming loader,
   the same code path that streams a Hub dataset.
-- `hf`: a Hugging Face dataset by path, config name and split, streamed by default.
-- `url`: a text file downloaded once into the data directory (atomically), then one document.
+- `hf`: a Hugging Face dataset by path, config name, split and revision, streamed by default.
+- `url`: a text file downloaded once into the data directory (atomically, checked against
+  `sha256` when given, stopped past `max_download_bytes`), then one document.
 - `python-stdlib`: the built-in sample that needs no network: the `.py` sources of the
   running Python's standard library (not site-packages), sorted by path, optionally
   capped at `max_bytes`.
 
 Bytes that are not valid in their encoding are replaced by U+FFFD and reported per file
-through `warn`, never dropped silently. Empty documents are skipped; a source with no
-files or no text at all raises `CorpusError` saying what to change.
+through `warn`, never dropped silently. So are rows without text in `text_field`: they
+are skipped and counted in one warning per source. Empty documents are skipped; a source
+with no files or no text at all raises `CorpusError` saying what to change.
 
 Knows nothing about tokens, splits or shards.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import http.client
 import os
 import platform
 import sys
@@ -33,6 +36,7 @@ import tokenize
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -60,10 +64,22 @@ def print_warning(message: str) -> None:
 # ----------------------------------------------------------------------------- public
 
 
+# A download limit decides only whether a download succeeds, never which bytes it gives:
+# not part of what defines the documents.
+NOT_CONTENT_KEYS = {"max_download_bytes"}
+# Left out while null: such a source is the one it was before these keys existed, so data
+# prepared then keeps its fingerprint.
+LEFT_OUT_WHEN_NULL = {"sha256", "revision"}
+
+
 def describe(source: SourceConfig) -> dict:
     """The keys that define this source's documents (used in the prepare fingerprint)."""
     desc = {"kind": source.kind}
-    desc.update({k: getattr(source, k) for k in sorted(SOURCE_KEYS[source.kind])})
+    for key in sorted(SOURCE_KEYS[source.kind] - NOT_CONTENT_KEYS):
+        value = getattr(source, key)
+        if value is None and key in LEFT_OUT_WHEN_NULL:
+            continue
+        desc[key] = value.lower() if key == "sha256" else value
     if source.kind == "python-stdlib":
         # Another Python has another standard library: other documents.
         desc["python"] = platform.python_version()
@@ -79,8 +95,8 @@ def documents(source: SourceConfig, download_dir: str | os.PathLike,
     """
     readers = {
         "files": lambda: _from_files(source, warn),
-        "hf": lambda: _from_hf(source),
-        "url": lambda: _from_url(source.url, Path(download_dir), warn),
+        "hf": lambda: _from_hf(source, warn),
+        "url": lambda: _from_url(source, Path(download_dir), warn),
         "python-stdlib": lambda: _from_stdlib(source.max_bytes, warn),
     }
     limit = source.max_documents if source.kind in ("files", "hf") else None
@@ -171,19 +187,20 @@ def _format(path: Path) -> str:
 
 def _from_files(source: SourceConfig, warn: Warn) -> Iterator[str]:
     files = resolve_files(source.paths)
-    # Consecutive files of one format go to `datasets` together: one loader, many files.
-    group: list[Path] = []
-    for path in files + [None]:
-        if group and (path is None or _format(path) != _format(group[0])):
-            yield from _rows_text(_load_files(_format(group[0]), group), source.text_field,
-                                  ", ".join(map(str, group)))
-            group = []
-        if path is None:
-            break
-        if _format(path) == "text":
-            yield _read_text(path, warn)
-        else:
-            group.append(path)
+    with _RowCheck(source.text_field, warn) as check:
+        # Consecutive files of one format go to `datasets` together: one loader, many files.
+        group: list[Path] = []
+        for path in files + [None]:
+            if group and (path is None or _format(path) != _format(group[0])):
+                loader = _load_files(_format(group[0]), group)
+                yield from check.texts(loader, _some(list(map(str, group))))
+                group = []
+            if path is None:
+                break
+            if _format(path) == "text":
+                yield _read_text(path, warn)
+            else:
+                group.append(path)
 
 
 def _load_files(builder: str, files: list[Path]):
@@ -199,22 +216,97 @@ def _load_files(builder: str, files: list[Path]):
 # ----------------------------------------------------------------------------- hf
 
 
-def _from_hf(source: SourceConfig) -> Iterator[str]:
+def _from_hf(source: SourceConfig, warn: Warn) -> Iterator[str]:
     import datasets
-    what = f"{source.path}" + (f" ({source.name})" if source.name else "") + f" split {source.split}"
+    what = (f"{source.path}" + (f" ({source.name})" if source.name else "")
+            + (f" at revision {source.revision}" if source.revision else "")
+            + f" split {source.split}")
     try:
         ds = datasets.load_dataset(source.path, source.name, split=source.split,
-                                   streaming=source.streaming)
+                                   streaming=source.streaming, revision=source.revision)
     except Exception as e:
         raise CorpusError(
             f"could not load the dataset {what} ({type(e).__name__}: {e}). Check "
-            f"data.source.path/name/split; without network, use kind: files with local "
-            f"jsonl/parquet files instead.") from None
-    return _rows_text(ds, source.text_field, what)
+            f"data.source.path/name/split/revision; without network, use kind: files with "
+            f"local jsonl/parquet files instead.") from None
+    with _RowCheck(source.text_field, warn) as check:
+        yield from check.texts(ds, what)
 
 
-def _rows_text(rows, field: str, what: str) -> Iterator[str]:
-    """The `field` of every row; datasets' read errors become CorpusError naming `what`."""
+class _RowCheck:
+    """The rows of one source whose text field is missing, null or not text.
+
+    They are skipped, but never silently: one warning when the source ends (or stops
+    early at max_documents) says how many, and a source where no row has text is a
+    CorpusError naming the fields the rows do have."""
+
+    def __init__(self, field: str, warn: Warn):
+        self.field, self.warn = field, warn
+        self.rows = 0
+        self.missing = 0  # rows without the field or with null (datasets reads both as None)
+        self.not_text: Counter[str] = Counter()  # type names of the other non-text values
+        self.fields: set[str] = set()  # the fields that the skipped rows do have
+        self.read: list[str] = []  # what was read, for the messages
+
+    def texts(self, rows, what: str) -> Iterator[str]:
+        """The text of every row of `rows` that has one."""
+        columns = getattr(rows, "features", None)
+        if columns is not None and self.field not in columns:
+            # No row can have it: a wrong text_field, refused before streaming them all.
+            raise CorpusError(
+                f"{what} has no column '{self.field}' (its columns: {', '.join(columns)}); "
+                f"set data.source.text_field to the one that holds the text.")
+        self.read.append(what)
+        for row in _read_rows(rows, what):
+            self.rows += 1
+            value = row.get(self.field)
+            if isinstance(value, str):
+                yield value
+            else:
+                self._skip(row, value)
+
+    def _skip(self, row: dict, value) -> None:
+        if value is None:
+            self.missing += 1
+        else:
+            self.not_text[type(value).__name__] += 1
+        self.fields.update(k for k, v in row.items() if v is not None and k != self.field)
+
+    def __enter__(self) -> "_RowCheck":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        skipped = self.missing + sum(self.not_text.values())
+        if skipped and skipped < self.rows:
+            self.warn(self._skipped_message())
+        elif skipped and exc_type is None:
+            raise self._no_text_error()
+
+    def _skipped_message(self) -> str:
+        of = f"of {self.rows:,} rows of {_some(self.read)}"
+        parts = []
+        if self.missing:
+            parts.append(f"{self.missing:,} {of} had no '{self.field}' field (or a null one)")
+        if self.not_text:
+            parts.append(f"{sum(self.not_text.values()):,} {of} held "
+                         f"{_types(self.not_text)}, not text, in '{self.field}'")
+        return "; ".join(parts) + "; they were skipped"
+
+    def _no_text_error(self) -> CorpusError:
+        where = f"{_some(self.read)} ({self.rows:,} rows)"
+        if self.not_text:
+            return CorpusError(
+                f"no row of {where} has text in '{self.field}': it holds "
+                f"{_types(self.not_text)} where it is not null; set data.source.text_field "
+                f"to a text column.")
+        return CorpusError(
+            f"no row of {where} has a '{self.field}' field (the fields the rows have: "
+            f"{', '.join(sorted(self.fields)) or 'none'}); set data.source.text_field to "
+            f"the one that holds the text.")
+
+
+def _read_rows(rows, what: str) -> Iterator[dict]:
+    """Every row; datasets' read errors become CorpusError naming `what`."""
     it = iter(rows)
     while True:
         try:
@@ -223,40 +315,93 @@ def _rows_text(rows, field: str, what: str) -> Iterator[str]:
             return
         except Exception as e:
             raise CorpusError(f"could not read {what} ({type(e).__name__}: {e})") from None
-        if field not in row:
-            raise CorpusError(
-                f"{what} has no column '{field}' (its columns: {', '.join(row)}); "
-                f"set data.source.text_field to the one that holds the text.")
-        text = row[field]
-        if text is not None and not isinstance(text, str):
-            raise CorpusError(f"column '{field}' of {what} holds {type(text).__name__}, "
-                              f"not text; set data.source.text_field to a text column.")
-        yield text or ""
+        yield row
+
+
+def _types(counts: Counter) -> str:
+    return " or ".join(name for name, _ in counts.most_common())
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """`names` for a message: the first few, and how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more:,} more" if more > 0 else "")
 
 
 # ----------------------------------------------------------------------------- url
 
 
-def download(url: str, directory: Path) -> Path:
-    """The file at `url`, fetched once into `directory` (atomically) and reused after."""
+def download(url: str, directory: Path, sha256: str | None = None,
+             max_bytes: int | None = None, warn: Warn = print_warning) -> Path:
+    """The file at `url`, fetched once into `directory` and reused after.
+
+    With `sha256`, a download must have that hash, and a cached copy is checked again
+    before each reuse (hashing reads it once: about a second per GB), so a damaged or
+    replaced copy is fetched anew. A download past `max_bytes` stops. A failed download
+    leaves nothing behind, and never touches the cached copy."""
     name = Path(urllib.parse.urlparse(url).path).name or "download.txt"
     # The URL's hash in the name: two URLs ending in the same file name never collide.
     target = directory / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+    stale = ""
     if target.is_file():
-        return target
+        if not sha256:
+            return target
+        actual = _file_sha256(target)
+        if actual == sha256.lower():
+            return target
+        stale = (f"the cached {target} has sha256 {actual}, not data.source.sha256 "
+                 f"{sha256.lower()}")
+        warn(f"{stale}: downloading it again")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, atomic_open(target) as f:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                f.write(block)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        _fetch(url, target, sha256, max_bytes)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise CorpusError(
-            f"could not download data.source.url {url} ({e}). Check the address, or "
-            f"download the file yourself and use kind: files with paths: [that file].") from None
+            f"could not download data.source.url {url} ({e})" + (f"; {stale}" if stale else "")
+            + ". Check the address, or download the file yourself and use kind: files with "
+              "paths: [that file].") from None
     return target
 
 
-def _from_url(url: str, directory: Path, warn: Warn) -> Iterator[str]:
-    yield _read_text(download(url, directory), warn)
+def _fetch(url: str, target: Path, sha256: str | None, max_bytes: int | None) -> None:
+    """Stream `url` to a temporary name beside `target`, renamed onto it only once the
+    whole file is there and, with `sha256`, has that hash (atomic_open deletes the
+    temporary file when a check below raises)."""
+    digest, size = hashlib.sha256(), 0
+    with urllib.request.urlopen(url, timeout=60) as response:
+        _check_size(url, int(response.headers.get("Content-Length") or 0), max_bytes)
+        with atomic_open(target) as f:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                size += len(block)
+                _check_size(url, size, max_bytes)  # a server may send no length, or lie
+                digest.update(block)
+                f.write(block)
+            if sha256 and digest.hexdigest() != sha256.lower():
+                raise CorpusError(
+                    f"the download of {url} has sha256 {digest.hexdigest()}, but "
+                    f"data.source.sha256 expects {sha256.lower()}; it was deleted (a copy "
+                    f"cached before is left as it was). Check the URL, or set "
+                    f"data.source.sha256 to the new hash if the file changed on purpose.")
+
+
+def _check_size(url: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise CorpusError(
+            f"data.source.url {url} is larger than data.source.max_download_bytes "
+            f"({max_bytes:,} bytes); the download was stopped and deleted. If this is the "
+            f"right file, raise data.source.max_download_bytes (or set it to null).")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _from_url(source: SourceConfig, directory: Path, warn: Warn) -> Iterator[str]:
+    path = download(source.url, directory, source.sha256, source.max_download_bytes, warn)
+    yield _read_text(path, warn)
 
 
 # ----------------------------------------------------------------------------- stdlib
