@@ -378,9 +378,9 @@ def _fetch(url: str, target: Path, sha256: str | None, max_bytes: int | None) ->
             if sha256 and digest.hexdigest() != sha256.lower():
                 raise CorpusError(
                     f"the download of {url} has sha256 {digest.hexdigest()}, but "
-                    f"data.source.sha256 expects {sha256.lower()}; it was deleted (a copy "
-                    f"cached before is left as it was). Check the URL, or set "
-                    f"data.source.sha256 to the new hash if the file changed on purpose.")
+                    f"data.source.sha256 expects {sha256.lower()}; it was deleted, and no "
+                    f"cached copy was changed. Check the URL, or set data.source.sha256 to "
+                    f"the new hash if the file changed on purpose.")
 
 
 def _check_size(url: str, size: int, max_bytes: int | None) -> None:
