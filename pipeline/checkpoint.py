@@ -8,12 +8,17 @@ One directory per optimizer step, `runs/<name>/checkpoints/step_NNNNNN/`:
                         config: what readers of a checkpoint need
     ...                 optimizer, the trainer's stateful parts and RNG states (below)
 
-A checkpoint is written under a temporary name and renamed into place only when
-complete, so a directory named step_* is always whole.
+A checkpoint is written under a temporary name, every file and the directory fsynced,
+and renamed into place only when complete, so a directory named step_* is whole unless
+the disk under it was damaged later. meta.json, written last, records the sha256 of every
+other file; a resume checks them (`damage`) and falls back past a damaged checkpoint to
+the newest complete one, moving the damaged one aside as `damaged_step_NNNNNN`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,7 +28,8 @@ import torch.distributed.checkpoint.state_dict as dcp_sd
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, describe_os_error
+from pipeline.fileio import fsync_dir
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -50,7 +56,106 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
         raise PipelineError(f"{ckpt_dir} is not a complete checkpoint ({META_FILE} is missing)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise PipelineError(f"{path} is damaged (not valid JSON: {e}); the checkpoint cannot "
+                            f"be read. Use an earlier checkpoint of the run.") from None
+    if not isinstance(meta, dict) or not {"step", "model"} <= meta.keys():
+        raise PipelineError(f"{path} is damaged (it lacks the step or the model config); "
+                            f"use an earlier checkpoint of the run.")
+    return meta
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(ckpt_dir: str | Path, num_processes: int | None = None,
+           only: set[str] | None = None) -> str | None:
+    """None when the checkpoint is whole: meta.json readable and every file it lists
+    present with its sha256 (and, when resuming on `num_processes` equal to the saved
+    count, every process's RNG file); else what is wrong, in a few words. `only` limits
+    the check to some files (a reader of the weights needs model.safetensors alone)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = read_meta(ckpt_dir)
+    except PipelineError as e:
+        return str(e).split(";")[0]
+    need = {MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE} if only is None else set(only)
+    files = meta.get("files")
+    if files is None:  # written before checksums were recorded: presence is all we can check
+        missing = sorted(name for name in need if not (ckpt_dir / name).is_file())
+        return f"{missing[0]} is missing" if missing else None
+    if not isinstance(files, dict):
+        return f"{META_FILE} is damaged (its file list is not a mapping)"
+    if num_processes is not None and meta.get("num_processes") == num_processes:
+        need |= {f"rng_{rank}.pt" for rank in range(num_processes)}
+    for name in sorted(need - files.keys()):
+        return f"{META_FILE} does not list {name}"
+    for name, sha in sorted(files.items()):
+        if only is not None and name not in only:
+            continue
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != sha:
+            return f"{name} is damaged (its sha256 differs from the one in {META_FILE})"
+    return None
+
+
+def newest_intact(run_dir: str | Path, num_processes: int, warn) -> Path | None:
+    """The newest checkpoint that `damage` finds whole. Damaged ones newer than it are set
+    aside (so that the run's next checkpoints and pruning do not meet them), each named
+    through `warn`. Reads every file of the checkpoints it looks at: call it on one process."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        problem = damage(path, num_processes)
+        if problem is None:
+            return path
+        moved = set_aside(path)
+        warn(f"warning: checkpoint {path} is damaged or incomplete ({problem}); moved it to "
+             f"{moved.name} and resuming from the newest complete one before it, if any")
+    return None
+
+
+def newest_readable(run_dir: str | Path, warn) -> Path | None:
+    """For readers of the weights (evaluate, export, generate): the newest checkpoint whose
+    meta.json and model.safetensors are intact; newer damaged ones are named, not moved."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        problem = damage(path, only={MODEL_FILE})
+        if problem is None:
+            return path
+        warn(f"warning: checkpoint {path} is damaged ({problem}); using the one before it")
+    return None
+
+
+def set_aside(ckpt_dir: Path) -> Path:
+    """Rename a damaged checkpoint out of the step_* namespace (so pruning and resume
+    ignore it) and return where it went; nothing is deleted."""
+    target = ckpt_dir.with_name(f"damaged_{ckpt_dir.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt_dir.with_name(f"damaged_{ckpt_dir.name}.{n}")
+    ckpt_dir.rename(target)
+    return target
+
+
+def sweep_incomplete(run_dir: str | Path) -> list[Path]:
+    """Delete what interrupted checkpoint writes left: .tmp_step_* directories and step_*
+    directories without meta.json (both only ever written by save_checkpoint)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and (
+        p.name.startswith(".tmp_step_") or (_STEP_DIR.match(p.name) and not (p / META_FILE).exists()))]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def load_model_state(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -82,38 +187,119 @@ def _full(**kw):
     return dcp_sd.StateDictOptions(full_state_dict=True, **kw)
 
 
+class CheckpointWriteError(PipelineError):
+    """A checkpoint could not be written (a full disk, say); the previous one is intact."""
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optimizer,
                     parts: dict, meta: dict, keep_last: int) -> Path:
     """Write step_NNNNNN/ atomically from every process (a collective call).
 
     `model` may be plain, DDP-wrapped, compiled or sharded with FSDP2: the state dicts
     are gathered to full, unsharded tensors, so the files do not depend on the layout
-    the run used and a resume may choose another."""
+    the run used and a resume may choose another. A failed write (on any process)
+    removes the temporary directory and raises CheckpointWriteError on every process."""
     # Gathering full state dicts is collective under FSDP: every rank takes part.
     model_state = dcp_sd.get_model_state_dict(model, options=_full(cpu_offload=True))
     optim_state = dcp_sd.get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True))
+    if meta["model"]["tie_embeddings"]:
+        model_state.pop("out_head.weight", None)  # shared with tok_emb.weight
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        if meta["model"]["tie_embeddings"]:
-            model_state.pop("out_head.weight", None)  # shared with tok_emb.weight
+    main = accelerator.is_main_process
+
+    def write_main_files():
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        torch.save(optim_state, tmp / OPTIMIZER_FILE)
-        torch.save({name: part.state_dict() for name, part in parts.items()}, tmp / TRAINER_FILE)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # last: marks it complete
+        _synced_torch_save(optim_state, tmp / OPTIMIZER_FILE)
+        _synced_torch_save({name: part.state_dict() for name, part in parts.items()},
+                           tmp / TRAINER_FILE)
+        _fsync_file(tmp / MODEL_FILE)
+
+    def finish():
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        _write_synced(tmp / META_FILE, json.dumps({**meta, "files": files}, indent=2))
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        fsync_dir(root)
+
+    def fresh_tmp():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    _attempt(accelerator, main, fresh_tmp, tmp, model_state, optim_state)
+    _attempt(accelerator, True, lambda: _synced_torch_save(
+        _rng_state(), tmp / f"rng_{accelerator.process_index}.pt"), tmp, model_state, optim_state)
+    _attempt(accelerator, main, write_main_files, tmp, model_state, optim_state)
+    _attempt(accelerator, main, finish, tmp, model_state, optim_state)
+    if main:
         prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _attempt(accelerator, here: bool, write, tmp: Path, *states) -> None:
+    """Run `write` where `here` is true, then agree across processes whether every write
+    succeeded; when one failed, every process raises (none is left waiting in a barrier)."""
+    error = None
+    if here:
+        try:
+            write()
+        except OSError as e:
+            error = e
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([int(failed)], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item())
+    if not failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointWriteError(_write_failure(tmp, error, *states))
+
+
+def _write_failure(tmp: Path, error: OSError | None, *states) -> str:
+    need = sum(t.numel() * t.element_size() for state in states for t in _tensors(state))
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+    what = describe_os_error(error) if error else "another process failed to write its part."
+    return (f"writing checkpoint {tmp.name.replace('.tmp_', '')} failed: {what} The checkpoint "
+            f"needs about {need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB are free in "
+            f"{tmp.parent}. The partial files were removed and the previous checkpoint is "
+            f"intact: the same command resumes from it.")
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _synced_torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

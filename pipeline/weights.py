@@ -27,6 +27,7 @@ pipeline/checkpoint.py's and the name mapping pipeline/gpt2.py's.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -175,10 +176,10 @@ def resolve(source: str | Path) -> ModelInfo:
 
 def _resolve_dir(text: str, path: Path) -> ModelInfo:
     if (path / checkpoint.CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
-        latest = checkpoint.latest_checkpoint(path)
+        latest = checkpoint.newest_readable(path, warn=_warn)
         if latest is None:
             raise PipelineError(
-                f"run {path} has no complete checkpoint yet (none under "
+                f"run {path} has no complete, undamaged checkpoint (none under "
                 f"{path / checkpoint.CHECKPOINTS} with a {checkpoint.META_FILE}); train it first "
                 f"or name a checkpoint or model directory")
         return ModelInfo(text, "run", latest, home=path)
@@ -190,6 +191,10 @@ def _resolve_dir(text: str, path: Path) -> ModelInfo:
         f"{path} holds no model: expected a run directory (with checkpoints/), a checkpoint "
         f"(with {checkpoint.META_FILE} and {checkpoint.MODEL_FILE}), or a model directory in "
         f"the Hugging Face GPT-2 layout ({HF_CONFIG} and one of {', '.join(HF_WEIGHTS)})")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _download(name: str) -> Path:
@@ -213,6 +218,10 @@ def _download(name: str) -> Path:
 def _read_checkpoint(info: ModelInfo) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if not (info.path / checkpoint.MODEL_FILE).is_file():
         raise PipelineError(f"checkpoint {info.path} has no {checkpoint.MODEL_FILE}")
+    problem = checkpoint.damage(info.path, only={checkpoint.MODEL_FILE})
+    if problem:
+        raise PipelineError(f"checkpoint {info.path} is damaged: {problem}. Use an earlier "
+                            f"checkpoint of the run (or the run directory, which skips it).")
     info.meta = checkpoint.read_meta(info.path)
     return checkpoint.load_model_state(info.path)
 

@@ -7,6 +7,8 @@ needs no change to train.py's save or resume code.
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -85,3 +87,119 @@ def test_progress_round_trips_infinity():
     copy = Progress(step=3)
     copy.load_state_dict(fresh.state_dict())
     assert copy == fresh and math.isinf(copy.best_val_loss)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def saved_run(tmp_path, steps=(1, 2)) -> list:
+    """A run directory with a checkpoint at each of `steps` (weights differ between them)."""
+    state = PartialState(cpu=True)
+    model, optimizer, scheduler = trainer(0)
+    paths = []
+    for step in steps:
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        paths.append(ckpt.save_checkpoint(
+            tmp_path, step, accelerator=state, model=model, optimizer=optimizer,
+            parts={"scheduler": scheduler}, keep_last=0,
+            meta={"step": step, "model": to_dict(CFG), "num_processes": 1}))
+    return paths
+
+
+def flip_byte(path, offset=-1):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer.pt", "rng_0.pt"])
+def test_a_flipped_byte_in_any_file_is_found_and_resume_falls_back(tmp_path, name, capsys):
+    older, newest = saved_run(tmp_path)
+    assert ckpt.damage(newest, 1) is None
+    flip_byte(newest / name, offset=len((newest / name).read_bytes()) // 2)
+    assert ckpt.damage(newest, 1) == f"{name} is damaged (its sha256 differs from the one in meta.json)"
+    warnings = []
+    assert ckpt.newest_intact(tmp_path, 1, warn=warnings.append) == older
+    assert not newest.exists() and (newest.parent / "damaged_step_000002" / name).is_file()
+    assert "step_000002 is damaged or incomplete" in warnings[0]
+    assert ckpt.checkpoint_dirs(tmp_path) == [older]  # pruning and resume no longer see it
+
+
+def test_missing_files_and_a_broken_meta_are_named(tmp_path):
+    older, newest = saved_run(tmp_path)
+    (newest / "optimizer.pt").unlink()
+    assert ckpt.damage(newest, 1) == "optimizer.pt is missing"
+    (older / "rng_0.pt").unlink()
+    assert ckpt.damage(older, 1) == "rng_0.pt is missing"
+    assert ckpt.damage(older, 2) == "rng_0.pt is missing"  # listed, so it must be there
+    (older / "meta.json").write_text('{"step": 1, "mod')
+    assert "is damaged (not valid JSON" in ckpt.damage(older, 1)
+    with pytest.raises(PipelineError, match="not valid JSON"):
+        ckpt.read_meta(older)
+
+
+def test_interrupted_writes_are_swept(tmp_path):
+    (only,) = saved_run(tmp_path, steps=(1,))
+    root = only.parent
+    (root / ".tmp_step_000002").mkdir()
+    (root / ".tmp_step_000002" / "model.safetensors").write_bytes(b"half")
+    (root / "step_000003").mkdir()  # a directory renamed without its meta.json
+    (root / "notes.txt").write_text("the user's")
+    swept = ckpt.sweep_incomplete(tmp_path)
+    assert sorted(p.name for p in swept) == [".tmp_step_000002", "step_000003"]
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step_000001"]
+
+
+def test_resume_never_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.train import _checkpoint_to_resume
+
+    saved_run(tmp_path / "runs" / "r", steps=(1,))
+    config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
+                                "checkpoint.resume=never"])
+    with pytest.raises(PipelineError, match="already holds checkpoints .latest step_000001."):
+        _checkpoint_to_resume(config, 1)
+    assert ckpt.checkpoint_dirs(tmp_path / "runs" / "r")  # nothing deleted
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs, where the machine lets the tests mount one (root on Linux)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk):
+    (first,) = saved_run(small_disk, steps=(1,))  # ~0.1 MiB each: make the disk nearly full
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 60_000))
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        saved_run(small_disk, steps=(2,))
+    message = str(err.value)
+    assert "writing checkpoint step_000002 failed: No space left on device" in message
+    assert "GiB are free" in message and "the previous checkpoint is intact" in message
+    assert not (first.parent / ".tmp_step_000002").exists()
+    assert ckpt.checkpoint_dirs(small_disk) == [first] and ckpt.damage(first, 1) is None
+    filler.unlink()  # space freed: the next write succeeds
+    saved_run(small_disk, steps=(2,))
+    assert [p.name for p in ckpt.checkpoint_dirs(small_disk)] == ["step_000001", "step_000002"]
+
+
+def test_readers_of_a_run_skip_a_damaged_newest_checkpoint_and_refuse_it_by_name(tmp_path, capsys):
+    from pipeline.weights import load_state, resolve
+
+    older, newest = saved_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("name: r\n")  # what makes tmp_path a run directory
+    flip_byte(newest / "model.safetensors", offset=-100)
+    assert resolve(tmp_path).path == older
+    assert "step_000002 is damaged (model.safetensors is damaged" in capsys.readouterr().err
+    assert newest.is_dir()  # a reader moves nothing
+    with pytest.raises(PipelineError, match="checkpoint .*step_000002 is damaged: model.safetensors"):
+        load_state(newest)
