@@ -139,6 +139,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU (null: known GPUs)
     log_every_steps: int = 10  # write metrics every N optimizer steps
+    # How long a process waits for the others in a collective (an all-reduce, a barrier)
+    # before the run ends with an error naming it: a hung or dead peer then costs minutes,
+    # not torch's default of 30. Checkpoint writes and evaluations count as one wait.
+    collective_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -432,6 +436,9 @@ def _validate_train(t: TrainConfig) -> None:
              "train.grad_clip", t.grad_clip, "a positive norm, or null for no clipping")
     _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops,
              "a positive FLOP/s, or null")
+    _require(math.isfinite(t.collective_timeout_minutes) and t.collective_timeout_minutes > 0,
+             "train.collective_timeout_minutes", t.collective_timeout_minutes,
+             "a positive number of minutes")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:

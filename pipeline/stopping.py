@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
 
 class StopRequest:
     def __init__(self):
@@ -30,6 +28,8 @@ class StopRequest:
         """True on every process when any process received a stop signal."""
         if accelerator.num_processes == 1:
             return self.signal_name is not None
+        import torch  # here, not above: train installs a StopRequest before importing torch
+
         flag = torch.tensor([1 if self.signal_name else 0], device=accelerator.device)
         stop = bool(accelerator.reduce(flag, reduction="sum").item())
         if stop and self.signal_name is None:

@@ -10,15 +10,28 @@ order of things.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Before the imports below (torch takes seconds): a SIGTERM or Ctrl-C that arrives
+    # while they load is then a clean stop too. main() takes this request over.
+    from pipeline.stopping import StopRequest
+    EARLY_STOP = StopRequest()
+
 import argparse
+import contextlib
+import ctypes
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline import locking
 from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
 from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import evaluate
@@ -88,28 +101,74 @@ class Interval:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # First of all, so that SIGTERM or Ctrl-C at any moment (loading, setup) is a clean stop.
+    stop = globals().get("EARLY_STOP") or StopRequest()
+    stop_with_launcher()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    run(load_config(args.config, args.overrides))
+    try:
+        run(load_config(args.config, args.overrides), stop)
+    finally:
+        stop.restore()
+
+
+def stop_with_launcher() -> None:
+    """Under a launcher (torchrun, accelerate launch), ask Linux to send this process
+    SIGTERM when the launcher dies, so that a killed launcher never leaves its workers
+    training as orphans: each finishes its step, checkpoints and exits. Not for a plain
+    `python -m pipeline.train`, whose parent may be a shell the user means to close."""
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     precision = config.train.precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise PipelineError("train.precision=fp16 needs a GPU (loss scaling is a CUDA "
                             "feature); on a CPU use train.precision=bf16 or no")
     mode = wandb_mode(config.tracking.wandb)
-    return Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=config.train.grad_accum_steps,
-        log_with=None if mode == "disabled" else "wandb",
-        project_config=ProjectConfiguration(project_dir=str(config.run_dir)),
-    ), mode
+    timeout = timedelta(minutes=config.train.collective_timeout_minutes)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=config.train.grad_accum_steps,
+            log_with=None if mode == "disabled" else "wandb",
+            project_config=ProjectConfiguration(project_dir=str(config.run_dir)),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        )
+    except (ValueError, RuntimeError) as e:  # the launch environment, e.g. no MASTER_ADDR
+        if "torch.distributed" not in str(e) and "rendezvous" not in str(e):
+            raise
+        raise PipelineError(
+            f"the processes could not form a group: {str(e).strip()}. Start several "
+            f"processes with `accelerate launch` or `torchrun`, which set WORLD_SIZE, RANK, "
+            f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process.") from None
+    check_launch(accelerator)
+    return accelerator, mode
+
+
+def check_launch(accelerator) -> None:
+    """A launcher that starts N processes which do not form one group gives N separate
+    1-process runs writing the same run directory. Say so and how to fix it."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and accelerator.num_processes == 1:
+        raise PipelineError(
+            f"this process was launched as one of WORLD_SIZE={world}, but Accelerate formed "
+            f"no process group with the others (on a machine without GPUs, Accelerate does "
+            f"so only when told to use the CPU). Launch with ACCELERATE_USE_CPU=1 (as `make "
+            f"train` does) or `accelerate launch --cpu`, or use a config from "
+            f"configs/accelerate/ that sets use_cpu: true.")
 
 
 def resolve_initial_weights(config: Config) -> tuple[Config, dict | None]:
@@ -174,10 +233,26 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
                     val_windows, batches, plan, parameters)
 
 
-def run(config: Config) -> dict:
-    """Train as the config says; return the end-of-run summary."""
-    config, initial_state = resolve_initial_weights(config)  # one config from here on
-    accelerator, mode = make_accelerator(config)
+def run(config: Config, stop: StopRequest | None = None) -> dict:
+    """Train as the config says; return the end-of-run summary. `stop` is the stop
+    request installed by main before anything else (made here when called directly)."""
+    own_stop = stop is None
+    stop = stop or StopRequest()
+    try:
+        config, initial_state = resolve_initial_weights(config)  # one config from here on
+        accelerator, mode = make_accelerator(config)
+        with contextlib.ExitStack() as held:
+            if accelerator.is_main_process:  # one training per run directory at a time
+                held.enter_context(locking.exclusive(config.run_dir, "training"))
+            return _run_locked(config, accelerator, mode, initial_state, stop)
+    except RuntimeError as e:
+        raise timed_out(e, config) or e
+    finally:
+        if own_stop:
+            stop.restore()
+
+
+def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: StopRequest) -> dict:
     tr = setup(config, accelerator, initial_state)
     run_dir, progress = config.run_dir, tr.progress
     # Dropout masks differ between processes; a resume restores these generators. The
@@ -186,6 +261,11 @@ def run(config: Config) -> dict:
     if accelerator.process_index > 0:
         torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
     resume(tr)
+    if stop.requested(accelerator):
+        accelerator.print(f"Stopped by {stop.signal_name} before training began; nothing "
+                          f"new to save. Start again with the same command.")
+        accelerator.end_training()
+        return summary(progress, MetricsLog(run_dir), time.perf_counter())
     log = MetricsLog(run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,11 +279,9 @@ def run(config: Config) -> dict:
         return summary(progress, log, time.perf_counter())
 
     loop = TrainLoop(tr, log)
-    stop = StopRequest()
     try:
         reason = loop.run(stop)
     finally:
-        stop.restore()
         loop.close()
     if reason == "signal":
         accelerator.print(
@@ -214,6 +292,21 @@ def run(config: Config) -> dict:
     if accelerator.is_main_process and reason == "done":
         print_summary(result)
     return result
+
+
+def timed_out(error: RuntimeError, config: Config) -> PipelineError | None:
+    """A collective that waited train.collective_timeout_minutes for a peer, as one
+    paragraph naming this process; None for any other error."""
+    text = str(error)
+    if not any(word in text.lower() for word in ("timed out", "timeout")):
+        return None
+    rank = os.environ.get("RANK", "?")
+    return PipelineError(
+        f"process {rank} waited {config.train.collective_timeout_minutes:g} minutes "
+        f"(train.collective_timeout_minutes) for the other processes in a collective "
+        f"operation; one of them hung or died (see the logs of the other ranks). The last "
+        f"checkpoint is intact: fix the cause and run the same command to resume. "
+        f"({text.splitlines()[0][:200]})")
 
 
 class TrainLoop:
@@ -310,7 +403,7 @@ class TrainLoop:
         tr.model.train()
         p.best_val_loss = min(p.best_val_loss, val_loss)
         epoch = math.ceil(tr.batches.epoch)  # counted from 1, as the book's "Ep"
-        self.bar.write(f"step {p.step:>6} (ep {epoch}) | "
+        self.say(f"step {p.step:>6} (ep {epoch}) | "
                        f"tokens {p.tokens:,} | "
                        f"train loss {train_loss:.3f} | val loss {val_loss:.3f}\n"
                        f"  sample: {sample!r}")
@@ -342,12 +435,18 @@ class TrainLoop:
                                     model=tr.model, optimizer=tr.optimizer,
                                     parts=tr.stateful_parts(), meta=meta,
                                     keep_last=tr.config.checkpoint.keep_last)
-        self.bar.write(f"checkpoint: {path}")
+        self.say(f"checkpoint: {path}")
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
         return tqdm(total=self.tr.plan.max_steps, initial=self.tr.progress.step, unit="step",
                     disable=not self.tr.accelerator.is_main_process, dynamic_ncols=True)
+
+    def say(self, line: str) -> None:
+        """A line above the progress bar, from the main process only (tqdm.write prints
+        even where the bar is disabled)."""
+        if self.tr.accelerator.is_main_process:
+            self.bar.write(line)
 
     def close(self) -> None:
         self.bar.close()
@@ -375,10 +474,7 @@ def resume(tr: Training) -> None:
     optimizer, RNG and every stateful part of `tr`, which check their own consistency
     (the loader refuses other data, seed or window shape)."""
     config, accelerator = tr.config, tr.accelerator
-    choice = config.checkpoint.resume
-    if choice == "never":
-        return
-    path = ckpt.latest_checkpoint(config.run_dir) if choice == "auto" else Path(choice)
+    path = choose_checkpoint(config, accelerator)
     if path is None:
         return
     meta = ckpt.read_meta(path)
@@ -386,11 +482,53 @@ def resume(tr: Training) -> None:
     if mismatch:
         raise PipelineError(
             f"cannot resume from {path}: the model differs from the config ({'; '.join(mismatch)}). "
-            f"Use another run name, or checkpoint.resume=never to start over.")
+            f"Use another run name (or delete this run with make clean) to start over.")
     ckpt.load_checkpoint(path, accelerator=accelerator, model=tr.model, optimizer=tr.optimizer,
                          parts=tr.stateful_parts())
     accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
                       f"{tr.progress.tokens:,} tokens)")
+
+
+def choose_checkpoint(config: Config, accelerator) -> Path | None:
+    """The checkpoint to resume from, decided on the main process (which sweeps what
+    interrupted writes left and checks checksums) and told to the others; every process
+    raises the same error when there is none acceptable."""
+    from accelerate.utils import broadcast_object_list
+
+    answer: list = [None, None]  # path, error message
+    if accelerator.is_main_process:
+        try:
+            answer[0] = _checkpoint_to_resume(config, accelerator.num_processes)
+        except PipelineError as e:
+            answer[1] = str(e)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if answer[1]:
+        raise PipelineError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
+
+
+def _checkpoint_to_resume(config: Config, processes: int) -> str | None:
+    run_dir, choice = config.run_dir, config.checkpoint.resume
+    for stale in ckpt.sweep_incomplete(run_dir):
+        print(f"removed {stale.name}, left by an interrupted checkpoint write")
+    if choice == "never":
+        existing = ckpt.latest_checkpoint(run_dir)
+        if existing is not None:
+            raise PipelineError(
+                f"{run_dir} already holds checkpoints (latest {existing.name}) and "
+                f"checkpoint.resume=never would start a new run among them (pruning and a "
+                f"later resume would mix the two). Use another name, resume with "
+                f"checkpoint.resume=auto, or delete the old run first (make clean).")
+        return None
+    if choice == "auto":
+        path = ckpt.newest_intact(run_dir, processes, warn=print)
+        return None if path is None else str(path)
+    problem = ckpt.damage(choice, processes)
+    if problem:
+        raise PipelineError(f"cannot resume from checkpoint.resume={choice}: {problem}. "
+                            f"Name another checkpoint, or use checkpoint.resume=auto.")
+    return choice
 
 
 def announce(tr: Training) -> None:
