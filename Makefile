@@ -163,6 +163,11 @@ book-report: train
 test: install
 	$(PY) -m pytest -q
 
+## faults: SIGKILL prepare and train at random moments, FAULT_TRIALS times each (not in CI)
+FAULT_TRIALS ?= 10
+faults: install
+	FAULT_TRIALS=$(call shq,$(FAULT_TRIALS)) $(PY) -m pytest -q -s tests/test_faults.py
+
 ## bench: speed against reference implementations (BENCH_ARGS=--quick for a smoke run)
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
@@ -182,4 +187,4 @@ distclean:
 
 FORCE:
 
-.PHONY: help install data train eval export sample all book book-report test bench clean distclean FORCE
+.PHONY: help install data train eval export sample all book book-report test faults bench clean distclean FORCE
