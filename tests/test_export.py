@@ -118,3 +118,34 @@ def test_cli_reports_the_export_and_fails_cleanly(tmp_path, capsys):
               "--out", str(tmp_path / "run" / "checkpoints" / "step_000100")])
     message = " ".join(capsys.readouterr().err.split())  # the message is wrapped at 100 columns
     assert exit_.value.code == 2 and "is the source itself" in message
+
+
+def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
+    """AutoTokenizer gives this project's token ids, and pipeline("text-generation") the
+    same greedy continuation as this project's generate; files are readable by the group."""
+    from pipeline.generate import continue_text
+    from pipeline.tokenizer import encode
+
+    model = trained_model(TINY)
+    write_checkpoint(tmp_path / "run", model)
+    out, _ = export(tmp_path / "run")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    texts = ["Every effort moves you", " leading space, tabs\tand  spaces ",
+             "naïve café — 東京 😀\n\nnew lines"]
+    for text in texts:
+        assert tok(text)["input_ids"] == encode(text), text
+        assert tok.decode(encode(text)) == text
+    # <|endoftext|> written in a text: transformers reads the special token, as tiktoken's
+    # encode(allowed_special=...) does; this project's encode reads text as text.
+    marked = "end<|endoftext|>start"
+    assert tok(marked)["input_ids"] == [437, 50256, 9688]
+    assert tok(marked, split_special_tokens=True)["input_ids"] == encode(marked)
+    assert len(tok) == 50257 and tok.eos_token_id == 50256
+    generator = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out),
+                                      device="cpu")
+    got = generator("Every effort moves you", max_new_tokens=8, do_sample=False,
+                    return_full_text=False)[0]["generated_text"]
+    _, ours = continue_text(model, "Every effort moves you", 8, temperature=0.0)
+    assert got == ours and len(encode(got)) >= 1
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert all(mode & 0o044 == 0o044 for mode in modes.values()), modes
