@@ -16,7 +16,6 @@ the newest complete one, moving the damaged one aside as `damaged_step_NNNNNN`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.errors import PipelineError, describe_os_error
-from pipeline.fileio import fsync_dir
+from pipeline.fileio import file_sha256, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -65,14 +64,6 @@ def read_meta(ckpt_dir: str | Path) -> dict:
         raise PipelineError(f"{path} is damaged (it lacks the step or the model config); "
                             f"use an earlier checkpoint of the run.")
     return meta
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def damage(ckpt_dir: str | Path, num_processes: int | None = None,

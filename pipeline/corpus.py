@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 
 from pipeline.config import SOURCE_KEYS, SourceConfig
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open
+from pipeline.fileio import atomic_open, file_sha256
 
 TEXT_EXTS = (".txt",)
 JSON_EXTS = (".jsonl", ".json")
@@ -346,7 +346,7 @@ def download(url: str, directory: Path, sha256: str | None = None,
     if target.is_file():
         if not sha256:
             return target
-        actual = _file_sha256(target)
+        actual = file_sha256(target)
         if actual == sha256.lower():
             return target
         stale = (f"the cached {target} has sha256 {actual}, not data.source.sha256 "
@@ -391,12 +391,6 @@ def _check_size(url: str, size: int, max_bytes: int | None) -> None:
             f"right file, raise data.source.max_download_bytes (or set it to null).")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _from_url(source: SourceConfig, directory: Path, warn: Warn) -> Iterator[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open, atomic_write_json
+from pipeline.fileio import atomic_open, atomic_write_json, file_sha256
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -94,14 +94,6 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
         raise DataError(f"{path} holds {path.stat().st_size} bytes but its header promises "
                         f"{expected}: the file is truncated or corrupt; {REBUILD}")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -196,12 +188,8 @@ def _stamp(path: Path) -> list[int]:
 def scan_shard(path: Path) -> tuple[str, int]:
     """(sha256 of the whole file, largest token id) in one pass over the file."""
     tokens = read_shard(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
     largest = int(tokens.max()) if len(tokens) else -1
-    return digest.hexdigest(), largest
+    return file_sha256(path), largest
 
 
 def _load_verified(data_dir: Path) -> dict:

@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -27,3 +28,17 @@ def stand_in_venv(tmp_path):
     python.chmod(0o755)
     (venv / ".installed").touch()
     return venv
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs, where the machine lets the tests mount one (root on Linux): a real
+    ENOSPC, not a simulated one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

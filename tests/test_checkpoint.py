@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -161,19 +160,6 @@ def test_resume_never_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
     with pytest.raises(PipelineError, match="already holds checkpoints .latest step_000001."):
         _checkpoint_to_resume(config, 1)
     assert ckpt.checkpoint_dirs(tmp_path / "runs" / "r")  # nothing deleted
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs, where the machine lets the tests mount one (root on Linux)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk):

@@ -313,3 +313,45 @@ def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_pat
     assert "raise data.val_fraction" in message and "lower model.context_length" in message
     assert list((tmp_path / "data" / "s").glob("*.bin")) == []
     assert not (tmp_path / "data" / "s" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path):
+    args = stdlib_args(tmp_path, "data.source.max_bytes=2000000", "data.shard_tokens=4000")
+    prepare(load_config(None, args))
+    data_dir = tmp_path / "data" / "std"
+    before = snapshot_bytes(data_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", *args,
+                             "data.val_fraction=0.2", "data.num_workers=2", "--force"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(data_dir.glob(".staging/train_*.bin")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the stage and its workers
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted (Ctrl-C)" in stderr
+    assert snapshot_bytes(data_dir) == before and not (data_dir / ".staging").exists()
+
+
+def test_a_full_disk_during_a_rebuild_keeps_the_old_data_set(small_disk, capsys):
+    import shutil
+
+    args = [f"data.root={small_disk}", "data.name=std", "data.source.max_bytes=300000",
+            "data.shard_tokens=20000", "data.num_workers=1", "model.context_length=64"]
+    main(args)
+    data_dir = small_disk / "std"
+    before = snapshot_bytes(data_dir)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 40_000))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "data.val_fraction=0.2", "--force"])
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: No space left on device" in err and "Traceback" not in err
+    assert snapshot_bytes(data_dir) == before and not (data_dir / ".staging").exists()
+    filler.unlink()  # space freed: the same command now succeeds
+    main([*args, "data.val_fraction=0.2", "--force"])
+    assert '"val_fraction": 0.2' in (data_dir / "manifest.json").read_text()
