@@ -240,9 +240,10 @@ def _attempt(accelerator, here: bool, write, tmp: Path, *states) -> None:
         except OSError as e:
             error = e
     failed = error is not None
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1:  # an Accelerator or a bare PartialState
+        from accelerate.utils import reduce
         flag = torch.tensor([int(failed)], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="sum").item())
+        failed = bool(reduce(flag, reduction="sum").item())
     if not failed:
         return
     if accelerator.is_main_process:

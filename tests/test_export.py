@@ -98,7 +98,8 @@ def test_reexport_replaces_the_previous_export_and_refuses_other_directories(tmp
     write_checkpoint(tmp_path / "run", trained_model(TINY, seed=1), step=200)
     out, info = export(tmp_path / "run")
     assert info.meta["step"] == 200 and sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+        "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
     second = load_file(str(out / "model.safetensors"))
     assert not torch.equal(first["transformer.wte.weight"], second["transformer.wte.weight"])
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
