@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import write_data_set
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluate import main
 from pipeline.model import GPTModel
-from pipeline.shards import Manifest, ShardInfo, shard_name, token_dtype, write_shard
+from pipeline.shards import shard_name
 
 CFG = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
@@ -29,14 +30,8 @@ SHARDS = {"train": [200], "val": [170, 75]}  # val: 10 + 4 windows of 16 tokens
 def make_data(root: Path) -> Path:
     data = root / "data" / "tiny"
     rng = np.random.default_rng(0)
-    splits = {}
-    for split, sizes in SHARDS.items():
-        splits[split] = []
-        for i, n in enumerate(sizes):
-            name = shard_name(split, i)
-            sha = write_shard(data / name, rng.integers(0, 50257, n), token_dtype(50257))
-            splits[split].append(ShardInfo(name, n, sha))
-    Manifest("gpt2", 50257, "uint16", 50256, splits, {s: 1 for s in SHARDS}, {}, {}).save(data)
+    write_data_set(data, {split: [rng.integers(0, 50257, n) for n in sizes]
+                          for split, sizes in SHARDS.items()})
     return data
 
 

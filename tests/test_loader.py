@@ -9,7 +9,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline import loader
 from pipeline.loader import TokenWindows, TrainBatches, permute, fixed_batches
-from pipeline.shards import Manifest, ShardInfo, shard_name, token_dtype, write_shard
+from helpers import write_data_set
 
 VOCAB = 50257
 
@@ -17,16 +17,13 @@ VOCAB = 50257
 def make_data(root, train_sizes, val_sizes=(300,), offset=0):
     """A data set whose tokens are a running counter mod the vocabulary: each window is
     recognisable, and different shards never share a window. Returns the raw arrays."""
-    raw, splits, start = {}, {}, offset
+    raw, start = {}, offset
     for split, sizes in (("train", train_sizes), ("val", val_sizes)):
-        raw[split], splits[split] = [], []
-        for i, n in enumerate(sizes):
-            tokens = (np.arange(start, start + n) % VOCAB).astype(np.uint16)
+        raw[split] = []
+        for n in sizes:
+            raw[split].append((np.arange(start, start + n) % VOCAB).astype(np.uint16))
             start += n
-            sha = write_shard(root / shard_name(split, i), tokens, token_dtype(VOCAB))
-            splits[split].append(ShardInfo(shard_name(split, i), n, sha))
-            raw[split].append(tokens)
-    Manifest("gpt2", VOCAB, "uint16", 50256, splits, {"train": 1, "val": 1}, {}, {}).save(root)
+    write_data_set(root, raw, VOCAB)
     return raw
 
 

@@ -5,8 +5,9 @@ import hashlib
 
 import numpy as np
 import pytest
+from helpers import write_data_set
 
-from pipeline.shards import (HEADER_BYTES, DataError, Manifest, ShardInfo, load_manifest,
+from pipeline.shards import (HEADER_BYTES, DataError, load_manifest,
                              open_split, read_shard, token_dtype, verify, write_shard)
 
 
@@ -43,15 +44,9 @@ def test_truncated_or_foreign_files_are_refused(tmp_path):
 
 
 def make_data_set(tmp_path):
-    infos = []
-    for i, n in enumerate((10, 4)):
-        name = f"train_{i:06d}.bin"
-        infos.append(ShardInfo(name, n, write_shard(tmp_path / name, np.arange(n), "<u2")))
-    manifest = Manifest(tokenizer="gpt2", vocab_size=50257, dtype="uint16", eot_token=50256,
-                        splits={"train": infos, "val": []}, documents={"train": 2, "val": 0},
-                        source={"kind": "files"}, settings={"split_by": "document"})
-    manifest.save(tmp_path)
-    return manifest
+    return write_data_set(tmp_path, {"train": [np.arange(10), np.arange(4)], "val": []},
+                          documents={"train": 2, "val": 0}, source={"kind": "files"},
+                          settings={"split_by": "document"})
 
 
 def test_manifest_round_trips_and_opens_its_shards(tmp_path):
@@ -99,10 +94,6 @@ def test_opening_a_split_checks_sha256_once_per_change_of_the_file(tmp_path, mon
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
-    infos = [ShardInfo("train_000000.bin", 3,
-                       write_shard(tmp_path / "train_000000.bin", [1, 50257, 2], "<u2"))]
-    Manifest(tokenizer="gpt2", vocab_size=50257, dtype="uint16", eot_token=50256,
-             splits={"train": infos}, documents={"train": 1}, source={}, settings={}
-             ).save(tmp_path)
+    write_data_set(tmp_path, {"train": [[1, 50257, 2]]})
     with pytest.raises(DataError, match="holds token id 50257, outside the vocabulary of 50257"):
         open_split(tmp_path, "train")
