@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, cli_main
 
 
 class ConfigError(PipelineError):
@@ -466,34 +466,29 @@ def get_value(config: Config, key: str) -> Any:
     return node
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.config --config CONFIG [key=value ...] --get KEY` prints one
     resolved value (the Makefile asks it where a config's data and run live); without
     --get it prints the whole resolved config as YAML."""
     import argparse
 
-    from pipeline.errors import cli_main
-
     parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
     parser.add_argument("--config", help="experiment YAML (default: the schema's defaults)")
     parser.add_argument("--get", metavar="KEY", help="data_dir | run_dir | name | a dotted key")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-
-    @cli_main
-    def run(args) -> None:
-        config = load_config(args.config, args.overrides)
-        if args.get is None:
-            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
-            return
-        value = get_value(config, args.get)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        if isinstance(value, (list, tuple, dict)):
-            value = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
-                                   default_flow_style=True).strip()
-        print(value)
-
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if args.get is None:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return
+    value = get_value(config, args.get)
+    if dataclasses.is_dataclass(value):
+        value = to_dict(value)
+    if isinstance(value, (list, tuple, dict)):
+        value = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                               default_flow_style=True).strip()
+    print(value)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class Interval:
     grad_norm: torch.Tensor | None = None
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     # First of all, so that SIGTERM or Ctrl-C at any moment (loading, setup) is a clean stop.
     stop = globals().get("EARLY_STOP") or StopRequest()
@@ -561,4 +562,4 @@ def print_summary(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)()
+    main()
