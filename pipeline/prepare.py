@@ -380,7 +380,7 @@ def prepare(config: Config, force: bool = False) -> Manifest:
         staging = data_dir / STAGING
         staging.mkdir()
         try:
-            manifest, summary = _build(config, staging, data_dir)
+            manifest, summary = _build_data_set(config, staging, data_dir)
             manifest.save(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # the old data set is untouched
@@ -390,7 +390,7 @@ def prepare(config: Config, force: bool = False) -> Manifest:
         return manifest
 
 
-def _build(config: Config, out_dir: Path, data_dir: Path) -> tuple[Manifest, str]:
+def _build_data_set(config: Config, out_dir: Path, data_dir: Path) -> tuple[Manifest, str]:
     """Tokenize the corpus into shards and a manifest in `out_dir` (the staging directory
     of `data_dir`, whose download/ keeps a url source's file)."""
     d = config.data

@@ -117,6 +117,8 @@ class Manifest:
     source: dict  # the data.source config that produced it
     settings: dict  # the prepare settings that change the bytes (the fingerprint)
     format: str = "llm.c token shards v1 (header 256 x int32, magic 20240520)"
+    # Free-form notes; nothing here reads them, but every manifest written so far has the
+    # key, and load_manifest refuses unknown layouts, so the field stays in the format.
     extra: dict = field(default_factory=dict)
 
     def tokens(self, split: str) -> int:
