@@ -6,11 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.export import export
 from pipeline.weights import init_from_weights, load_model, load_state
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +54,9 @@ def test_imported_logits_equal_transformers(tmp_path, safe):
         torch.testing.assert_close(ours(idx), reference(idx).logits, rtol=0, atol=1e-5)
 
 
-def test_gpt2_124m_shape_imports_exactly_and_exports_the_same_tensors(tmp_path):
+def test_gpt2_124m_shape_imports_as_the_default_config_with_its_logits(tmp_path):
+    """The one full-size case: GPT-2 124M's files read as this project's default model
+    (the mapping itself, export included, is checked on tiny models, in less time)."""
     reference = hf_gpt2(n_embd=768, n_layer=12, n_head=12, n_positions=1024)
     reference.save_pretrained(tmp_path / "hf")
     ours, _ = load_model(tmp_path / "hf")
@@ -65,13 +65,6 @@ def test_gpt2_124m_shape_imports_exactly_and_exports_the_same_tensors(tmp_path):
     idx = tokens(n=64, batch=1)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), reference(idx).logits, rtol=0, atol=1e-5)
-    del ours
-    out, _ = export(tmp_path / "hf", tmp_path / "export")
-    original, exported = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(
-        str(out / "model.safetensors"))
-    assert exported.keys() == original.keys() - {"lm_head.weight"}  # tied: stored once
-    for name, tensor in exported.items():
-        assert torch.equal(tensor, original[name]), name
 
 
 def test_context_length_crops_the_position_table(tiny):

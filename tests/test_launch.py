@@ -155,8 +155,14 @@ def assert_trained_together(run_dir: Path, steps: int) -> dict:
     assert ckpt is not None and ckpt.name == f"step_{steps:06d}"
     meta = read_meta(ckpt)
     assert meta["num_processes"] == 2  # one group of two, not two runs of one
+    assert meta["config"]["name"] == run_dir.name and meta["config"]["train"]["max_steps"] == steps
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == steps and all(r["loss"] > 0 for r in rows if "loss" in r)
+    logged = [r["step"] for r in rows]
+    assert logged == sorted(set(logged)) and logged[-1] == steps  # each step once: one run
+    losses = [r["loss"] for r in rows if "loss" in r]
+    # An untrained GPT-2-vocabulary model starts near ln(50257) = 10.8, and a loss reduced
+    # wrongly over the 2 ranks (summed, not averaged) would be twice that.
+    assert losses and 9.0 < losses[0] < 11.5 and all(0 < x < 11.5 for x in losses), losses
     return meta
 
 
