@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError, cli_main
+from pipeline.keys import add_config_arguments, parse_stage_args
 
 # Chapter 5, section 5.2, as printed: (global_step, train loss, val loss) of
 # train_model_simple on "The Verdict" (GPT_CONFIG_124M at context 256, seed 123, AdamW
@@ -115,9 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.book", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/verdict.yaml", help="the run's experiment YAML")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, "configs/verdict.yaml", "the run's experiment YAML")
+    args = parse_stage_args(parser, argv)
     run_dir = load_config(args.config, args.overrides).run_dir
     rows = evaluations(run_dir)
     print("\n".join(table(rows)))

@@ -56,11 +56,11 @@ def clean(run_dir: Path, data_dir: Path) -> list[Path]:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     from pipeline.config import load_config
+    from pipeline.keys import add_config_arguments, parse_stage_args
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser)
+    args = parse_stage_args(parser, argv)
     config = load_config(args.config, args.overrides)
     removed = clean(config.run_dir, config.data_dir)
     print("removed " + ", ".join(map(str, removed)) if removed else "nothing to remove")

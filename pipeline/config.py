@@ -286,8 +286,12 @@ def _build(cls, raw: Any, where: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
+            from pipeline.keys import nearest_keys  # here: keys reads this module's schema
+            near = nearest_keys(f"{where}{key}")
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
             raise ConfigError(
-                f"unknown config key '{where}{key}'; valid keys here: {', '.join(names)}")
+                f"unknown config key '{where}{key}'; {hint}valid keys here: {', '.join(names)}"
+                f" (`gpt-pipeline train --help` lists every key)")
         kwargs[key] = _coerce(hints[key], value, f"{where}{key}")
     return cls(**kwargs)
 
@@ -473,11 +477,12 @@ def main(argv: list[str] | None = None) -> None:
     --get it prints the whole resolved config as YAML."""
     import argparse
 
+    from pipeline.keys import add_config_arguments, parse_stage_args  # keys reads this schema
+
     parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
-    parser.add_argument("--config", help="experiment YAML (default: the schema's defaults)")
     parser.add_argument("--get", metavar="KEY", help="data_dir | run_dir | name | a dotted key")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser)
+    args = parse_stage_args(parser, argv)
     config = load_config(args.config, args.overrides)
     if args.get is None:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")

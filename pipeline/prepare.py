@@ -48,6 +48,7 @@ from pipeline import corpus, locking
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.fileio import fsync_dir
+from pipeline.keys import add_config_arguments, parse_stage_args
 from pipeline.loader import windows_per_shard
 from pipeline.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, check_shards,
                              load_manifest, manifest_path, remember_verified, shard_name,
@@ -449,13 +450,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.prepare",
         description="Tokenize a corpus into train/val token shards in data/<data.name>/.")
-    parser.add_argument("--config", help="experiment YAML (default: the built-in defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.source.max_bytes=1000000")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the data directory even if it holds a data set "
                              "(prepared with other settings, or from files changed since)")
-    return parser.parse_args(argv)
+    add_config_arguments(parser)
+    return parse_stage_args(parser, argv)
 
 
 @cli_main

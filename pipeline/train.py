@@ -35,6 +35,7 @@ from pipeline import locking
 from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
 from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import evaluate
+from pipeline.keys import add_config_arguments, parse_stage_args
 from pipeline.loader import TokenWindows, TrainBatches
 from pipeline.mfu import mfu, peak_flops
 from pipeline.model import GPTModel, count_parameters, flops_per_token
@@ -105,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     # First of all, so that SIGTERM or Ctrl-C at any moment (loading, setup) is a clean stop.
     stop = globals().get("EARLY_STOP") or StopRequest()
     stop_with_launcher()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train",
+                                     description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    args = parse_stage_args(parser, argv)
     try:
         run(load_config(args.config, args.overrides), stop)
     finally:

@@ -1,0 +1,144 @@
+"""The config keys as a user meets them on the command line: listed with their types,
+defaults and comments (for `--help`), suggested when mistyped, and accepted in the three
+spellings other tools taught (`train.lr=3e-3`, nanoGPT's `--train.lr=3e-3`, litgpt's
+`--train.lr 3e-3`).
+
+The reference is read from the schema itself (pipeline/config.py): each dataclass field's
+annotation and default, and the comment on its line or on the lines just above it, so
+the help text can never drift from the code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import inspect
+import re
+import sys
+import textwrap
+from dataclasses import dataclass
+
+from pipeline import config as schema
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str  # dotted, e.g. train.lr
+    type: str  # the annotation as written, e.g. Optional[int]
+    default: str  # as YAML would print it
+    comment: str
+
+
+@functools.lru_cache(maxsize=1)
+def key_reference() -> tuple[KeyDoc, ...]:
+    """Every leaf key of the schema, in schema order."""
+    return tuple(_walk(schema.Config, ""))
+
+
+def _walk(cls, prefix: str):
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _walk(type(default), f"{prefix}{f.name}.")
+            continue
+        yield KeyDoc(f"{prefix}{f.name}", str(f.type), _show(default), comments.get(f.name, ""))
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """field name -> its comment: the lines of `# ...` just above it, then the one after it."""
+    comments, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").rstrip())
+            continue
+        match = re.match(r"^\s+(\w+):\s[^#]*?(?:#\s*(.*))?$", line)
+        if match:
+            comments[match.group(1)] = " ".join(above + [match.group(2) or ""]).strip()
+        above = []
+    return comments
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def help_text(width: int = 100) -> str:
+    """The key reference as --help prints it: one entry per key, grouped by section."""
+    lines, section = ["config keys (YAML, or overrides key=value, --key=value, --key value):"], None
+    for doc in key_reference():
+        head = doc.key.rsplit(".", 1)[0] if "." in doc.key else ""
+        if head != section:
+            section = head
+            lines.append(f"\n  {section or '(top level)'}")
+        lines.append(f"    {doc.key}: {doc.type} = {doc.default}")
+        if doc.comment:
+            lines += textwrap.wrap(doc.comment, width=width, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
+def nearest_keys(key: str, limit: int = 3) -> list[str]:
+    """The valid keys most like `key` (a typo's likely meaning), best first."""
+    keys = [doc.key for doc in key_reference()]
+    close = difflib.get_close_matches(key, keys, n=limit, cutoff=0.6)
+    if not close:  # a right leaf under a wrong section: train.temperature -> eval.temperature
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:limit]
+    return close
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """`--a.b=c` and `--a.b c` as `a.b=c`, for any schema key; every other argument (a
+    stage's own flags such as --config or --force, a plain `a.b=c`) is left as it is."""
+    keys = {doc.key for doc in key_reference()} | _section_names()
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, sep, value = arg[2:].partition("=")
+        if arg.startswith("--") and (name in keys or name.split(".")[0] in _section_names()):
+            if sep:
+                out.append(f"{name}={value}")
+            elif i + 1 < len(argv):
+                out.append(f"{name}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{name}=")  # refused with the usual message: no value
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _section_names() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(schema.Config)
+                     if f.default_factory is not dataclasses.MISSING)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_default: str | None = None,
+                         config_help: str = "experiment YAML (configs/*.yaml; default: the "
+                                            "schema's defaults)") -> None:
+    """--config and the overrides, with every key listed after the stage's own options."""
+    parser.add_argument("--config", default=config_default, help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, also as --key=value or --key value "
+                             "(e.g. --train.lr 3e-3); the keys are listed below")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = help_text()
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A stage's arguments, its overrides in any of the three spellings and anywhere
+    among its options."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_intermixed_args(normalize_overrides(argv))
