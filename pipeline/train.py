@@ -157,7 +157,22 @@ def make_accelerator(config: Config):
             f"processes with `accelerate launch` or `torchrun`, which set WORLD_SIZE, RANK, "
             f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process.") from None
     check_launch(accelerator)
+    note = launcher_precision_note(precision)
+    if note:
+        accelerator.print(note)
     return accelerator, mode
+
+
+def launcher_precision_note(precision: str) -> str | None:
+    """One line when the launcher asked for another mixed precision than train.precision:
+    the config is the experiment, so it wins, and the line says how to change it."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if asked is None or asked == precision:
+        return None
+    return (f"precision: the launcher asked for mixed precision '{asked}' (accelerate launch "
+            f"--mixed_precision or its config file), the config for '{precision}'; training "
+            f"uses the config's '{precision}'. To train in '{asked}', set "
+            f"train.precision={asked}.")
 
 
 def check_launch(accelerator) -> None:

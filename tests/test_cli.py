@@ -62,3 +62,15 @@ def test_a_mistyped_key_suggests_the_nearest(capsys):
 def test_an_unknown_stage_is_named_with_a_suggestion(capsys):
     code, _, err = run(capsys, "traim")
     assert code == 2 and "unknown stage 'traim' (did you mean train?)" in err
+
+
+def test_a_launcher_precision_other_than_the_configs_is_named_once(monkeypatch):
+    from pipeline.train import launcher_precision_note
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launcher_precision_note("no") is None  # no launcher: nothing to say
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert launcher_precision_note("bf16") is None  # they agree
+    note = launcher_precision_note("no")
+    assert "asked for mixed precision 'bf16'" in note and "uses the config's 'no'" in note
+    assert "train.precision=bf16" in note
