@@ -157,7 +157,8 @@ def main(argv=None) -> dict:
                         ("--context-length", args.context_length)):
         if value is not None and value < 1:
             raise PipelineError(f"{flag} {value}: it must be a positive count")
-    model, info = load_model(args.model, context_length=args.context_length)
+    model, info = load_model(args.model, context_length=args.context_length,
+                             n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
     data_dir = _data_dir(args, config)
     batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)

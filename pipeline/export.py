@@ -53,12 +53,13 @@ EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "e
                 "tokenizer_config.json", "special_tokens_map.json", *TOKENIZER_FILES}
 
 
-def export(source: str | Path, out: str | Path | None = None, dtype: str = "float32"
-           ) -> tuple[Path, ModelInfo]:
-    """Write `source` as an HF GPT-2 directory at `out`, verified; return (out, info)."""
+def export(source: str | Path, out: str | Path | None = None, dtype: str = "float32",
+           n_heads: int | None = None) -> tuple[Path, ModelInfo]:
+    """Write `source` as an HF GPT-2 directory at `out`, verified; return (out, info).
+    `n_heads`: the head count of a book-format source (its shapes do not record it)."""
     if dtype not in DTYPES:
         raise PipelineError(f"--dtype {dtype} is not one of: {', '.join(DTYPES)}")
-    cfg, state, info = load_state(source)
+    cfg, state, info = load_state(source, n_heads=n_heads)
     out = Path(out) if out is not None else default_destination(info)
     _check_destination(out, info)
     hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in gpt2.to_hf(state, cfg).items()}
@@ -167,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out, info = export(args.model, args.out, args.dtype)
+    out, info = export(args.model, args.out, args.dtype, args.n_heads)
     cfg = info.config
     step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""
     size = (out / "model.safetensors").stat().st_size

@@ -255,7 +255,7 @@ def main(argv=None) -> None:
     if not 0 <= args.seed < 2**64:
         raise PipelineError(f"--seed {args.seed}: a seed is 0 .. 2**64 - 1")
     args.device = checked_device(args.device)
-    model, info = load_model(args.model, device=args.device)
+    model, info = load_model(args.model, device=args.device, n_heads=args.n_heads)
     check_sampling(model.cfg.vocab_size, args.temperature, args.top_k, args.top_p)
     if args.num_samples > 1 and args.temperature == 0:
         print("note: temperature 0 is greedy, so every sample is the same; use "

@@ -187,40 +187,48 @@ def is_book_state(state: dict) -> bool:
     return "trf_blocks.0.att.W_query.weight" in state
 
 
-def book_config(state: dict[str, torch.Tensor], n_heads: int | None = None,
-                default_heads: int | None = None) -> ModelConfig:
-    """The ModelConfig of a book-format state dict, read from its tensor shapes.
+def book_heads(emb_dim: int, n_heads: int | None = None,
+               default_heads: int | None = None) -> tuple[int, str | None]:
+    """The number of attention heads of a book-format model of width `emb_dim`, which its
+    tensor shapes do not record, and None or the reason when it is a guess: `n_heads`
+    when given (--n-heads); else `default_heads` (model.n_heads of an init_from config)
+    when it divides the width; else the one OpenAI's GPT-2 uses at that width."""
+    if n_heads is not None:
+        return n_heads, None
+    if default_heads and emb_dim % default_heads == 0:
+        return default_heads, None
+    by_width = {d: h for d, _, h in OPENAI_SIZES.values()}
+    if emb_dim in by_width:
+        return by_width[emb_dim], f"GPT-2's head count at width {emb_dim}"
+    raise ValueError(
+        f"the book-format weights have emb_dim {emb_dim}, not one of GPT-2's widths "
+        f"({', '.join(map(str, sorted(by_width)))}), so the number of attention heads "
+        f"cannot be read from them: give it (--n-heads for evaluate, export and generate; "
+        f"model.n_heads for model.init_from)")
 
-    Shapes do not reveal the number of heads: it is `n_heads` when given, else the one
-    OpenAI's GPT-2 uses at that width (the book's configs are those sizes), else
-    `default_heads`.
-    """
+
+def book_config(state: dict[str, torch.Tensor], n_heads: int) -> ModelConfig:
+    """The ModelConfig of a book-format state dict: its tensor shapes, and `n_heads`."""
     vocab_size, emb_dim = state["tok_emb.weight"].shape
     n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("trf_blocks."))
-    by_width = {d: h for d, _, h in OPENAI_SIZES.values()}
-    n_heads = n_heads or by_width.get(emb_dim) or default_heads
-    if n_heads is None:
-        raise ValueError(
-            f"the book-format weights have emb_dim {emb_dim}, not one of GPT-2's widths "
-            f"({', '.join(map(str, sorted(by_width)))}), so the number of attention heads "
-            f"cannot be read from them: give it (model.n_heads)")
     if emb_dim % n_heads:
-        raise ValueError(f"emb_dim {emb_dim} is not divisible by {n_heads} heads (model.n_heads)")
+        raise ValueError(f"emb_dim {emb_dim} is not divisible by {n_heads} heads")
     return ModelConfig(
         vocab_size=vocab_size, context_length=state["pos_emb.weight"].shape[0], emb_dim=emb_dim,
         n_heads=n_heads, n_layers=n_layers, drop_rate=0.0,
         qkv_bias="trf_blocks.0.att.W_query.bias" in state, tie_embeddings=False)
 
 
-def from_book(state: dict[str, torch.Tensor], n_heads: int | None = None,
-              default_heads: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The book's GPTModel state dict -> (our config, our state dict).
+def from_book(state: dict[str, torch.Tensor], n_heads: int
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The book's GPTModel state dict with `n_heads` heads (book_heads) -> (our config,
+    our state dict).
 
     q, k and v are stacked in that order into `att.qkv`, whose output this model splits
     as (3, heads, head_dim): the same per-head columns the book's `.view` takes.
     A KeyError names the first book tensor that is missing.
     """
-    cfg = book_config(state, n_heads, default_heads)
+    cfg = book_config(state, n_heads)
     out = {ours: state[book] for ours, book in _BOOK_TOP}
     for i in range(cfg.n_layers):
         pre = f"trf_blocks.{i}."

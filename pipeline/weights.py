@@ -65,7 +65,8 @@ def load_state(source: str | Path, *, context_length: int | None = None,
     """Config and weights (this project's names, CPU) of any source; see the module doc.
 
     Only book-format files, whose shapes do not tell the number of heads, consult
-    `n_heads` (wins), then GPT-2's head count at that width, then `default_heads`.
+    `n_heads` (wins), then `default_heads` where it divides the width, then GPT-2's head
+    count at that width (announced on stderr as a guess).
     """
     info = resolve(source)
     if info.kind == "checkpoint" or info.kind == "run":
@@ -105,8 +106,8 @@ def init_from_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfi
     The architecture comes from the weights (OpenAI GPT-2: context 1024, qkv_bias true,
     tied head). From the user's config only `context_length` (which may crop the
     positions, never extend them), `drop_rate` (a training choice) and `init_from` are
-    taken; `n_heads` too for book-format files of a width GPT-2 does not have (their
-    shapes do not tell it).
+    taken; `n_heads` too for book-format files, whose shapes do not tell it (it wins over
+    GPT-2's count at that width wherever it divides the width).
     """
     cfg, state, info = load_state(init_from, default_heads=user_cfg.n_heads)
     if user_cfg.context_length > cfg.context_length:
@@ -269,7 +270,12 @@ def _read_book(path: Path, n_heads: int | None, default_heads: int | None
             f"{path} is not the state dict of the book's GPTModel (no "
             f"trf_blocks.0.att.W_query.weight).{hint}")
     try:
-        return gpt2.from_book(state, n_heads, default_heads)
+        heads, guess = gpt2.book_heads(state["tok_emb.weight"].shape[1], n_heads, default_heads)
+        if guess:  # shapes do not record it: say so every time, a wrong guess is silent
+            _warn(f"{path}: a book-format model.pth does not record its number of attention "
+                  f"heads; using {heads} ({guess}). If it was trained with another, give "
+                  f"--n-heads N (or model.n_heads for model.init_from).")
+        return gpt2.from_book(state, heads)
     except KeyError as e:
         raise PipelineError(f"{path} lacks the book's tensor {e}") from None
     except ValueError as e:
@@ -296,7 +302,21 @@ def _describe(cfg: ModelConfig) -> str:
 
 
 def add_model_argument(parser) -> None:
-    """The `--model SOURCE` option that evaluate, export and generate share."""
+    """The `--model SOURCE` and `--n-heads N` options that evaluate, export and generate share."""
     parser.add_argument("--model", required=True, metavar="SOURCE",
                         help="a run dir (its latest checkpoint), a checkpoint dir, a model dir, "
                              f"{'|'.join(gpt2.OPENAI_SIZES)}, or a book-format model.pth")
+    parser.add_argument("--n-heads", type=positive_int, metavar="N",
+                        help="attention heads of a book-format model.pth, whose tensors do not "
+                             "record them (default: GPT-2's count at its width, announced)")
+
+
+def positive_int(text: str) -> int:
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value

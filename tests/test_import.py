@@ -195,6 +195,29 @@ def test_book_heads_come_from_gpt2_widths_and_model_and_optimizer_pth_loads(tmp_
         torch.testing.assert_close(ours(idx), book(idx), rtol=0, atol=1e-5)
 
 
+def test_an_8_head_book_model_of_gpt2_width_is_read_with_the_heads_given(tmp_path, capsys):
+    """Width 768 with 8 heads: GPT-2's 12 would be a wrong guess, announced as a guess;
+    --n-heads (evaluate, export, generate) and model.n_heads (init_from) give the truth."""
+    book = book_pth(tmp_path / "model.pth", True, d=768, n_heads=8, n_layers=1, vocab=1000)
+    idx = tokens(n=12, seed=6) % 1000
+    guessed, _ = load_model(tmp_path / "model.pth")
+    assert guessed.cfg.n_heads == 12
+    assert "using 12 (GPT-2's head count at width 768)" in " ".join(capsys.readouterr().err.split())
+    with torch.no_grad():
+        assert not torch.allclose(guessed(idx), book(idx), atol=1e-3)  # why it is announced
+    ours, _ = load_model(tmp_path / "model.pth", n_heads=8)
+    assert capsys.readouterr().err == ""  # given, not guessed: nothing to announce
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), book(idx), rtol=0, atol=1e-5)
+    cfg, _ = init_from_weights(ModelConfig(context_length=32, emb_dim=768, n_heads=8),
+                               str(tmp_path / "model.pth"))
+    assert cfg.n_heads == 8
+    from pipeline.export import main as export_main
+    export_main(["--model", str(tmp_path / "model.pth"), "--n-heads", "8",
+                 "--out", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_head"] == 8
+
+
 def test_book_width_outside_gpt2_sizes_asks_for_the_head_count(tmp_path):
     book_pth(tmp_path / "model.pth", False)
     with pytest.raises(PipelineError, match="model.n_heads"):
@@ -260,10 +283,14 @@ def test_hub_name_offline_says_how_to_proceed(monkeypatch, tmp_path):
     assert "openai-community/gpt2" in str(e.value) and "local directory" in str(e.value)
 
 
-def test_init_weights_on_a_book_file_takes_heads_from_the_config_only_when_needed(tmp_path):
+def test_init_weights_on_a_book_file_takes_heads_from_the_config_where_they_fit(tmp_path, capsys):
     book_pth(tmp_path / "narrow.pth", True)  # width 64: not a GPT-2 width
     cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "narrow.pth"))
     assert (cfg.emb_dim, cfg.n_heads, cfg.qkv_bias, cfg.tie_embeddings) == (64, 4, True, False)
     book_pth(tmp_path / "wide.pth", False, d=768, n_heads=12, n_layers=1, vocab=1000)
     cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth"))
-    assert cfg.n_heads == 12  # GPT-2's width: its head count, not the config's default
+    assert cfg.n_heads == 4  # model.n_heads wins over GPT-2's count at that width
+    assert capsys.readouterr().err == ""
+    cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=5), str(tmp_path / "wide.pth"))
+    assert cfg.n_heads == 12  # 5 does not divide 768: GPT-2's count, announced as a guess
+    assert "using 12 (GPT-2's head count at width 768)" in " ".join(capsys.readouterr().err.split())
