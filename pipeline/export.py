@@ -12,6 +12,7 @@ writes
                              exactly as this project does)
     tokenizer_config.json,   GPT2Tokenizer, <|endoftext|> as bos/eos/unk, no prefix space,
     special_tokens_map.json  model_max_length = the context length
+    README.md                the model card (pipeline/model_card.py)
 
 every file readable as the umask allows (safetensors alone would write 0600), so an export
 on a shared filesystem is readable by the user's group.
@@ -42,7 +43,8 @@ from safetensors.torch import save_file
 from pipeline import gpt2
 from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.errors import PipelineError, cli_main
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, atomic_write_text
+from pipeline.model_card import model_card
 from pipeline.tokenizer import EOT_ID, EOT_TEXT, bpe_file
 from pipeline.weights import ModelInfo, add_model_argument, load_state
 
@@ -50,7 +52,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What an export directory may hold; a destination with anything else is not replaced.
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "eval.json",
-                "tokenizer_config.json", "special_tokens_map.json", *TOKENIZER_FILES}
+                "tokenizer_config.json", "special_tokens_map.json", "README.md",
+                *TOKENIZER_FILES}
 
 
 def export(source: str | Path, out: str | Path | None = None, dtype: str = "float32",
@@ -68,6 +71,9 @@ def export(source: str | Path, out: str | Path | None = None, dtype: str = "floa
     tmp.mkdir(parents=True)
     try:
         write_hf_dir(tmp, cfg, hf_state, dtype)
+        card = model_card(info, cfg, parameter_count(cfg, state), dtype)
+        atomic_write_text(tmp / "README.md", card)
+        readable_as_umask_allows(tmp)
         verify_export(tmp, cfg, state, dtype)
         _move_into_place(tmp, out)
     finally:
@@ -82,7 +88,6 @@ def write_hf_dir(path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]
     atomic_write_json(path / "generation_config.json",
                       {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
     write_tokenizer_files(path, cfg.context_length)
-    readable_as_umask_allows(path)
 
 
 def write_tokenizer_files(path: Path, context_length: int) -> None:
@@ -102,6 +107,12 @@ def readable_as_umask_allows(path: Path) -> None:
     os.umask(umask)
     for file in path.iterdir():
         file.chmod(0o666 & ~umask)
+
+def parameter_count(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> int:
+    """Distinct parameters: a tied head counts once."""
+    return sum(v.numel() for k, v in state.items()
+               if not (cfg.tie_embeddings and k == "out_head.weight"))
+
 
 def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> None:
     """Re-read `path` as every stage would and compare it with the source, tensor by tensor."""
@@ -162,12 +173,42 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="destination (default for a run or checkpoint: runs/<name>/export)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="dtype of the stored weights (default: float32, as trained)")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="then upload the directory to this Hugging Face Hub model repo "
+                        "(user/name; created if missing; token from `hf auth login` or HF_TOKEN)")
     return p.parse_args(argv)
+
+
+def check_repo_id(repo: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise PipelineError(f"--push-to-hub {repo!r} is not a Hub repo id ({e})") from None
+
+
+def push_to_hub(folder: Path, repo: str) -> str:
+    """Upload an export directory as it is (huggingface_hub's upload_folder); its URL."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    try:
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                                 commit_message="Upload model exported by gpt-pipeline")
+    except (OSError, ValueError) as e:  # the Hub's HTTP and offline errors are OSErrors
+        raise PipelineError(
+            f"could not push {folder} to the Hub repo {repo} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). The export itself is complete in "
+            f"{folder}; check the network and your token (`hf auth login` or HF_TOKEN), then "
+            f"upload that directory again (`hf upload {repo} {folder}`).") from None
+    return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
 
 
 @cli_main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # before the work, not after it
     out, info = export(args.model, args.out, args.dtype, args.n_heads)
     cfg = info.config
     step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""
@@ -175,6 +216,8 @@ def main(argv=None) -> None:
     print(f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
           f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
           f"equal to the source")
+    if args.push_to_hub:
+        print(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub)}")
 
 
 if __name__ == "__main__":

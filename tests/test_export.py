@@ -98,7 +98,7 @@ def test_reexport_replaces_the_previous_export_and_refuses_other_directories(tmp
     write_checkpoint(tmp_path / "run", trained_model(TINY, seed=1), step=200)
     out, info = export(tmp_path / "run")
     assert info.meta["step"] == 200 and sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+        "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
         "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
     second = load_file(str(out / "model.safetensors"))
     assert not torch.equal(first["transformer.wte.weight"], second["transformer.wte.weight"])
@@ -150,3 +150,37 @@ def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
     assert got == ours and len(encode(got)) >= 1
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert all(mode & 0o044 == 0o044 for mode in modes.values()), modes
+
+
+def test_the_model_card_says_what_the_model_is_and_how_it_did(tmp_path):
+    model = trained_model(TINY)
+    write_checkpoint(tmp_path / "run", model)
+    (tmp_path / "run" / "eval.json").write_text(json.dumps(
+        {"loss": 3.25, "perplexity": 25.79, "tokens": 12345}))
+    out, _ = export(tmp_path / "run")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    parameters = sum(p.numel() for p in model.parameters())  # the tied head once
+    assert f"| parameters | {parameters:,} |" in card and "| attention heads | 4 |" in card
+    assert "- optimizer steps: 100" in card and "- tokens seen: 102,400" in card
+    assert "loss 3.2500, perplexity 25.79" in card and "12,345 tokens" in card
+    assert 'pipeline("text-generation", model="PATH_OR_REPO")' in card
+
+
+def test_push_to_hub_offline_fails_cleanly_after_a_complete_export(tmp_path, capsys, monkeypatch):
+    """The upload itself needs the network (untested here); what would be uploaded is the
+    export directory, complete before the upload starts."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    write_checkpoint(tmp_path / "run", trained_model(TINY))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tmp_path / "run"), "--push-to-hub", "someone/tiny-gpt"])
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "could not push" in err and "someone/tiny-gpt" in err and "Traceback" not in err
+    out = tmp_path / "run" / "export"
+    assert {"README.md", "vocab.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(SystemExit):  # a bad repo id is refused before any work
+        main(["--model", str(tmp_path / "run"), "--push-to-hub", "not a repo id"])
+    assert "is not a Hub repo id" in capsys.readouterr().err
