@@ -169,13 +169,23 @@ class CheckpointConfig:
 class WandbConfig:
     # null: online when an API key is configured, else offline; WANDB_MODE wins
     mode: Optional[Literal["disabled", "offline", "online"]] = None
-    project: str = "gpt-pipeline"
-    entity: Optional[str] = None
+    project: Optional[str] = None  # null: $WANDB_PROJECT, else gpt-pipeline
+    entity: Optional[str] = None  # null: $WANDB_ENTITY, else your default entity
+    group: Optional[str] = None  # null: $WANDB_RUN_GROUP, else none
     tags: list[str] = field(default_factory=list)
+
+
+# The trackers tracking.log_with may name (Accelerate's), and the module each needs.
+TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow",
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
 
 
 @dataclass
 class TrackingConfig:
+    # Where metrics go besides metrics.jsonl and loss.png, through Accelerate's trackers:
+    # any of wandb, tensorboard (pip install 'gpt-pipeline[tensorboard]'; event files in
+    # runs/<name>/tensorboard/), mlflow, comet_ml, aim, clearml, dvclive. [] for none.
+    log_with: list[str] = field(default_factory=lambda: ["wandb"])
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -372,6 +382,10 @@ def validate(config: Config) -> None:
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive count")
     _require(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "0 (keep all) or more")
     _require(bool(c.resume), "checkpoint.resume", c.resume, "auto, never or a checkpoint path")
+    unknown = [t for t in config.tracking.log_with if t not in TRACKERS]
+    _require(not unknown and len(set(config.tracking.log_with)) == len(config.tracking.log_with),
+             "tracking.log_with", config.tracking.log_with,
+             f"a list of distinct trackers among {', '.join(TRACKERS)} ([] for none)")
     _require(0 <= config.seed <= SEED_MAX, "seed", config.seed, "0 .. 2**64 - 1")
 
 

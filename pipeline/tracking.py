@@ -1,12 +1,14 @@
-"""Where a run's numbers go: metrics.jsonl, the book's loss plot, and Weights & Biases.
+"""Where a run's numbers go: metrics.jsonl, the book's loss plot, and the trackers.
 
 `metrics.jsonl` holds one JSON object per logged step (always `step` and `tokens`);
-`loss.png` is the book's figure, train and val loss against tokens seen; W&B gets the
-same metrics through Accelerate's tracker. Only the main process writes anything.
-Knows nothing about models or data.
+`loss.png` is the book's figure, train and val loss against tokens seen; the trackers of
+`tracking.log_with` (W&B, TensorBoard, ... : Accelerate's) get the same metrics, and W&B
+the samples as a table. Only the main process writes anything. Knows nothing about
+models or data.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import netrc
 import os
@@ -42,8 +44,13 @@ def _wandb_key_configured() -> bool:
         return False
 
 
+def wandb_project(cfg: WandbConfig) -> str:
+    return cfg.project or os.environ.get("WANDB_PROJECT") or "gpt-pipeline"
+
+
 def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
-    """init_kwargs for Accelerator.init_trackers: a resumed run continues its W&B run."""
+    """init_kwargs for Accelerator.init_trackers: a resumed run continues its W&B run;
+    entity and group from the config, else from W&B's own environment variables."""
     id_file = run_dir / WANDB_ID
     if id_file.is_file():
         run_id = id_file.read_text().strip()
@@ -51,8 +58,55 @@ def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
         run_id = uuid.uuid4().hex[:8]  # W&B's own id format: 8 lowercase alphanumerics
         atomic_write_text(id_file, run_id)
     w = config.tracking.wandb
-    return {"wandb": {"name": config.name, "id": run_id, "resume": "allow", "mode": mode,
-                      "entity": w.entity, "tags": w.tags, "dir": str(run_dir)}}
+    return {"name": config.name, "id": run_id, "resume": "allow", "mode": mode,
+            "entity": w.entity or os.environ.get("WANDB_ENTITY"),
+            "group": w.group or os.environ.get("WANDB_RUN_GROUP"), "tags": w.tags,
+            "dir": str(run_dir)}
+
+
+def trackers(config: Config) -> list[str]:
+    """The trackers this run logs to: tracking.log_with, less W&B when its mode is
+    disabled; PipelineError naming the package when one is not installed."""
+    from pipeline.config import TRACKERS
+
+    chosen = [t for t in config.tracking.log_with
+              if not (t == "wandb" and wandb_mode(config.tracking.wandb) == "disabled")]
+    missing = [t for t in chosen if importlib.util.find_spec(TRACKERS[t]) is None]
+    if missing:
+        raise PipelineError(
+            f"tracking.log_with names {', '.join(missing)}, which is not installed here: "
+            f"pip install {' '.join(TRACKERS[t] for t in missing)} (for tensorboard: pip "
+            f"install 'gpt-pipeline[tensorboard]'), or take it out of tracking.log_with.")
+    return chosen
+
+
+def flat_config(config: Config) -> dict:
+    """The config as one level of dotted keys with scalar values: every tracker stores
+    that (TensorBoard's hparams take nothing nested)."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", str(value) if isinstance(value, list) else value
+    return dict(walk(to_dict(config), ""))
+
+
+class SampleTable:
+    """The samples printed at each evaluation, as a W&B table (step, prompt, text) that
+    grows with the run; other trackers get the text as part of the metrics row."""
+
+    def __init__(self, accelerator, prompt: str):
+        self.accelerator, self.prompt, self.table = accelerator, prompt, None
+        if accelerator.is_main_process and any(t.name == "wandb" for t in accelerator.trackers):
+            import wandb
+            self.table = wandb.Table(columns=["step", "prompt", "text"], log_mode="INCREMENTAL")
+
+    def add(self, step: int, text: str) -> None:
+        if self.table is None:
+            return
+        self.table.add_data(step, self.prompt, text)
+        self.accelerator.get_tracker("wandb", unwrap=True).log({"samples": self.table}, step=step)
 
 
 class MetricsLog:
@@ -116,9 +170,12 @@ class MetricsLog:
 
 
 def start_trackers(accelerator, config: Config, run_dir: Path, mode: str) -> None:
-    """Initialise W&B through Accelerate (a no-op when mode is disabled)."""
-    if mode == "disabled":
+    """Initialise the trackers the Accelerator was made with (none: a no-op)."""
+    if not accelerator.log_with:
         return
-    accelerator.init_trackers(config.tracking.wandb.project, config=to_dict(config),
-                              init_kwargs=wandb_init_kwargs(config, run_dir, mode)
-                              if accelerator.is_main_process else {})
+    init_kwargs = {}
+    names = [getattr(t, "value", t) for t in accelerator.log_with]  # LoggerType is a str enum
+    if accelerator.is_main_process and "wandb" in names:
+        init_kwargs["wandb"] = wandb_init_kwargs(config, run_dir, mode)
+    accelerator.init_trackers(wandb_project(config.tracking.wandb), config=flat_config(config),
+                              init_kwargs=init_kwargs)

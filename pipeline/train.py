@@ -41,7 +41,7 @@ from pipeline.mfu import mfu, peak_flops
 from pipeline.model import GPTModel, count_parameters, flops_per_token
 from pipeline.optim import build_optimizer, build_scheduler, total_steps
 from pipeline.stopping import StopRequest
-from pipeline.tracking import MetricsLog, start_trackers, wandb_mode
+from pipeline.tracking import MetricsLog, SampleTable, start_trackers, trackers, wandb_mode
 
 
 @dataclass
@@ -145,8 +145,9 @@ def make_accelerator(config: Config):
         accelerator = Accelerator(
             mixed_precision=precision,
             gradient_accumulation_steps=config.train.grad_accum_steps,
-            log_with=None if mode == "disabled" else "wandb",
-            project_config=ProjectConfiguration(project_dir=str(config.run_dir)),
+            log_with=trackers(config) or None,
+            project_config=ProjectConfiguration(project_dir=str(config.run_dir),
+                                                logging_dir=str(config.run_dir / "tensorboard")),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
         )
     except (ValueError, RuntimeError) as e:  # the launch environment, e.g. no MASTER_ADDR
@@ -336,6 +337,7 @@ class TrainLoop:
         tr.accelerator.print(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
         self.flops_per_token = flops_per_token(tr.config.model)
         self.interval = Interval()
+        self.samples = SampleTable(tr.accelerator, tr.config.eval.prompt)
         self.started = time.perf_counter() - tr.progress.elapsed
         self.bar = self._progress_bar()
 
@@ -417,6 +419,7 @@ class TrainLoop:
                               order)["loss"]
         val_loss = evaluate(tr.model, tr.val_windows, batch, tr.accelerator, e.batches)["loss"]
         sample = self.sample()
+        self.samples.add(p.step, sample)
         tr.model.train()
         p.best_val_loss = min(p.best_val_loss, val_loss)
         epoch = math.ceil(tr.batches.epoch)  # counted from 1, as the book's "Ep"

@@ -9,7 +9,7 @@ import pytest
 from accelerate import PartialState
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import ModelConfig, TrainConfig, WandbConfig, to_dict
+from pipeline.config import ModelConfig, TrainConfig, WandbConfig, load_config, to_dict
 from pipeline.errors import PipelineError
 from pipeline.mfu import gpu_peak_flops
 from pipeline.model import GPTModel
@@ -108,3 +108,25 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_pa
     log.path.write_text('{"step": 10\n{"step": 20, "tokens": 80}\n')  # damage mid-file
     with pytest.raises(PipelineError, match="line 1 is not JSON"):
         log.rows()
+
+
+def test_trackers_are_checked_and_wandb_settings_fall_back_to_its_environment(monkeypatch, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.tracking import trackers, wandb_init_kwargs, wandb_project
+
+    with pytest.raises(ConfigError, match=r"tracking.log_with=\['neptune'\] is not allowed"):
+        load_config(None, ["tracking.log_with=[neptune]"])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert trackers(load_config(None, ["tracking.log_with=[wandb, tensorboard]"])) == ["tensorboard"]
+    with pytest.raises(PipelineError, match="names aim, which is not installed here: pip install aim"):
+        trackers(load_config(None, ["tracking.log_with=[aim]"]))
+    monkeypatch.setenv("WANDB_PROJECT", "p-env")
+    monkeypatch.setenv("WANDB_ENTITY", "e-env")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "g-env")
+    config = load_config(None, [f"runs_root={tmp_path}"])
+    kwargs = wandb_init_kwargs(config, tmp_path, "offline")
+    assert (wandb_project(config.tracking.wandb), kwargs["entity"], kwargs["group"]) == (
+        "p-env", "e-env", "g-env")
+    config = load_config(None, ["tracking.wandb.project=p", "tracking.wandb.group=g"])
+    assert wandb_project(config.tracking.wandb) == "p"  # the config, when set, wins
+    assert wandb_init_kwargs(config, tmp_path, "offline")["group"] == "g"

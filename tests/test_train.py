@@ -224,3 +224,31 @@ def test_a_second_training_on_the_same_run_is_refused(data_root, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "is in use: process" in " ".join(out.stderr.split())
     assert not (tmp_path / "busy" / "metrics.jsonl").exists()
+
+
+def test_tensorboard_and_offline_wandb_get_the_metrics_and_the_environment_is_honoured(
+        data_root, tmp_path):
+    """TensorBoard's event files, read back with TensorBoard's own reader, hold the loss of
+    every logged step; the offline W&B run takes WANDB_PROJECT / WANDB_RUN_GROUP (the config
+    leaves them null) and holds the samples table."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    e = {**env(), "WANDB_MODE": "offline", "WANDB_PROJECT": "project-from-env",
+         "WANDB_RUN_GROUP": "group-from-env"}
+    out = run_train(train_args(data_root, tmp_path, "tracked", "train.max_steps=4",
+                               "train.log_every_steps=1", "eval.every_steps=2",
+                               "tracking.log_with=[wandb, tensorboard]"), env=e)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = metrics(tmp_path / "tracked")
+    (event_file,) = (tmp_path / "tracked" / "tensorboard").glob("*/events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent)).Reload()
+    assert [(s.step, round(s.value, 4)) for s in events.Scalars("loss")] == [
+        (r["step"], round(r["loss"], 4)) for r in rows if "loss" in r]
+    assert [s.step for s in events.Scalars("val_loss")] == [2, 4]
+    (run_file,) = (tmp_path / "tracked").glob("wandb/offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    assert b"project-from-env" in data and b"group-from-env" in data
+    tables = list((tmp_path / "tracked").glob("wandb/offline-run-*/files/media/table/**/*.json"))
+    assert tables, "the samples table"
+    last = json.loads(max(tables, key=lambda p: p.stat().st_mtime).read_text())
+    assert last["columns"] == ["step", "prompt", "text"] and last["data"][-1][0] == 4
