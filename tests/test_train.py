@@ -252,3 +252,52 @@ def test_tensorboard_and_offline_wandb_get_the_metrics_and_the_environment_is_ho
     assert tables, "the samples table"
     last = json.loads(max(tables, key=lambda p: p.stat().st_mtime).read_text())
     assert last["columns"] == ["step", "prompt", "text"] and last["data"][-1][0] == 4
+
+
+HF_SIDE = r"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+export, prompts, texts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(export)
+model = AutoModelForCausalLM.from_pretrained(export)
+generate = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
+print(json.dumps({
+    "ids": [tok(t, split_special_tokens=True)["input_ids"] for t in texts],
+    "special": tok("end<|endoftext|>start")["input_ids"],
+    "model": [tok.decode(model.generate(**tok(p, return_tensors="pt"), max_new_tokens=10,
+                                        do_sample=False, eos_token_id=None)[0])
+              for p in prompts],
+    "pipeline": [generate(p, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                          return_full_text=True)[0]["generated_text"] for p in prompts],
+}))
+"""
+
+
+def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_generates(
+        data_root, tmp_path):
+    import sys as _sys
+
+    from pipeline.tokenizer import encode
+
+    assert run_train(train_args(data_root, tmp_path, "hf", "train.max_steps=12",
+                                "eval.every_steps=1000")).returncode == 0
+    command = str(Path(_sys.executable).parent / "gpt-pipeline")
+    export = tmp_path / "hf" / "export"
+    done = subprocess.run([command, "export", "--model", str(tmp_path / "hf")], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    prompts = ["Every effort moves you", "def main():", "naïve café — 東京"]
+    texts = prompts + ["tabs\tand  spaces, emoji 😀", "end<|endoftext|>start"]
+    out = subprocess.run([command, "generate", "--model", str(export), "--max-new-tokens", "10",
+                          *[arg for p in prompts for arg in ("--prompt", p)]],
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ours = out.stdout.split("\n" + "-" * 40 + "\n")[:len(prompts)]
+    hf = subprocess.run([_sys.executable, "-c", HF_SIDE, str(export), json.dumps(prompts),
+                         json.dumps(texts)], env=env(), capture_output=True, text=True,
+                        timeout=300)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    got = json.loads(hf.stdout.strip().splitlines()[-1])
+    assert got["ids"] == [encode(t) for t in texts]
+    assert got["special"] == [437, 50256, 9688]  # transformers reads the marker as the token
+    assert got["model"] == got["pipeline"] == ours
