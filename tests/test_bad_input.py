@@ -136,12 +136,13 @@ def test_make_clean_deletes_a_run_and_data_set_and_nothing_it_did_not_write(tmp_
     (["--seed", "100000000000000000000000"], ["--seed", "2**64"]),
     (["--device", "bogus"], ["--device 'bogus'", "cpu"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+    (["--n-heads", "5"], ["emb_dim 768 is not divisible by 5 heads"]),
 ])
 def test_generate_refuses_bad_arguments_in_one_paragraph(tiny_book_model, capsys, args, words):
     from pipeline.generate import main
 
     with pytest.raises(SystemExit) as exit:  # cli_main: the message, then exit 2
-        main(["--model", str(tiny_book_model), *args])
+        main(["--model", str(tiny_book_model), "--n-heads", "12", *args])
     message = " ".join(capsys.readouterr().err.split())
     assert exit.value.code == 2 and message.startswith("error:")
     assert all(word in message for word in words), message
@@ -152,14 +153,14 @@ def test_evaluate_refuses_non_positive_counts(tiny_book_model, capsys, flag):
     from pipeline.evaluate import main
 
     with pytest.raises(SystemExit) as exit:
-        main(["--model", str(tiny_book_model), flag, "-1"])
+        main(["--model", str(tiny_book_model), "--n-heads", "12", flag, "-1"])
     assert exit.value.code == 2
     assert f"{flag} -1: it must be a positive count" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def tiny_book_model(tmp_path_factory) -> Path:
-    """A small book-format model.pth at GPT-2's width (so its head count is known)."""
+    """A small book-format model.pth at GPT-2's width, with GPT-2's 12 heads there."""
     import torch
     from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 
