@@ -20,7 +20,9 @@ checkpoints and exports only as pipeline.weights reads them.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -143,7 +145,61 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="autocast (default: the run's train.precision, else no)")
     p.add_argument("--out", metavar="FILE", help=f"where to write the results (default: "
                                                  f"{EVAL_FILE} beside the model)")
+    p.add_argument("--task", choices=["val", "hellaswag", "mc"], default="val",
+                   help="val: loss and perplexity of the val split (default); hellaswag: "
+                        "accuracy on HellaSwag's val set as llm.c scores it; mc: your own "
+                        "multiple-choice jsonl (--task-file)")
+    p.add_argument("--task-file", metavar="JSONL",
+                   help="the task's examples (hellaswag: default, downloaded once)")
+    p.add_argument("--task-url", default=None, metavar="URL",
+                   help="where HellaSwag's val jsonl is downloaded from (default: llm.c's URL)")
+    p.add_argument("--task-sha256", default=None, metavar="HEX",
+                   help="the sha256 the downloaded task file must have")
     return p.parse_args(argv)
+
+
+def task_examples(args) -> list:
+    """The examples of --task: --task-file, or for hellaswag the val jsonl downloaded once
+    into the cache (size limited, sha256 checked when given)."""
+    from pipeline import tasks
+    from pipeline.corpus import CorpusError, download
+
+    if args.task_file:
+        if not Path(args.task_file).is_file():
+            raise PipelineError(f"--task-file {args.task_file} does not exist")
+        return tasks.read_examples(args.task_file, args.task)
+    if args.task == "mc":
+        raise PipelineError("--task mc needs --task-file FILE (one JSON object per line: "
+                            "context, choices, label)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt-pipeline"
+    url = args.task_url or tasks.HELLASWAG_URL
+    try:
+        path = download(url, cache / "hellaswag", sha256=args.task_sha256,
+                        max_bytes=tasks.HELLASWAG_MAX_BYTES)
+    except CorpusError as e:
+        raise PipelineError(f"HellaSwag's val file (--task-url, --task-sha256): {e} With no "
+                            f"network, download it elsewhere and give --task-file.") from None
+    return tasks.read_examples(path, "hellaswag")
+
+
+def run_task(args, model, info, accelerator) -> dict:
+    from pipeline.tasks import evaluate_task
+
+    examples = task_examples(args)
+    if args.max_batches is not None:  # a quick look: that many batches of examples
+        examples = examples[:args.max_batches * (args.batch_size or 8) * accelerator.num_processes]
+    start = time.perf_counter()
+    result = evaluate_task(model, examples, accelerator, args.batch_size or 8)
+    result["seconds"] = time.perf_counter() - start
+    out = _out_path(args, info)
+    if accelerator.is_main_process:
+        if out is not None:  # beside the val loss, when an earlier run wrote it
+            record = json.loads(out.read_text()) if out.is_file() else {"model": str(args.model)}
+            record.setdefault("tasks", {})[args.task] = result
+            atomic_write_json(out, record)
+        print(f"{args.task}: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
+              f"{result['examples']:,} examples | {out or 'not saved (give --out FILE)'}")
+    return result
 
 
 @cli_main
@@ -160,6 +216,10 @@ def main(argv=None) -> dict:
     model, info = load_model(args.model, context_length=args.context_length,
                              n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
+    if args.task != "val":
+        precision = args.precision or (config.train.precision if config else "no")
+        accelerator = Accelerator(mixed_precision=precision)
+        return run_task(args, model.to(accelerator.device), info, accelerator)
     data_dir = _data_dir(args, config)
     batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)
     precision = args.precision or (config.train.precision if config else "no")

@@ -1,0 +1,151 @@
+"""Multiple-choice tasks scored by the model itself, completion style, as llm.c scores
+HellaSwag (dev/data/hellaswag.py): each choice is appended to the context, the model's
+cross-entropy is taken over the choice's tokens only, and the choice with the lowest
+sum (acc) and the lowest mean per token (acc_norm) is the model's answer.
+
+The general format, one JSON object per line:
+
+    {"context": "A man is sitting on a roof. he", "choices": [" is ...", " starts ..."], "label": 1}
+
+Choices are appended to the context as they are, so they carry their own leading space.
+HellaSwag's val jsonl (ctx, endings, label; ctx_a/ctx_b are parts of ctx) converts into
+it with a space before each ending, as llm.c does. A context and choice longer than the
+model's context are cut from the left of the context (never inside the choice while it fits).
+
+Knows the tokenizer and a model's forward; nothing of files beyond reading jsonl.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+from pipeline.tokenizer import encode
+
+# The file llm.c and build-nanogpt download. Its sha256 is not recorded here: this
+# project's machines have no network to read it from. Pin it with --task-sha256.
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_MAX_BYTES = 64 * 2**20  # the val file is ~11 MB; a wrong URL stops here
+
+
+class TaskError(PipelineError):
+    """A task file that is not in its format."""
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    choices: tuple[str, ...]
+    label: int
+
+
+def read_examples(path: str | Path, task: str) -> list[Example]:
+    """The examples of a task file: `task` is "mc" (the general format) or "hellaswag"."""
+    convert = {"mc": _from_mc, "hellaswag": _from_hellaswag}[task]
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(convert(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise TaskError(f"{path} line {number} is not a {task} example ({e}); "
+                                f"{FORMATS[task]}") from None
+    if not examples:
+        raise TaskError(f"{path} holds no examples; {FORMATS[task]}")
+    return examples
+
+
+FORMATS = {
+    "mc": 'each line must be {"context": str, "choices": [str, ...], "label": index of the '
+          'right choice}',
+    "hellaswag": "each line must be a HellaSwag example with ctx, endings and label",
+}
+
+
+def _from_mc(row: dict) -> Example:
+    return _checked(row["context"], row["choices"], row["label"])
+
+
+def _from_hellaswag(row: dict) -> Example:
+    return _checked(row["ctx"], [" " + ending for ending in row["endings"]], row["label"])
+
+
+def _checked(context, choices, label) -> Example:
+    if not isinstance(context, str) or not isinstance(choices, list) or len(choices) < 2 \
+            or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("context must be text and choices at least two non-empty texts")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise ValueError(f"label {label!r} is not an index into the {len(choices)} choices")
+    return Example(context, tuple(choices), label)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def choice_rows(example: Example, context_length: int) -> list[tuple[list[int], int]]:
+    """Per choice: the token ids context + choice (at most context_length + 1, cut from
+    the left) and how many of the last ids are the choice's."""
+    context = encode(example.context)
+    rows = []
+    for choice in example.choices:
+        ending = encode(choice)
+        ids = (context + ending)[-(context_length + 1):]
+        rows.append((ids, min(len(ending), len(ids) - 1)))
+    return rows
+
+
+def choice_losses(model: torch.nn.Module, rows: list[tuple[list[int], int]], device,
+                  autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, mean) of the token losses of each row's choice, in one padded forward."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (ids, n_choice) in enumerate(rows):
+        n = len(ids) - 1
+        inputs[i, :n], targets[i, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        mask[i, n - n_choice:n] = True  # predictions of the choice's tokens
+    with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+        logits = model(inputs.to(device))
+    losses = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device),
+                             reduction="none") * mask.to(device)
+    sums = losses.sum(dim=1)
+    return sums, sums / mask.sum(dim=1).to(device)
+
+
+def score_examples(model, examples: list[Example], context_length: int, device,
+                   autocast=None, batch_examples: int = 8) -> torch.Tensor:
+    """[right by sum, right by mean, examples] (float64) over `examples`."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, len(examples), batch_examples):
+        chunk = examples[start:start + batch_examples]
+        rows = [row for ex in chunk for row in choice_rows(ex, context_length)]
+        sums, means = choice_losses(model, rows, device, autocast)
+        first = 0
+        for ex in chunk:
+            n = len(ex.choices)
+            counts[0] += int(sums[first:first + n].argmin()) == ex.label
+            counts[1] += int(means[first:first + n].argmin()) == ex.label
+            first += n
+        counts[2] += len(chunk)
+    return counts
+
+
+def evaluate_task(model, examples: list[Example], accelerator, batch_examples: int = 8) -> dict:
+    """acc, acc_norm and the number of examples, each process scoring a disjoint share
+    (every num_processes-th example) and the counts summed once."""
+    was_training = model.training
+    model.eval()
+    share = examples[accelerator.process_index::accelerator.num_processes]
+    context_length = accelerator.unwrap_model(model).cfg.context_length
+    counts = score_examples(model, share, context_length, accelerator.device,
+                            accelerator.autocast, batch_examples)
+    right, right_norm, n = accelerator.reduce(counts, reduction="sum").tolist()
+    model.train(was_training)
+    return {"acc": right / n, "acc_norm": right_norm / n, "examples": int(n)}

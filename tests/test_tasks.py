@@ -1,0 +1,128 @@
+"""Multiple-choice scoring (HellaSwag as llm.c scores it, and the general jsonl format)
+against an independent computation with transformers' GPT2LMHeadModel on the same weights."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.evaluate import main
+from pipeline.tasks import read_examples
+from pipeline.tokenizer import encode
+
+transformers = pytest.importorskip("transformers")
+
+ROWS = [  # HellaSwag's val structure: ctx = ctx_a + " " + ctx_b
+    ("A man is sitting on a roof.", "he", ["is using wrap to wrap a pair of skis.",
+     "is ripping level tiles off.", "is holding a rubik's cube.", "starts pulling up roofing."]),
+    ("A woman pours flour into a bowl.", "She", ["cracks two eggs into it.",
+     "throws the bowl at the wall.", "begins to sing loudly.", "paints the ceiling blue."]),
+    ("Two kids ride bikes down a hill.", "they", ["reach the bottom and stop.",
+     "fly into the clouds.", "turn into fish.", "read a newspaper together."]),
+    ("A chef slices an onion on a board.", "He", ["puts the pieces into a hot pan.",
+     "swims across the lake.", "plays the violin.", "climbs a tree slowly."]),
+    ("Naïve café owners open the shop — early.", "They", ["unlock the door and turn on the lights.",
+     "launch a rocket.", "eat the chairs.", "count to a million."]),
+]
+
+
+def write_hellaswag(path, labels=(3, 0, 0, 0, 0)):
+    with open(path, "w") as f:
+        for i, ((a, b, endings), label) in enumerate(zip(ROWS, labels)):
+            f.write(json.dumps({"ind": i, "activity_label": "test", "ctx_a": a, "ctx_b": b,
+                                "ctx": f"{a} {b}", "split": "val", "split_type": "indomain",
+                                "label": label, "endings": endings,
+                                "source_id": f"test~{i}"}) + "\n")
+
+
+def hf_model(tmp_path, tie: bool):
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                     tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+def reference(model, path, losses_out=None) -> dict:
+    """llm.c's rule written out: per ending, the summed and the mean loss of its tokens
+    after the context, with a space before the ending; the lowest wins."""
+    right = right_norm = n = 0
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        ctx = encode(row["ctx"])
+        sums, means = [], []
+        for ending in row["endings"]:
+            end = encode(" " + ending)
+            ids = torch.tensor([ctx + end])
+            with torch.no_grad():
+                logits = model(ids).logits[0, :-1]
+            losses = F.cross_entropy(logits, ids[0, 1:], reduction="none")[-len(end):]
+            sums.append(losses.sum().item())
+            means.append(losses.mean().item())
+        if losses_out is not None:
+            losses_out.append((sums, means))
+        right += min(range(4), key=sums.__getitem__) == row["label"]
+        right_norm += min(range(4), key=means.__getitem__) == row["label"]
+        n += 1
+    return {"acc": right / n, "acc_norm": right_norm / n, "examples": n}
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_hellaswag_scores_equal_an_independent_transformers_computation(tmp_path, tie, capsys):
+    model = hf_model(tmp_path, tie)
+    task = tmp_path / "hellaswag_val.jsonl"
+    write_hellaswag(task)
+    per_choice = []
+    expected = reference(model, task, per_choice)
+    from pipeline.tasks import choice_losses, choice_rows
+    from pipeline.weights import load_model
+    ours, _ = load_model(tmp_path / "hf")
+    for example, (sums, means) in zip(read_examples(task, "hellaswag"), per_choice):
+        got_sums, got_means = choice_losses(ours, choice_rows(example, 64), torch.device("cpu"))
+        torch.testing.assert_close(got_sums, torch.tensor(sums), atol=1e-4, rtol=0)
+        torch.testing.assert_close(got_means, torch.tensor(means), atol=1e-5, rtol=0)
+    got = main(["--model", str(tmp_path / "hf"), "--task", "hellaswag", "--task-file", str(task),
+                "--batch-size", "2", "--out", str(tmp_path / "eval.json")])
+    assert {k: got[k] for k in expected} == expected
+    saved = json.loads((tmp_path / "eval.json").read_text())["tasks"]["hellaswag"]
+    assert saved["acc_norm"] == expected["acc_norm"] and saved["examples"] == 5
+    # the same examples in the general format give the same numbers
+    mc = tmp_path / "mine.jsonl"
+    mc.write_text("".join(json.dumps({"context": ex.context, "choices": list(ex.choices),
+                                      "label": ex.label}) + "\n"
+                          for ex in read_examples(task, "hellaswag")))
+    got_mc = main(["--model", str(tmp_path / "hf"), "--task", "mc", "--task-file", str(mc),
+                   "--out", str(tmp_path / "eval.json")])
+    assert {k: got_mc[k] for k in expected} == expected
+    tasks = json.loads((tmp_path / "eval.json").read_text())["tasks"]
+    assert set(tasks) == {"hellaswag", "mc"}  # results sit side by side
+
+
+def test_a_bad_task_line_is_named(tmp_path, capsys):
+    hf_model(tmp_path, True)
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n'
+                   '{"context": "a", "choices": ["b"], "label": 0}\n')
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "hf"), "--task", "mc", "--task-file", str(bad)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "mine.jsonl line 2 is not a mc example" in err and "Traceback" not in err
+
+
+def test_the_downloaded_task_file_is_refused_when_its_sha256_differs(tmp_path, capsys, monkeypatch):
+    hf_model(tmp_path, True)
+    served = tmp_path / "served" / "hellaswag_val.jsonl"
+    served.parent.mkdir()
+    write_hellaswag(served)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--model", str(tmp_path / "hf"), "--task", "hellaswag",
+            "--task-url", served.as_uri(), "--out", str(tmp_path / "eval.json")]
+    with pytest.raises(SystemExit):
+        main([*args, "--task-sha256", "0" * 63 + "1"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "HellaSwag's val file" in err and "sha256" in err and "Traceback" not in err
+    assert not list((tmp_path / "cache").rglob("*.jsonl"))  # nothing kept
+    from pipeline.fileio import file_sha256
+    got = main([*args, "--task-sha256", file_sha256(served)])
+    assert got["examples"] == 5 and list((tmp_path / "cache").rglob("*.jsonl"))
