@@ -96,6 +96,49 @@ def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: in
             "seconds": seconds, "tokens_per_second": tokens / seconds}
 
 
+def sliding_window_sums(model: torch.nn.Module, ids: list[int], context_length: int,
+                        stride: int, device, autocast=None, rank: int = 0,
+                        world: int = 1) -> torch.Tensor:
+    """[sum of token losses, tokens] over one token sequence, windowed exactly as the
+    Hugging Face perplexity guide does: windows of context_length tokens start every
+    `stride` tokens, and each scores only the tokens after the previous window's end, with
+    up to context_length - stride tokens of context before them. No token is scored twice;
+    with stride = context_length the first token of each window is not scored (nothing
+    precedes it there). Process `rank` of `world` takes every world-th window."""
+    windows, previous_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context_length, len(ids))
+        windows.append((begin, end, end - previous_end))  # the last n tokens are new
+        previous_end = end
+        if end == len(ids):
+            break
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for begin, end, new in windows[rank::world]:
+        if end - begin < 2:
+            continue
+        window = torch.tensor(ids[begin:end], device=device)
+        x, y = window[:-1].unsqueeze(0), window[1:].clone().unsqueeze(0)
+        y[0, :max(end - begin - new - 1, 0)] = IGNORE_INDEX  # scored by an earlier window
+        counted = (y != IGNORE_INDEX).sum().double()
+        with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+            loss = model(x, targets=y)
+        sums += torch.stack([loss.double() * counted, counted])
+    return sums
+
+
+def text_ids(paths: list[str]) -> list[int]:
+    """The documents of text files (txt, jsonl, parquet: the corpus readers) as one token
+    sequence, each document preceded by <|endoftext|> as prepare lays them out."""
+    from pipeline.config import SourceConfig
+    from pipeline.corpus import documents
+    from pipeline.tokenizer import EOT_ID, encode
+
+    ids: list[int] = []
+    for doc in documents(SourceConfig(kind="files", paths=list(paths)), Path(".")):
+        ids += [EOT_ID, *encode(doc)]
+    return ids
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -155,7 +198,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where HellaSwag's val jsonl is downloaded from (default: llm.c's URL)")
     p.add_argument("--task-sha256", default=None, metavar="HEX",
                    help="the sha256 the downloaded task file must have")
+    p.add_argument("--text", nargs="+", metavar="FILE",
+                   help="instead of a data set: perplexity of these files (txt, jsonl, parquet)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="with --text: tokens between window starts (default: the context "
+                        "length; smaller gives each token more context, as HF's guide)")
     return p.parse_args(argv)
+
+
+def run_text(args, model, info, accelerator) -> dict:
+    context = model.cfg.context_length
+    stride = args.stride or context
+    if not 0 < stride <= context:
+        raise PipelineError(f"--stride {stride}: it must be 1 .. the context length ({context})")
+    ids = text_ids(args.text)
+    start = time.perf_counter()
+    sums = accelerator.reduce(sliding_window_sums(
+        model, ids, context, stride, accelerator.device, accelerator.autocast,
+        accelerator.process_index, accelerator.num_processes), reduction="sum")
+    loss_total, tokens = sums.tolist()
+    loss = loss_total / tokens
+    result = {"text": list(args.text), "stride": stride, "loss": loss,
+              "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
+              "seconds": time.perf_counter() - start}
+    if accelerator.is_main_process:
+        if args.out:
+            atomic_write_json(Path(args.out), {"model": str(args.model), **result})
+        print(f"text loss {loss:.4f} | perplexity {result['perplexity']:.2f} | "
+              f"{int(tokens):,} tokens | stride {stride} | {args.out or 'not saved (give --out FILE)'}")
+    return result
 
 
 def task_examples(args) -> list:
@@ -216,10 +287,11 @@ def main(argv=None) -> dict:
     model, info = load_model(args.model, context_length=args.context_length,
                              n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
-    if args.task != "val":
+    if args.task != "val" or args.text:
         precision = args.precision or (config.train.precision if config else "no")
         accelerator = Accelerator(mixed_precision=precision)
-        return run_task(args, model.to(accelerator.device), info, accelerator)
+        run_other = run_text if args.text else run_task
+        return run_other(args, model.to(accelerator.device), info, accelerator)
     data_dir = _data_dir(args, config)
     batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)
     precision = args.precision or (config.train.precision if config else "no")

@@ -126,3 +126,34 @@ def test_the_downloaded_task_file_is_refused_when_its_sha256_differs(tmp_path, c
     from pipeline.fileio import file_sha256
     got = main([*args, "--task-sha256", file_sha256(served)])
     assert got["examples"] == 5 and list((tmp_path / "cache").rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize("stride", [64, 24])
+def test_text_perplexity_equals_the_hugging_face_guides_sliding_window(tmp_path, stride):
+    model = hf_model(tmp_path, True)
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(f"Sentence {i} is about the number {i * 7 % 13}." for i in range(40)))
+    from pipeline.tokenizer import EOT_ID
+    ids = torch.tensor([[EOT_ID, *encode(text.read_text())]])
+    max_length, nll_sum, n_tokens, prev_end = 64, 0.0, 0, 0  # the guide's loop, verbatim rules
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + max_length, ids.size(1))
+        trg_len = end - prev_end
+        input_ids = ids[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        valid = (target_ids[:, 1:] != -100).sum().item()
+        nll_sum += loss.item() * valid
+        n_tokens += valid
+        prev_end = end
+        if end == ids.size(1):
+            break
+    got = main(["--model", str(tmp_path / "hf"), "--text", str(text), "--stride", str(stride),
+                "--out", str(tmp_path / "ppl.json")])
+    assert got["tokens"] == n_tokens
+    # A smaller stride scores every token but the first; stride = context skips the first
+    # token of each window (it has no context there), as the guide does.
+    assert n_tokens == (ids.size(1) - 1 if stride < 64 else ids.size(1) - -(-ids.size(1) // 64))
+    assert got["loss"] == pytest.approx(nll_sum / n_tokens, abs=1e-5)
