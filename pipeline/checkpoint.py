@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint.state_dict as dcp_sd
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
@@ -174,8 +173,16 @@ OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
 
 
+def _state_dict_api():
+    """torch's distributed state-dict API, imported when a checkpoint is written or read:
+    the import takes ~4 s on a small CPU, which readers of the weights alone (evaluate,
+    export, generate) should not pay."""
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+    return dcp_sd
+
+
 def _full(**kw):
-    return dcp_sd.StateDictOptions(full_state_dict=True, **kw)
+    return _state_dict_api().StateDictOptions(full_state_dict=True, **kw)
 
 
 class CheckpointWriteError(PipelineError):
@@ -191,6 +198,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
     the run used and a resume may choose another. A failed write (on any process)
     removes the temporary directory and raises CheckpointWriteError on every process."""
     # Gathering full state dicts is collective under FSDP: every rank takes part.
+    dcp_sd = _state_dict_api()
     model_state = dcp_sd.get_model_state_dict(model, options=_full(cpu_offload=True))
     optim_state = dcp_sd.get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True))
     if meta["model"]["tie_embeddings"]:
@@ -307,6 +315,7 @@ def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, part
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     _, model_state = load_model_state(ckpt_dir)
+    dcp_sd = _state_dict_api()
     dcp_sd.set_model_state_dict(model, model_state, options=_full())
     optim_state = torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True)
     dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state, options=_full())

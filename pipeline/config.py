@@ -156,6 +156,13 @@ class EvalConfig:
     max_new_tokens: int = 50
     temperature: float = 0.0  # 0: greedy, as the book's generate_and_print_sample
     top_k: Optional[int] = None
+    # Multiple-choice tasks scored during training (metrics <task>_acc, <task>_acc_norm):
+    # hellaswag (HellaSwag's val set, downloaded once, or task_file) or mc (task_file:
+    # one {"context", "choices", "label"} per line). [] for none.
+    tasks: list[str] = field(default_factory=list)
+    task_file: Optional[str] = None
+    task_every_steps: Optional[int] = None  # null: at every evaluation
+    task_examples: Optional[int] = 500  # the first N examples, for speed (null: all)
 
 
 @dataclass
@@ -378,6 +385,13 @@ def validate(config: Config) -> None:
              e.temperature, "0 (greedy) or a positive number")
     _require(e.top_k is None or 0 < e.top_k <= config.model.vocab_size, "eval.top_k", e.top_k,
              f"null or 1 .. model.vocab_size ({config.model.vocab_size})")
+    _require(all(t in ("hellaswag", "mc") for t in e.tasks), "eval.tasks", e.tasks,
+             "a list of hellaswag and mc")
+    _require("mc" not in e.tasks or bool(e.task_file), "eval.task_file", e.task_file,
+             "a jsonl file when eval.tasks has mc")
+    for key in ("task_every_steps", "task_examples"):
+        _require(getattr(e, key) is None or getattr(e, key) > 0, f"eval.{key}",
+                 getattr(e, key), "positive, or null")
     c = config.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive count")
     _require(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "0 (keep all) or more")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -229,34 +228,11 @@ def run_text(args, model, info, accelerator) -> dict:
     return result
 
 
-def task_examples(args) -> list:
-    """The examples of --task: --task-file, or for hellaswag the val jsonl downloaded once
-    into the cache (size limited, sha256 checked when given)."""
-    from pipeline import tasks
-    from pipeline.corpus import CorpusError, download
-
-    if args.task_file:
-        if not Path(args.task_file).is_file():
-            raise PipelineError(f"--task-file {args.task_file} does not exist")
-        return tasks.read_examples(args.task_file, args.task)
-    if args.task == "mc":
-        raise PipelineError("--task mc needs --task-file FILE (one JSON object per line: "
-                            "context, choices, label)")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt-pipeline"
-    url = args.task_url or tasks.HELLASWAG_URL
-    try:
-        path = download(url, cache / "hellaswag", sha256=args.task_sha256,
-                        max_bytes=tasks.HELLASWAG_MAX_BYTES)
-    except CorpusError as e:
-        raise PipelineError(f"HellaSwag's val file (--task-url, --task-sha256): {e} With no "
-                            f"network, download it elsewhere and give --task-file.") from None
-    return tasks.read_examples(path, "hellaswag")
-
-
 def run_task(args, model, info, accelerator) -> dict:
     from pipeline.tasks import evaluate_task
 
-    examples = task_examples(args)
+    from pipeline.tasks import load_task
+    examples = load_task(args.task, args.task_file, args.task_url, args.task_sha256)
     if args.max_batches is not None:  # a quick look: that many batches of examples
         examples = examples[:args.max_batches * (args.batch_size or 8) * accelerator.num_processes]
     start = time.perf_counter()

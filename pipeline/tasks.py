@@ -17,6 +17,7 @@ Knows the tokenizer and a model's forward; nothing of files beyond reading jsonl
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,30 @@ def _checked(context, choices, label) -> Example:
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
         raise ValueError(f"label {label!r} is not an index into the {len(choices)} choices")
     return Example(context, tuple(choices), label)
+
+
+def load_task(task: str, task_file: str | None = None, url: str | None = None,
+              sha256: str | None = None) -> list[Example]:
+    """The examples of `task`: from `task_file`, or for hellaswag the val jsonl downloaded
+    once into ~/.cache/gpt-pipeline (size limited; its sha256 checked when given)."""
+    from pipeline.corpus import CorpusError, download
+
+    if task_file:
+        if not Path(task_file).is_file():
+            raise TaskError(f"the task file {task_file} does not exist")
+        return read_examples(task_file, task)
+    if task != "hellaswag":
+        raise TaskError(f"task {task} needs a task file (one JSON object per line: context, "
+                        f"choices, label)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt-pipeline"
+    try:
+        path = download(url or HELLASWAG_URL, cache / "hellaswag", sha256=sha256,
+                        max_bytes=HELLASWAG_MAX_BYTES)
+    except CorpusError as e:
+        raise TaskError(f"HellaSwag's val file (--task-url, --task-sha256): {e} With no "
+                        f"network, download it elsewhere and give its path as the task "
+                        f"file.") from None
+    return read_examples(path, "hellaswag")
 
 
 # ----------------------------------------------------------------------------- scoring

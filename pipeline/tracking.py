@@ -155,7 +155,10 @@ class MetricsLog:
         rows = self.rows()
         train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(6, 4))
+        tasks = sorted({k for r in rows for k in r if k.endswith("_acc_norm")})
+        fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4),
+                                 squeeze=False)
+        ax = axes[0][0]
         if train:
             ax.plot(*zip(*train), label="Training loss", alpha=0.8)
         if val:
@@ -163,6 +166,14 @@ class MetricsLog:
         ax.set_xlabel("Tokens seen")
         ax.set_ylabel("Loss")
         ax.legend(loc="upper right")
+        if tasks:  # a second panel, as build-nanogpt's plots have: task accuracy over tokens
+            right = axes[0][1]
+            for key in tasks:
+                right.plot(*zip(*[(r["tokens"], r[key]) for r in rows if key in r]),
+                           marker="o", markersize=3, label=key)
+            right.set_xlabel("Tokens seen")
+            right.set_ylabel("Accuracy (normalized)")
+            right.legend(loc="lower right")
         fig.tight_layout()
         with atomic_open(self.plot_path, "wb") as f:
             fig.savefig(f, format="png", dpi=100)

@@ -221,6 +221,7 @@ class Training:
     plan: BatchPlan
     parameters: int
     progress: Progress = field(default_factory=Progress)
+    tasks: dict = field(default_factory=dict)  # eval.tasks: name -> examples (pipeline.tasks)
 
     def stateful_parts(self) -> dict:
         """Everything a checkpoint saves besides the model and the optimizer, by name;
@@ -248,7 +249,14 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Training(config, accelerator, model, optimizer, scheduler, train_windows,
-                    val_windows, batches, plan, parameters)
+                    val_windows, batches, plan, parameters, tasks=task_examples(config))
+
+
+def task_examples(config: Config) -> dict:
+    """The examples of eval.tasks, read (or downloaded) before training starts."""
+    from pipeline.tasks import load_task
+    e = config.eval
+    return {task: load_task(task, e.task_file)[:e.task_examples] for task in e.tasks}
 
 
 def run(config: Config, stop: StopRequest | None = None) -> dict:
@@ -420,14 +428,30 @@ class TrainLoop:
         val_loss = evaluate(tr.model, tr.val_windows, batch, tr.accelerator, e.batches)["loss"]
         sample = self.sample()
         self.samples.add(p.step, sample)
+        scores = self.score_tasks()
         tr.model.train()
         p.best_val_loss = min(p.best_val_loss, val_loss)
         epoch = math.ceil(tr.batches.epoch)  # counted from 1, as the book's "Ep"
+        tasks = "".join(f" | {k} {v:.3f}" for k, v in scores.items() if k.endswith("acc_norm"))
         self.say(f"step {p.step:>6} (ep {epoch}) | "
-                       f"tokens {p.tokens:,} | "
-                       f"train loss {train_loss:.3f} | val loss {val_loss:.3f}\n"
-                       f"  sample: {sample!r}")
-        return {"train_loss": train_loss, "val_loss": val_loss, "sample": sample}
+                 f"tokens {p.tokens:,} | "
+                 f"train loss {train_loss:.3f} | val loss {val_loss:.3f}{tasks}\n"
+                 f"  sample: {sample!r}")
+        return {"train_loss": train_loss, "val_loss": val_loss, "sample": sample, **scores}
+
+    def score_tasks(self) -> dict:
+        """<task>_acc and <task>_acc_norm of eval.tasks, when due at this evaluation."""
+        from pipeline.tasks import evaluate_task
+
+        tr, e = self.tr, self.tr.config.eval
+        step, last = tr.progress.step, tr.plan.max_steps
+        if not tr.tasks or (e.task_every_steps and step % e.task_every_steps and step != last):
+            return {}
+        scores = {}
+        for task, examples in tr.tasks.items():
+            result = evaluate_task(tr.model, examples, tr.accelerator, tr.plan.micro_batch_size)
+            scores.update({f"{task}_acc": result["acc"], f"{task}_acc_norm": result["acc_norm"]})
+        return scores
 
     def sample(self) -> str:
         """Text continuing eval.prompt; every process generates (FSDP needs all of them

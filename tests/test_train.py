@@ -60,15 +60,21 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(data_root, tmp_path):
-    args = train_args(data_root, tmp_path, "falls", "train.max_steps=60", "eval.every_steps=30",
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory):
+    """One 60-step run (offline W&B) that several tests read: (its directory, its output)."""
+    runs = tmp_path_factory.mktemp("runs")
+    args = train_args(data_root, runs, "falls", "train.max_steps=60", "eval.every_steps=30",
                       "train.log_every_steps=1", "train.warmup_steps=5",
                       "checkpoint.every_steps=60", "tracking.wandb.mode=offline")
     e = env()
     e.pop("WANDB_MODE")
-    out = run_train(args, env=e)
+    return runs / "falls", run_train(args, env=e)
+
+
+def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained_run):
+    run_dir, out = trained_run
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = tmp_path / "falls"
     rows = metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [30, 60]
@@ -274,17 +280,17 @@ print(json.dumps({
 
 
 def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_generates(
-        data_root, tmp_path):
+        trained_run, tmp_path):
     import sys as _sys
 
     from pipeline.tokenizer import encode
 
-    assert run_train(train_args(data_root, tmp_path, "hf", "train.max_steps=12",
-                                "eval.every_steps=1000")).returncode == 0
+    run_dir, trained = trained_run
+    assert trained.returncode == 0, trained.stderr[-3000:]
     command = str(Path(_sys.executable).parent / "gpt-pipeline")
-    export = tmp_path / "hf" / "export"
-    done = subprocess.run([command, "export", "--model", str(tmp_path / "hf")], env=env(),
-                          capture_output=True, text=True, timeout=300)
+    export = tmp_path / "export"
+    done = subprocess.run([command, "export", "--model", str(run_dir), "--out", str(export)],
+                          env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     prompts = ["Every effort moves you", "def main():", "naïve café — 東京"]
     texts = prompts + ["tabs\tand  spaces, emoji 😀", "end<|endoftext|>start"]
@@ -301,3 +307,24 @@ def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_
     assert got["ids"] == [encode(t) for t in texts]
     assert got["special"] == [437, 50256, 9688]  # transformers reads the marker as the token
     assert got["model"] == got["pipeline"] == ours
+
+
+def test_a_task_scored_during_training_is_logged_beside_the_val_loss(data_root, tmp_path):
+    """eval.tasks: acc and acc_norm at the evaluations, equal to what the evaluate stage
+    gives the same checkpoint, and a second panel in loss.png."""
+    task = tmp_path / "mine.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Line {i} of the file says", "choices": [
+        " hello", " def main():", " import os", " the end"], "label": i % 4}) + "\n"
+        for i in range(12)))
+    out = run_train(train_args(data_root, tmp_path, "tasks", "train.max_steps=4",
+                               "eval.every_steps=2", "eval.tasks=[mc]", f"eval.task_file={task}",
+                               "eval.task_every_steps=4", "checkpoint.every_steps=4"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "tasks") if "val_loss" in r]
+    assert [("mc_acc_norm" in r) for r in rows] == [False, True]  # step 2: not due
+    assert "mc_acc_norm" in out.stdout
+    from pipeline.evaluate import main as evaluate_main
+    got = evaluate_main(["--model", str(tmp_path / "tasks"), "--task", "mc", "--task-file",
+                         str(task), "--out", str(tmp_path / "eval.json")])
+    assert (got["acc"], got["acc_norm"]) == (rows[-1]["mc_acc"], rows[-1]["mc_acc_norm"])
+    assert (tmp_path / "tasks" / "loss.png").stat().st_size > 1000
