@@ -157,3 +157,31 @@ def test_text_perplexity_equals_the_hugging_face_guides_sliding_window(tmp_path,
     # token of each window (it has no context there), as the guide does.
     assert n_tokens == (ids.size(1) - 1 if stride < 64 else ids.size(1) - -(-ids.size(1) // 64))
     assert got["loss"] == pytest.approx(nll_sum / n_tokens, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_a_task_as_one(tmp_path, free_port):
+    """Each process a disjoint share (5 examples: 3 and 2), the counts summed once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hf_model(tmp_path, False)
+    task = tmp_path / "hellaswag_val.jsonl"
+    write_hellaswag(task, labels=(0, 1, 2, 3, 0))
+    args = ["--model", str(tmp_path / "hf"), "--task", "hellaswag", "--task-file", str(task),
+            "--batch-size", "2"]
+    single = main([*args, "--out", str(tmp_path / "one.json")])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+              str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "pipeline.evaluate", *args, "--out", str(tmp_path / "two.json")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads((tmp_path / "two.json").read_text())["tasks"]["hellaswag"]
+    assert done.stdout.count("hellaswag: acc") == 1
+    assert {k: double[k] for k in ("acc", "acc_norm", "examples")} == {
+        k: single[k] for k in ("acc", "acc_norm", "examples")}
