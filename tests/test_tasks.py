@@ -128,7 +128,7 @@ def test_the_downloaded_task_file_is_refused_when_its_sha256_differs(tmp_path, c
     assert got["examples"] == 5 and list((tmp_path / "cache").rglob("*.jsonl"))
 
 
-@pytest.mark.parametrize("stride", [64, 24])
+@pytest.mark.parametrize("stride", [1, 32, 64])  # 1, context / 2, context
 def test_text_perplexity_equals_the_hugging_face_guides_sliding_window(tmp_path, stride):
     model = hf_model(tmp_path, True)
     text = tmp_path / "wiki.txt"
