@@ -10,6 +10,7 @@ from benchmarks.common import bf16_meaningful
 pytest.importorskip("transformers")
 
 
+@pytest.mark.slow  # end to end: real models, seconds
 def test_quick_train_and_evaluate_write_their_tables(tmp_path, capsys):
     main(["--quick", "--out", str(tmp_path), "train", "evaluate"])
     train = json.loads((tmp_path / "train.json").read_text())

@@ -54,6 +54,7 @@ def test_imported_logits_equal_transformers(tmp_path, safe):
         torch.testing.assert_close(ours(idx), reference(idx).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # end to end: real models, seconds
 def test_gpt2_124m_shape_imports_as_the_default_config_with_its_logits(tmp_path):
     """The one full-size case: GPT-2 124M's files read as this project's default model
     (the mapping itself, export included, is checked on tiny models, in less time)."""

@@ -265,22 +265,32 @@ def run_cli(*args, cwd):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_empty_corpus_exits_2_without_traceback(tmp_path):
+def run_in_process(capsys, *args) -> tuple[int, str]:
+    """The stage's CLI in this process (cli_main's exit code and stderr): what a user sees,
+    without a second interpreter's start-up. Give data.num_workers=1: a tokenizer pool
+    forked from pytest's threaded process can deadlock."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_empty_corpus_exits_2_without_traceback(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("")
-    out = run_cli("data.source.kind=files", "data.source.paths=[src]", "data.name=e",
-                  cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert "error: the corpus is empty" in out.stderr and "Traceback" not in out.stderr
+    code, err = run_in_process(capsys, "data.source.kind=files",
+                               f"data.source.paths=[{tmp_path / 'src'}]", "data.name=e",
+                               f"data.root={tmp_path / 'data'}", "data.num_workers=1")
+    assert code == 2 and "error: the corpus is empty" in err and "Traceback" not in err
 
 
-def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_path):
+def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_path, capsys):
     (tmp_path / "book.txt").write_text(text_of(5, 300))
-    out = run_cli("data.source.kind=files", "data.source.paths=[book.txt]", "data.name=s",
-                  "data.split_by=text", "model.context_length=256", cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr
-    message = " ".join(out.stderr.split())
+    code, err = run_in_process(capsys, "data.source.kind=files",
+                               f"data.source.paths=[{tmp_path / 'book.txt'}]", "data.name=s",
+                               f"data.root={tmp_path / 'data'}", "data.split_by=text",
+                               "model.context_length=256", "data.num_workers=1")
+    assert code == 2 and "Traceback" not in err
+    message = " ".join(err.split())
     assert "too small: its val split holds no window of model.context_length + 1 = 257" in message
     assert "raise data.val_fraction" in message and "lower model.context_length" in message
     assert list((tmp_path / "data" / "s").glob("*.bin")) == []
