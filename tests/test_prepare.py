@@ -337,3 +337,12 @@ def test_a_full_disk_during_a_rebuild_keeps_the_old_data_set(small_disk, capsys)
     filler.unlink()  # space freed: the same command now succeeds
     main([*args, "data.val_fraction=0.2", "--force"])
     assert '"val_fraction": 0.2' in (data_dir / "manifest.json").read_text()
+
+
+def test_a_data_directory_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "std").write_text("my notes")
+    code, err = run_in_process(capsys, *stdlib_args(tmp_path))
+    assert code == 2 and "Traceback" not in err
+    assert "is a file, not a directory" in " ".join(err.split())
+    assert (tmp_path / "data" / "std").read_text() == "my notes"
