@@ -170,7 +170,7 @@ def _out_path(args, info) -> Path | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pipeline.weights import add_model_argument
+    from pipeline.weights import add_model_argument, positive_int
 
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
                                 description="Val loss and perplexity of a model.")
@@ -199,10 +199,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the sha256 the downloaded task file must have")
     p.add_argument("--text", nargs="+", metavar="FILE",
                    help="instead of a data set: perplexity of these files (txt, jsonl, parquet)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="with --text: tokens between window starts (default: the context "
                         "length; smaller gives each token more context, as HF's guide)")
     return p.parse_args(argv)
+
+
+def check_inputs(args) -> None:
+    """The files a run will read, before the model is loaded."""
+    from pipeline.corpus import resolve_files
+
+    if args.text:
+        resolve_files(args.text)  # names an entry that matches no file
+    if args.task_file and not Path(args.task_file).is_file():
+        raise PipelineError(f"--task-file {args.task_file} does not exist")
+    if args.task == "mc" and not args.task_file:
+        raise PipelineError("--task mc needs --task-file FILE (one JSON object per line: "
+                            "context, choices, label)")
 
 
 def run_text(args, model, info, accelerator) -> dict:
@@ -260,6 +273,7 @@ def main(argv=None) -> dict:
                         ("--context-length", args.context_length)):
         if value is not None and value < 1:
             raise PipelineError(f"{flag} {value}: it must be a positive count")
+    check_inputs(args)
     model, info = load_model(args.model, context_length=args.context_length,
                              n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)

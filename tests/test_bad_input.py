@@ -52,6 +52,13 @@ BAD_VALUES = [
     ("model.init=xavier", ["model.init='xavier'", "gpt2, torch_default"]),
     ("train.order=random", ["train.order='random'", "shuffle, book"]),
     ("train.weight_decay_on=some", ["train.weight_decay_on='some'", "matrices, all"]),
+    ("train.collective_timeout_minutes=0", ["train.collective_timeout_minutes=0.0",
+                                            "positive number of minutes"]),
+    ("tracking.log_with=[wandb,wandb]", ["tracking.log_with=['wandb', 'wandb']", "distinct"]),
+    ("eval.tasks=[arc]", ["eval.tasks=['arc']", "hellaswag and mc"]),
+    ("eval.tasks=[mc]", ["eval.task_file=None", "a jsonl file when eval.tasks has mc"]),
+    ("eval.task_every_steps=0", ["eval.task_every_steps=0", "positive, or null"]),
+    ("eval.task_examples=-2", ["eval.task_examples=-2", "positive, or null"]),
 ]
 
 HOSTILE_NAMES = ["", ".", "..", "../x", "/etc", "a/b", ".hidden", "x`touch m`", "$(id)",
@@ -145,6 +152,26 @@ def test_generate_refuses_bad_arguments_in_one_paragraph(tiny_book_model, capsys
         main(["--model", str(tiny_book_model), "--n-heads", "12", *args])
     message = " ".join(capsys.readouterr().err.split())
     assert exit.value.code == 2 and message.startswith("error:")
+    assert all(word in message for word in words), message
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--stride", "0"], ["--stride", "not a positive whole number"]),
+    (["--stride", "100"], ["--stride 100", "1 .. the context length (8)"]),
+    (["--n-heads", "0"], ["--n-heads", "not a positive whole number"]),
+    (["--text", "no-such.txt"], ["'no-such.txt' matches no file"]),
+    (["--task", "mc"], ["--task mc needs --task-file"]),
+    (["--task", "hellaswag", "--task-file", "no-such.jsonl"], ["--task-file no-such.jsonl does not exist"]),
+])
+def test_evaluate_refuses_bad_task_and_text_arguments(tiny_book_model, tmp_path, capsys, args, words):
+    from pipeline.evaluate import main
+
+    (tmp_path / "some.txt").write_text("Some text to score, long enough for one window or two.")
+    text = [] if "--text" in args or "--task" in args else ["--text", str(tmp_path / "some.txt")]
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", str(tiny_book_model), "--n-heads", "12", *text, *args])
+    message = " ".join(capsys.readouterr().err.split())
+    assert exit.value.code == 2 and "Traceback" not in message
     assert all(word in message for word in words), message
 
 
