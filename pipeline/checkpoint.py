@@ -17,7 +17,6 @@ the newest complete one, moving the damaged one aside as `damaged_step_NNNNNN`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.errors import PipelineError, describe_os_error
-from pipeline.fileio import file_sha256, fsync_dir
+from pipeline.fileio import atomic_open, atomic_write_text, file_sha256, fsync_dir, fsync_file
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -212,11 +211,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
         _synced_torch_save(optim_state, tmp / OPTIMIZER_FILE)
         _synced_torch_save({name: part.state_dict() for name, part in parts.items()},
                            tmp / TRAINER_FILE)
-        _fsync_file(tmp / MODEL_FILE)
+        fsync_file(tmp / MODEL_FILE)
 
     def finish():
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        _write_synced(tmp / META_FILE, json.dumps({**meta, "files": files}, indent=2))
+        atomic_write_text(tmp / META_FILE, json.dumps({**meta, "files": files}, indent=2))
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -280,26 +279,9 @@ def _tensors(state):
             yield from _tensors(value)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _synced_torch_save(obj, path: Path) -> None:
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:  # written, fsynced and renamed in one step
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

@@ -38,6 +38,15 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file another library wrote (safetensors' save_file) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory's entries (the renames into it) to disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -188,7 +188,8 @@ def _stamp(path: Path) -> list[int]:
 
 
 def scan_shard(path: Path) -> tuple[str, int]:
-    """(sha256 of the whole file, largest token id) in one pass over the file."""
+    """(sha256 of the whole file, largest token id); the second read of the file comes
+    from the page cache."""
     tokens = read_shard(path)
     largest = int(tokens.max()) if len(tokens) else -1
     return file_sha256(path), largest
