@@ -83,6 +83,13 @@ class DataConfig:
     split_by: Literal["document", "text"] = "document"
     shard_tokens: int = 100_000_000  # most tokens in one shard file
     num_workers: Optional[int] = None  # tokenizer processes (null: all cores)
+    # The unit of work and of resume: the corpus is cut into parts of about this many
+    # bytes (whole small files, ranges of big ones), each read, tokenized and committed
+    # by one worker. Changes no byte of the data set.
+    part_bytes: int = 4_000_000
+    # A document longer than this is read and tokenized in pieces of about this size, cut
+    # where no token changes: what bounds a worker's memory. Changes no byte either.
+    segment_bytes: int = 1_000_000
 
 
 @dataclass
@@ -372,6 +379,9 @@ def validate(config: Config) -> None:
     d = config.data
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
     _require(d.shard_tokens > 0, "data.shard_tokens", d.shard_tokens, "a positive count")
+    _require(d.part_bytes > 0, "data.part_bytes", d.part_bytes, "a positive number of bytes")
+    _require(d.segment_bytes >= 4096, "data.segment_bytes", d.segment_bytes,
+             "at least 4096 bytes")
     _require(d.num_workers is None or d.num_workers >= 1, "data.num_workers", d.num_workers,
              "at least 1, or null for all cores")
     _validate_model(config.model)

@@ -86,35 +86,6 @@ def describe(source: SourceConfig) -> dict:
     return desc
 
 
-def documents(source: SourceConfig, download_dir: str | os.PathLike,
-              warn: Warn = print_warning) -> Iterator[str]:
-    """Every non-empty document of `source`, in a fixed order.
-
-    `download_dir` is where kind=url keeps its download. Raises CorpusError when the
-    source names nothing readable or yields no text.
-    """
-    readers = {
-        "files": lambda: _from_files(source, warn),
-        "hf": lambda: _from_hf(source, warn),
-        "url": lambda: _from_url(source, Path(download_dir), warn),
-        "python-stdlib": lambda: _from_stdlib(source.max_bytes, warn),
-    }
-    limit = source.max_documents if source.kind in ("files", "hf") else None
-    if limit is not None and limit < 1:
-        raise CorpusError(f"data.source.max_documents={limit}: it must be at least 1 (or null)")
-    count = 0
-    for doc in readers[source.kind]():
-        if doc:
-            count += 1
-            yield doc
-            if count == limit:  # stop before reading (or downloading) one more row
-                return
-    if count == 0:
-        raise CorpusError(
-            f"the corpus is empty: data.source ({_summary(source)}) gave no text. "
-            f"Point it at files that hold text, or check data.source.text_field.")
-
-
 # ----------------------------------------------------------------------------- decoding
 
 _counter = threading.local()
@@ -125,7 +96,8 @@ def _count_and_replace(err: UnicodeDecodeError):
     return "\ufffd", err.end
 
 
-codecs.register_error("pipeline-count-replace", _count_and_replace)
+COUNT_REPLACE = "pipeline-count-replace"
+codecs.register_error(COUNT_REPLACE, _count_and_replace)
 
 
 def decode(data: bytes, encoding: str = "utf-8") -> tuple[str, int]:
@@ -135,16 +107,16 @@ def decode(data: bytes, encoding: str = "utf-8") -> tuple[str, int]:
     except UnicodeDecodeError:
         pass
     _counter.replaced = 0
-    text = data.decode(encoding, errors="pipeline-count-replace")
+    text = data.decode(encoding, errors=COUNT_REPLACE)
     return text, _counter.replaced
 
 
-def _read_text(path: Path, warn: Warn, encoding: str = "utf-8-sig") -> str:
-    text, replaced = decode(path.read_bytes(), encoding)
-    if replaced:
-        warn(f"{path}: {replaced} undecodable byte{'s' * (replaced != 1)} "
-             f"(not {encoding}) replaced with U+FFFD")
-    return text
+def decode_more(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> tuple[str, int]:
+    """The next text of an incremental decoder made with errors=COUNT_REPLACE, and how
+    many bytes it replaced."""
+    _counter.replaced = 0
+    text = decoder.decode(data, final=final)
+    return text, _counter.replaced
 
 
 # ----------------------------------------------------------------------------- files
@@ -180,30 +152,17 @@ def _in_directory(directory: Path) -> list[Path]:
                   key=lambda p: p.as_posix())
 
 
-def _format(path: Path) -> str:
+def file_format(path: Path) -> str:
+    """How a file of `data.source.paths` is read: text (one document), jsonl, json or
+    parquet (one document per row)."""
     suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
     return "json" if suffix in JSON_EXTS else "parquet" if suffix in PARQUET_EXTS else "text"
 
 
-def _from_files(source: SourceConfig, warn: Warn) -> Iterator[str]:
-    files = resolve_files(source.paths)
-    with _RowCheck(source.text_field, warn) as check:
-        # Consecutive files of one format go to `datasets` together: one loader, many files.
-        group: list[Path] = []
-        for path in files + [None]:
-            if group and (path is None or _format(path) != _format(group[0])):
-                loader = _load_files(_format(group[0]), group)
-                yield from check.texts(loader, _some(list(map(str, group))))
-                group = []
-            if path is None:
-                break
-            if _format(path) == "text":
-                yield _read_text(path, warn)
-            else:
-                group.append(path)
-
-
-def _load_files(builder: str, files: list[Path]):
+def load_files(builder: str, files: list[Path]):
+    """`datasets`' streaming loader over local files."""
     import datasets  # imported here: it is slow to import and only these kinds need it
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files],
@@ -213,32 +172,24 @@ def _load_files(builder: str, files: list[Path]):
                           f"({type(e).__name__}: {e})") from None
 
 
-# ----------------------------------------------------------------------------- hf
+def read_rows(rows, what: str) -> Iterator[dict]:
+    """Every row; datasets' read errors become CorpusError naming `what`."""
+    it = iter(rows)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise CorpusError(f"could not read {what} ({type(e).__name__}: {e})") from None
+        yield row
 
 
-def _from_hf(source: SourceConfig, warn: Warn) -> Iterator[str]:
-    import datasets
-    what = (f"{source.path}" + (f" ({source.name})" if source.name else "")
-            + (f" at revision {source.revision}" if source.revision else "")
-            + f" split {source.split}")
-    try:
-        ds = datasets.load_dataset(source.path, source.name, split=source.split,
-                                   streaming=source.streaming, revision=source.revision)
-    except Exception as e:
-        raise CorpusError(
-            f"could not load the dataset {what} ({type(e).__name__}: {e}). Check "
-            f"data.source.path/name/split/revision; without network, use kind: files with "
-            f"local jsonl/parquet files instead.") from None
-    with _RowCheck(source.text_field, warn) as check:
-        yield from check.texts(ds, what)
-
-
-class _RowCheck:
+class RowCheck:
     """The rows of one source whose text field is missing, null or not text.
 
-    They are skipped, but never silently: one warning when the source ends (or stops
-    early at max_documents) says how many, and a source where no row has text is a
-    CorpusError naming the fields the rows do have."""
+    They are skipped, but never silently: `finish` warns once per source how many, and
+    raises CorpusError naming the fields the rows do have when no row had text."""
 
     def __init__(self, field: str, warn: Warn):
         self.field, self.warn = field, warn
@@ -248,38 +199,11 @@ class _RowCheck:
         self.fields: set[str] = set()  # the fields that the skipped rows do have
         self.read: list[str] = []  # what was read, for the messages
 
-    def texts(self, rows, what: str) -> Iterator[str]:
-        """The text of every row of `rows` that has one."""
-        columns = getattr(rows, "features", None)
-        if columns is not None and self.field not in columns:
-            # No row can have it: a wrong text_field, refused before streaming them all.
-            raise CorpusError(
-                f"{what} has no column '{self.field}' (its columns: {', '.join(columns)}); "
-                f"set data.source.text_field to the one that holds the text.")
-        self.read.append(what)
-        for row in _read_rows(rows, what):
-            self.rows += 1
-            value = row.get(self.field)
-            if isinstance(value, str):
-                yield value
-            else:
-                self._skip(row, value)
-
-    def _skip(self, row: dict, value) -> None:
-        if value is None:
-            self.missing += 1
-        else:
-            self.not_text[type(value).__name__] += 1
-        self.fields.update(k for k, v in row.items() if v is not None and k != self.field)
-
-    def __enter__(self) -> "_RowCheck":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def finish(self) -> None:
         skipped = self.missing + sum(self.not_text.values())
         if skipped and skipped < self.rows:
             self.warn(self._skipped_message())
-        elif skipped and exc_type is None:
+        elif skipped:
             raise self._no_text_error()
 
     def _skipped_message(self) -> str:
@@ -303,19 +227,6 @@ class _RowCheck:
             f"no row of {where} has a '{self.field}' field (the fields the rows have: "
             f"{', '.join(sorted(self.fields)) or 'none'}); set data.source.text_field to "
             f"the one that holds the text.")
-
-
-def _read_rows(rows, what: str) -> Iterator[dict]:
-    """Every row; datasets' read errors become CorpusError naming `what`."""
-    it = iter(rows)
-    while True:
-        try:
-            row = next(it)
-        except StopIteration:
-            return
-        except Exception as e:
-            raise CorpusError(f"could not read {what} ({type(e).__name__}: {e})") from None
-        yield row
 
 
 def _types(counts: Counter) -> str:
@@ -393,11 +304,6 @@ def _check_size(url: str, size: int, max_bytes: int | None) -> None:
 
 
 
-def _from_url(source: SourceConfig, directory: Path, warn: Warn) -> Iterator[str]:
-    path = download(source.url, directory, source.sha256, source.max_download_bytes, warn)
-    yield _read_text(path, warn)
-
-
 # ----------------------------------------------------------------------------- stdlib
 
 
@@ -421,17 +327,7 @@ def stdlib_files(max_bytes: int | None = None) -> list[Path]:
     return chosen
 
 
-def _from_stdlib(max_bytes: int | None, warn: Warn) -> Iterator[str]:
-    files = stdlib_files(max_bytes)
-    if not files:
-        raise CorpusError(
-            f"data.source.max_bytes={max_bytes} is smaller than the first standard-library "
-            f"file; raise it (or set it to null for all ~30 MB).")
-    for path in files:
-        yield _read_text(path, warn, _source_encoding(path))
-
-
-def _source_encoding(path: Path) -> str:
+def source_encoding(path: Path) -> str:
     """The encoding a .py file declares (PEP 263); utf-8 where the declaration is broken,
     as in the standard library's own tests of bad declarations."""
     with open(path, "rb") as f:
@@ -441,9 +337,10 @@ def _source_encoding(path: Path) -> str:
             return "utf-8"
 
 
-def _summary(source: SourceConfig) -> str:
+def summary(source: SourceConfig) -> str:
     return ", ".join(f"{k}: {v}" for k, v in describe(source).items())
 
 
-__all__ = ["CorpusError", "describe", "documents", "decode", "download", "resolve_files",
-           "stdlib_files", "print_warning"]
+__all__ = ["CorpusError", "RowCheck", "describe", "decode", "decode_more", "download",
+           "file_format", "load_files", "print_warning", "read_rows", "resolve_files",
+           "source_encoding", "stdlib_files", "summary"]

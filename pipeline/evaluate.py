@@ -129,7 +129,7 @@ def text_ids(paths: list[str]) -> list[int]:
     """The documents of text files (txt, jsonl, parquet: the corpus readers) as one token
     sequence, each document preceded by <|endoftext|> as prepare lays them out."""
     from pipeline.config import SourceConfig
-    from pipeline.corpus import documents
+    from pipeline.parts import documents
     from pipeline.tokenizer import EOT_ID, encode
 
     ids: list[int] = []

@@ -24,22 +24,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.shards import open_split
+from pipeline.shards import open_split, windows_per_shard
 
 _MASK64 = (1 << 64) - 1
 # Positions of one epoch whose window indices are computed together and cached: permute() costs
 # ~0.2 us per index in bulk but ~0.3 ms per call on a micro batch (numpy call overhead).
 ORDER_BLOCK = 1 << 15
-
-
-def windows_per_shard(shard_tokens: list[int], context_length: int,
-                      stride: int | None = None) -> list[int]:
-    """The book's window count per shard: starts 0, stride, ... below n - context_length,
-    so the last window's target (one token further) still lies inside the shard. Windows
-    never cross a shard boundary: a shard needs context_length + 1 tokens to hold one.
-    The one statement of that rule; prepare asks it too."""
-    stride = context_length if stride is None else stride
-    return [len(range(0, n - context_length, stride)) for n in shard_tokens]
 
 
 class TokenWindows:

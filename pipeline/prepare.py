@@ -31,100 +31,39 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import time
-from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
-import numpy as np
 from tqdm import tqdm
 
-from pipeline import corpus, locking
+from pipeline import corpus, locking, parts, streams
 from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError, cli_main
-from pipeline.fileio import fsync_dir
+from pipeline.errors import PipelineError, cli_main, describe_os_error
+from pipeline.fileio import atomic_write_json, fsync_dir
 from pipeline.keys import add_config_arguments, parse_stage_args
-from pipeline.loader import windows_per_shard
+from pipeline.parts import Part, document_limit
 from pipeline.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, check_shards,
                              load_manifest, manifest_path, remember_verified, shard_name,
-                             token_dtype, write_shard)
+                             windows_per_shard)
+from pipeline.streams import DTYPE, LAYOUT
+from pipeline.team import Team
 from pipeline.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_tokenizer
-
-TRAIN, VAL = 0, 1  # indices into SPLITS
-DTYPE = token_dtype(VOCAB_SIZE)
-CHUNK_CHARS = 1 << 19  # characters per task sent to a worker: small enough to balance load
-# The token-stream layout above; a change of it must change the fingerprint.
-LAYOUT = {"document": "eot before each document", "text": "eot between documents"}
-
-Piece = tuple[int, str, bool]  # (split, text, whether an EOT goes before it)
 
 
 class PrepareError(PipelineError):
     """Settings or a corpus that cannot make a usable data set."""
 
 
-# ----------------------------------------------------------------------------- the split
-
-
-def split_of(text: str, val_fraction: float) -> int:
-    """VAL when the document's hash, read as a number in [0, 1), is below val_fraction."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return VAL if int.from_bytes(digest, "big") / 2**64 < val_fraction else TRAIN
-
-
-def pieces_by_document(docs: Iterable[str], val_fraction: float) -> Iterator[Piece]:
-    for doc in docs:
-        yield split_of(doc, val_fraction), doc, True
-
-
-def pieces_by_text(make_docs: Callable[[], Iterable[str]], val_fraction: float) -> Iterator[Piece]:
-    """The corpus as one text cut at int((1 - val_fraction) * characters), as the book does."""
-    total = sum(len(doc) for doc in make_docs())
-    cut = int((1 - val_fraction) * total)
-    pos = 0
-    for doc in make_docs():
-        end = pos + len(doc)
-        if end <= cut:
-            yield TRAIN, doc, pos > 0
-        elif pos >= cut:
-            yield VAL, doc, pos > cut  # val is text[cut:]: no EOT before its first character
-        else:
-            yield TRAIN, doc[:cut - pos], pos > 0
-            yield VAL, doc[cut - pos:], False
-        pos = end
-
-
-# ----------------------------------------------------------------------------- tokenizing
-
-
-def chunks(pieces: Iterable[Piece], chars: int = CHUNK_CHARS) -> Iterator[list[Piece]]:
-    chunk, size = [], 0
-    for piece in pieces:
-        chunk.append(piece)
-        size += len(piece[1])
-        if size >= chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def encode_chunk(chunk: list[Piece]) -> tuple[list[np.ndarray], list[int]]:
-    """Tokens of a chunk per split, and how many pieces went to each split."""
-    enc = get_tokenizer()
-    tokens: list[list[int]] = [[] for _ in SPLITS]
-    counts = [0] * len(SPLITS)
-    for split, text, eot in chunk:
-        if eot:
-            tokens[split].append(EOT_ID)
-        tokens[split].extend(enc.encode_ordinary(text))
-        counts[split] += 1
-    return [np.array(t, dtype=DTYPE) for t in tokens], counts
+# ----------------------------------------------------------------------------- workers
 
 
 def worker_pool(workers: int):
@@ -145,55 +84,6 @@ def _leave_ctrl_c_to_main() -> None:
     """Ctrl-C reaches the whole process group; the main process alone answers it (and
     ends the pool), so the terminal shows one line, not a traceback per worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def ordered_map(func, items: Iterable, pool, workers: int) -> Iterator:
-    """`map(func, items)` over the pool, results in input order. Only a few items are in
-    flight at once, so a large corpus is never read ahead into memory (Pool.imap would
-    consume its whole input)."""
-    if pool is None:
-        yield from map(func, items)
-        return
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(func, (item,)))
-        if len(pending) >= 2 * workers + 1:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-class ShardWriter:
-    """Cuts one split's token stream into shards of exactly `shard_tokens` (the last shorter)."""
-
-    def __init__(self, data_dir: Path, split: str, shard_tokens: int):
-        self.data_dir, self.split, self.shard_tokens = data_dir, split, shard_tokens
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
-        self.shards: list[ShardInfo] = []
-
-    def add(self, tokens: np.ndarray) -> None:
-        self.buffer.append(tokens)
-        self.buffered += len(tokens)
-        if self.buffered < self.shard_tokens:
-            return
-        stream = np.concatenate(self.buffer)
-        full = len(stream) - len(stream) % self.shard_tokens
-        for start in range(0, full, self.shard_tokens):
-            self._write(stream[start:start + self.shard_tokens])
-        self.buffer = [stream[full:]]
-        self.buffered = len(stream) - full
-
-    def close(self) -> list[ShardInfo]:
-        if self.buffered:
-            self._write(np.concatenate(self.buffer))
-        self.buffer, self.buffered = [], 0
-        return self.shards
-
-    def _write(self, tokens: np.ndarray) -> None:
-        name = shard_name(self.split, len(self.shards))
-        sha = write_shard(self.data_dir / name, tokens, DTYPE)
-        self.shards.append(ShardInfo(file=name, tokens=len(tokens), sha256=sha))
 
 
 # ----------------------------------------------------------------------------- idempotence
@@ -316,16 +206,20 @@ def swap_in(data_dir: Path) -> Manifest:
 
 
 def finish_interrupted_swap(data_dir: Path) -> None:
-    """Complete a swap that a kill interrupted; drop a build that never completed."""
+    """Complete a swap that a kill interrupted. (A build that never completed stays: its
+    committed parts are used again when its plan still fits, see open_plan.)"""
     staging = data_dir / STAGING
     if manifest_path(staging).is_file():
         print(f"{data_dir}: finishing the replacement of the data set that an earlier "
               f"prepare began")
         swap_in(data_dir)
-    elif staging.exists():
-        shutil.rmtree(staging)  # an unfinished build: its files are ours and incomplete
     if (data_dir / REPLACED).exists() and manifest_path(data_dir).exists():
         (data_dir / REPLACED).unlink()
+
+
+def drop_staging(data_dir: Path) -> None:
+    """Delete an unfinished build (its files are all ours)."""
+    shutil.rmtree(data_dir / STAGING, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -360,91 +254,319 @@ def prepare(config: Config, force: bool = False) -> Manifest:
     """Make `config.data_dir` hold the data set these settings describe; return its manifest.
 
     Nothing is done when it already does; another data set there is refused unless
-    `force`; a damaged one is made again. Another prepare into the same directory is
-    refused while it runs.
+    `force`; a damaged one is made again; a build that was stopped goes on from the parts
+    it committed. Under a launcher (WORLD_SIZE > 1) every machine builds its share of the
+    parts and the main one writes the manifest; another prepare into the same directory
+    is refused while it runs.
     """
     data_dir = config.data_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise PrepareError(f"{data_dir} is a file, not a directory: data.root and data.name "
                            f"must name a directory for the data set.")
-    with locking.exclusive(data_dir, "prepare"):
+    team = Team()
+    get_tokenizer()  # fails here, before any work, when it cannot load; forked workers share it
+    workers = config.data.num_workers or max(1, len(os.sched_getaffinity(0)) // team.local_world)
+    pool = worker_pool(workers)  # before the group's threads exist: see worker_pool
+    try:
+        team.meet()
+        lock = locking.exclusive(data_dir, "prepare") if team.main else nullcontext()
+        with lock:
+            decision = team.broadcast(_decide(config, force, pool) if team.main else None)
+            if "error" in decision:
+                raise PrepareError(decision["error"])
+            if "done" in decision:
+                return load_manifest(data_dir)
+            plan = Plan.load(data_dir / STAGING / PLAN)
+            error = _build_share(plan, config, team, pool, workers)
+            errors = [e for e in team.gather(error) if e]
+            if errors:
+                raise PrepareError(" | ".join(errors) + _kept_note(data_dir))
+            outcome = team.broadcast(_finish(plan, config, pool) if team.main else None)
+            if "error" in outcome:
+                raise PrepareError(outcome["error"])
+            return load_manifest(data_dir)
+    finally:
+        if pool is not None:
+            pool.terminate()  # finished or failed: no worker outlives the stage
+            pool.join()
+        team.leave()
+
+
+def _decide(config: Config, force: bool, pool) -> dict:
+    """On the main process: {"done": ...} when the data set is there already, {"plan":
+    ...} when the staging directory holds the plan to build, {"error": ...} otherwise."""
+    data_dir = config.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
         finish_interrupted_swap(data_dir)
         manifest = existing_state(data_dir, fingerprint(config), force)
         if manifest is not None:
             check_windows({s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS},
                           config)
+            drop_staging(data_dir)
             print(f"{data_dir} is up to date (its {MANIFEST} matches these settings and its "
                   f"shards their sha256): nothing to do")
-            return manifest
-        get_tokenizer()  # fail here, before any work, when the tokenizer cannot load
+            return {"done": True}
         refuse_foreign_shards(data_dir)
-        staging = data_dir / STAGING
-        staging.mkdir()
-        try:
-            manifest, summary = _build_data_set(config, staging, data_dir)
-            manifest.save(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # the old data set is untouched
-            raise
-        swap_in(data_dir)
-        print(summary)
-        return manifest
+        open_plan(config, pool)
+        return {"plan": True}
+    except PipelineError as e:
+        return {"error": str(e)}
 
 
-def _build_data_set(config: Config, out_dir: Path, data_dir: Path) -> tuple[Manifest, str]:
-    """Tokenize the corpus into shards and a manifest in `out_dir` (the staging directory
-    of `data_dir`, whose download/ keeps a url source's file)."""
+# ----------------------------------------------------------------------------- the plan
+
+
+PLAN = "plan.json"
+PARTS = "parts"
+
+
+@dataclass
+class Plan:
+    """The parts to build and what each needs to know; `.staging/plan.json`. A build
+    stopped anywhere goes on with the same plan when the settings and the corpus files
+    (size, mtime) are unchanged."""
+
+    id: str  # sha256 of the rest: part records name it
+    key: dict  # fingerprint, part and segment sizes, the corpus files' stamps
+    parts: list[dict]
+    limits: list  # documents to take from each part (null: all), for max_documents
+    starts: list  # split_by text: each part's first character in the corpus
+    cut: int  # split_by text: the character where val begins
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        return cls(**json.loads(path.read_text()))
+
+    def part(self, i: int) -> Part:
+        return Part.from_dict(self.parts[i])
+
+
+def open_plan(config: Config, pool) -> Plan:
+    """The plan in the staging directory: the one there when it still fits, so committed
+    parts are kept; else a new one, in an emptied staging directory."""
     d = config.data
-    workers = d.num_workers or len(os.sched_getaffinity(0))
-    if workers < 1:
-        raise PrepareError(f"data.num_workers={d.num_workers}: it must be at least 1 (or null)")
-    start = time.perf_counter()
-    pool = worker_pool(workers)
+    staging = config.data_dir / STAGING
+    sources = [d.source]
+    found: list[Part] = []
+    for i, source in enumerate(sources):
+        found += parts.plan(source, i, config.data_dir / "download", d.part_bytes,
+                            d.segment_bytes, start_index=len(found), warn=_warn)
+    key = {"fingerprint": fingerprint(config), "part_bytes": d.part_bytes,
+           "segment_bytes": d.segment_bytes, "files": _file_stamps(found),
+           "parts": hashlib.sha256(json.dumps([p.to_dict() for p in found]).encode()).hexdigest()}
     try:
-        return _tokenize_into_shards(config, out_dir, data_dir, pool, workers, start)
-    finally:
-        if pool is not None:
-            pool.terminate()  # finished or failed: no worker outlives the stage
-            pool.join()
+        old = Plan.load(staging / PLAN)
+        if old.key == key:
+            done = sum(streams.committed(staging / PARTS, i, old.id) is not None
+                       for i in range(len(old.parts)))
+            print(f"{config.data_dir}: going on with the build that an earlier prepare began "
+                  f"({done} of {len(old.parts)} parts are committed)")
+            return old
+    except (OSError, ValueError, TypeError):
+        pass
+    drop_staging(config.data_dir)
+    (staging / PARTS).mkdir(parents=True)
+    _add_digests(found, sources, config, pool)
+    limits, starts, cut = _count_parts(found, sources, config, pool)
+    body = {"key": key, "parts": [p.to_dict() for p in found], "limits": limits,
+            "starts": starts, "cut": cut}
+    plan = Plan(id=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body)
+    atomic_write_json(staging / PLAN, asdict(plan))
+    return plan
 
 
-def _tokenize_into_shards(config: Config, out_dir: Path, data_dir: Path, pool, workers: int,
-                          start: float) -> tuple[Manifest, str]:
+def _file_stamps(found: list[Part]) -> dict[str, list[int]]:
+    stamps = {}
+    for part in found:
+        for item in part.items:
+            if "path" in item and item["path"] not in stamps:
+                st = os.stat(item["path"])
+                stamps[item["path"]] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def _add_digests(found: list[Part], sources, config: Config, pool) -> None:
+    """split_by document: the hash of every document read in segments, once."""
+    if config.data.split_by != "document":
+        return
+    items = [item for part in found for item in part.items
+             if parts.needs_digest(item, config.data.segment_bytes)]
+    jobs = [(item["path"], item["encoding"], config.data.segment_bytes) for item in items]
+    cache: dict[str, str] = {}
+    for (path, _, _), digest in zip(jobs, _map(_digest_task, jobs, pool)):
+        cache[path] = digest
+    for item in items:
+        item["digest"] = cache[item["path"]]
+
+
+def _digest_task(job) -> str:
+    return parts.file_digest(*job)
+
+
+def _count_parts(found: list[Part], sources, config: Config, pool):
+    """(limits, starts, cut): per part the documents to take (max_documents) and, for
+    split_by text, its first character and the corpus's cut. Reads the corpus once more
+    when either is needed: in order, part after part, when documents are limited."""
     d = config.data
-    bar = tqdm(unit="doc", desc=f"prepare {d.name}", file=sys.stderr, dynamic_ncols=True)
-
-    def make_docs():
-        return corpus.documents(d.source, data_dir / "download", warn=warn)
-
-    def warn(message: str) -> None:  # above the progress bar, on stderr
-        tqdm.write(f"warning: {message}", file=sys.stderr)
-
-    if d.split_by == "text":
-        pieces = pieces_by_text(make_docs, d.val_fraction)
+    limit = document_limit(d.source)
+    limits = [None] * len(found)
+    if d.split_by != "text" and limit is None:
+        return limits, [], 0
+    counts = []
+    if limit is None:
+        jobs = [(p, sources[p.source], d.segment_bytes, None) for p in found]
+        counts = list(_map(_count_task, jobs, pool))
     else:
-        pieces = pieces_by_document(make_docs(), d.val_fraction)
-    writers = [ShardWriter(out_dir, s, d.shard_tokens) for s in SPLITS]
-    documents = [0] * len(SPLITS)
-    with bar:
-        for tokens, counts in ordered_map(encode_chunk, chunks(pieces), pool, workers):
-            for i, writer in enumerate(writers):
-                writer.add(tokens[i])
-                documents[i] += counts[i]
-            bar.update(sum(counts))
-    shards = {s: w.close() for s, w in zip(SPLITS, writers)}
+        left = limit
+        for p in found:
+            chars, docs = streams.count_part(p, sources[p.source], d.segment_bytes, left)
+            counts.append((chars, docs))
+            limits[p.index] = left
+            left -= docs
+            if left == 0:
+                break
+        del found[len(counts):]
+        limits = limits[:len(counts)]
+    if sum(docs for _, docs in counts) == 0:
+        raise parts.empty_corpus(d.source)
+    starts = [0]
+    for chars, _ in counts[:-1]:
+        starts.append(starts[-1] + chars)
+    total = starts[-1] + counts[-1][0]
+    return limits, starts, int((1 - d.val_fraction) * total)
+
+
+def _count_task(job) -> tuple[int, int]:
+    return streams.count_part(*job)
+
+
+def _map(fn, jobs: list, pool) -> Iterator:
+    return map(fn, jobs) if pool is None else pool.imap(fn, jobs)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> str | None:
+    """Build this machine's parts that are not committed yet (every part of the plan
+    whose number modulo the machines is this one's rank); the error as text, or None."""
+    d = config.data
+    directory = config.data_dir / STAGING / PARTS
+    mine = [i for i in range(len(plan.parts)) if i % team.world == team.rank]
+    todo = [i for i in mine if streams.committed(directory, i, plan.id) is None]
+    jobs = [(plan.part(i), d.source, _layout(plan, config, i), directory, plan.id,
+             d.segment_bytes, plan.limits[i]) for i in todo]
+    where = "" if team.alone else f" (machine {team.rank} of {team.world})"
+    if len(todo) < len(mine):
+        print(f"prepare{where}: {len(mine) - len(todo)} of {len(mine)} parts were committed "
+              f"by an earlier run; building the other {len(todo)}")
+    total = sum(plan.parts[i]["bytes"] for i in todo)
+    bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"prepare {d.name}{where}",
+               file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    tokens = 0
+    try:
+        with bar:
+            for record in _map_unordered(_build_task, jobs, pool):
+                tokens += sum(record.tokens.values())
+                bar.update(plan.parts[record.part]["bytes"])
+    except PipelineError as e:
+        return f"{e}"
+    except OSError as e:
+        return describe_os_error(e)
+    if todo:
+        seconds = time.perf_counter() - start
+        print(f"prepare{where}: built {len(todo)} parts, {tokens:,} tokens in {seconds:.1f} s, "
+              f"{tokens / seconds:,.0f} tokens/s ({workers} workers)")
+    return None
+
+
+def _kept_note(data_dir: Path) -> str:
+    """Where the parts committed so far wait for the rerun, and how to give their space back."""
+    records = list((data_dir / STAGING / PARTS).glob("*.json"))
+    if not records:
+        return ""
+    size = sum(p.stat().st_size for p in (data_dir / STAGING / PARTS).iterdir() if p.is_file())
+    return (f" The {len(records)} parts committed so far ({size / 1e6:,.1f} MB) are kept in "
+            f"{data_dir / STAGING}: the same command goes on from them (delete that directory "
+            f"to free the space instead).")
+
+
+def _layout(plan: Plan, config: Config, i: int) -> streams.Layout:
+    d = config.data
+    return streams.Layout(d.split_by, d.val_fraction, cut=plan.cut,
+                          start_char=plan.starts[i] if plan.starts else 0)
+
+
+def _build_task(job) -> streams.PartRecord:
+    part, source, layout, directory, plan_id, segment_bytes, limit = job
+    return streams.build_part(part, source, layout, directory, plan_id, segment_bytes, limit)
+
+
+def _map_unordered(fn, jobs: list, pool) -> Iterator:
+    return map(fn, jobs) if pool is None else pool.imap_unordered(fn, jobs)
+
+
+# ----------------------------------------------------------------------------- finishing
+
+
+def _finish(plan: Plan, config: Config, pool) -> dict:
+    """On the main process, once every part is committed: cut the shards, write the
+    manifest, swap the new data set in. {"done": ...} or {"error": ...}."""
+    try:
+        manifest, summary = _assemble(plan, config, pool)
+        manifest.save(config.data_dir / STAGING)
+        swap_in(config.data_dir)
+        print(summary)
+        return {"done": True}
+    except PipelineError as e:
+        if not isinstance(e, DataError):
+            drop_staging(config.data_dir)  # bad input: the parts would not be used again
+        return {"error": str(e)}
+    except OSError as e:
+        return {"error": describe_os_error(e)}
+
+
+def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
+    d = config.data
+    staging = config.data_dir / STAGING
+    records = [streams.committed(staging / PARTS, i, plan.id) for i in range(len(plan.parts))]
+    missing = [i for i, r in enumerate(records) if r is None]
+    if missing:
+        raise DataError(f"parts {missing[:5]} of {staging} are not committed although every "
+                        f"machine reported its share done: rerun prepare")
+    notes = parts.Notes()
+    for record in records:
+        notes.merge(parts.Notes(**record.notes))
+    notes.report(d.source.text_field, _warn)
+    documents = {s: sum(r.documents[s] for r in records) for s in SPLITS}
+    if sum(documents.values()) == 0:
+        raise parts.empty_corpus(d.source)
+    shard_plans = {s: streams.cut_into_shards(
+        [(streams.stream_path(staging / PARTS, r.part, s), r.tokens[s]) for r in records],
+        d.shard_tokens, lambda k, s=s: shard_name(s, k)) for s in SPLITS}
+    check_windows({s: [x.tokens for x in shard_plans[s]] for s in SPLITS}, config)
+    jobs = [(shard, staging) for s in SPLITS for shard in shard_plans[s]]
+    infos = iter(list(_map(_shard_task, jobs, pool)))
+    shards = {s: [next(infos) for _ in shard_plans[s]] for s in SPLITS}
     totals = {s: sum(x.tokens for x in shards[s]) for s in SPLITS}
-    check_windows({s: [x.tokens for x in shards[s]] for s in SPLITS}, config)
-    seconds = time.perf_counter() - start
-    n_tokens = sum(totals.values())
-    summary = (f"prepared {data_dir}: {sum(documents):,} documents (train {documents[TRAIN]:,}, "
-               f"val {documents[VAL]:,}), tokens train {totals['train']:,} val "
-               f"{totals['val']:,}, {sum(map(len, shards.values()))} shards, {seconds:.1f} s, "
-               f"{n_tokens / seconds:,.0f} tokens/s ({workers} workers)")
+    summary = (f"prepared {config.data_dir}: {sum(documents.values()):,} documents (train "
+               f"{documents['train']:,}, val {documents['val']:,}), tokens train "
+               f"{totals['train']:,} val {totals['val']:,}, "
+               f"{sum(map(len, shards.values()))} shards from {len(records)} parts")
     manifest = Manifest(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, dtype=DTYPE.name,
-                        eot_token=EOT_ID, splits=shards, documents=dict(zip(SPLITS, documents)),
+                        eot_token=EOT_ID, splits=shards, documents=documents,
                         **fingerprint(config))
     return manifest, summary
 
+
+def _shard_task(job) -> ShardInfo:
+    return streams.write_planned_shard(*job)
+
+
+def _warn(message: str) -> None:  # above any progress bar, on stderr
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(

@@ -25,6 +25,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -67,16 +68,38 @@ def shard_name(split: str, index: int) -> str:
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) -> str:
     """Write one shard atomically; return the sha256 of the whole file."""
+    return write_shard_from(path, [np.asarray(tokens)], len(tokens), dtype)
+
+
+def write_shard_from(path: str | os.PathLike, chunks: Iterable[np.ndarray], count: int,
+                     dtype: np.dtype) -> str:
+    """Write one shard of `count` tokens given in consecutive chunks, atomically; return
+    the sha256 of the whole file. Memory is one chunk, whatever the shard's size."""
     dtype = np.dtype(dtype).newbyteorder("<")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (*FORMATS[dtype], len(tokens))
-    body = np.asarray(tokens).astype(dtype, copy=False)
-    digest = hashlib.sha256()
+    header[:3] = (*FORMATS[dtype], count)
+    digest, written = hashlib.sha256(), 0
     with atomic_open(path, "wb") as f:
-        for chunk in (header.tobytes(), body.tobytes()):
-            digest.update(chunk)
-            f.write(chunk)
+        digest.update(header.tobytes())
+        f.write(header.tobytes())
+        for chunk in chunks:
+            data = chunk.astype(dtype, copy=False).tobytes()
+            digest.update(data)
+            f.write(data)
+            written += len(chunk)
+        if written != count:
+            raise ValueError(f"{path}: {written} tokens given for a shard of {count}")
     return digest.hexdigest()
+
+
+def windows_per_shard(shard_tokens: list[int], context_length: int,
+                      stride: int | None = None) -> list[int]:
+    """The book's window count per shard: starts 0, stride, ... below n - context_length,
+    so the last window's target (one token further) still lies inside the shard. Windows
+    never cross a shard boundary: a shard needs context_length + 1 tokens to hold one.
+    The one statement of that rule; prepare and the loader both ask it."""
+    stride = context_length if stride is None else stride
+    return [len(range(0, n - context_length, stride)) for n in shard_tokens]
 
 
 def read_shard(path: str | os.PathLike) -> np.memmap:

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, SourceConfig, load_config
-from pipeline.corpus import CorpusError, decode, describe, documents, stdlib_files
+from pipeline.corpus import CorpusError, decode, describe, stdlib_files
+from pipeline.parts import documents
 
 
 def read(source: SourceConfig, tmp_path: Path, warnings: list | None = None) -> list[str]:
@@ -66,7 +67,8 @@ def test_hf_kind_streams_a_dataset_directory_offline(tmp_path):
 def test_missing_text_field_names_the_columns(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"content": "hi"}])
     src = SourceConfig(kind="files", paths=[str(tmp_path / "x.jsonl")])
-    with pytest.raises(CorpusError, match=r"no column 'text' \(its columns: content\).*text_field"):
+    with pytest.raises(CorpusError, match=r"has a 'text' field \(the fields the rows have: "
+                                          r"content\).*text_field"):
         read(src, tmp_path)
 
 
@@ -220,7 +222,9 @@ def test_hf_revision_reaches_load_dataset_and_the_fingerprint(tmp_path, monkeypa
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     src = SourceConfig(kind="hf", path="org/ds", revision="v1.2")
     assert read(src, tmp_path) == ["pinned"]
-    assert calls == [("org/ds", None, {"split": "train", "streaming": True, "revision": "v1.2"})]
+    assert calls and all(  # the plan opens it, then the reader of its one part
+        c == ("org/ds", None, {"split": "train", "streaming": True, "revision": "v1.2"})
+        for c in calls)
     assert describe(src)["revision"] == "v1.2"
     # Unpinned, the description is the one data sets were prepared with before the key.
     assert "revision" not in describe(SourceConfig(kind="hf", path="org/ds"))

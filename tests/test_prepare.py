@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.prepare import PrepareError, main, prepare, split_of
+from pipeline.prepare import PrepareError, main, prepare
+from pipeline.streams import split_of
 from pipeline.tokenizer import EOT_ID, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,32 +309,41 @@ def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(data_dir.glob(".staging/train_*.bin")) and time.monotonic() < deadline:
+    while not list(data_dir.glob(".staging/parts/*.json")) and time.monotonic() < deadline:
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the stage and its workers
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "interrupted (Ctrl-C)" in stderr
-    assert snapshot_bytes(data_dir) == before and not (data_dir / ".staging").exists()
+    assert snapshot_bytes(data_dir) == before
+    # The parts committed before Ctrl-C stay for the rerun, which goes on from them.
+    kept = len(list(data_dir.glob(".staging/parts/*.json")))
+    assert kept >= 1
+    rerun = run_cli(*args, "data.val_fraction=0.2", "data.num_workers=2", "--force", cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{kept} of " in rerun.stdout and "were committed by an earlier run" in rerun.stdout
+    assert not (data_dir / ".staging").exists()
 
 
 def test_a_full_disk_during_a_rebuild_keeps_the_old_data_set(small_disk, capsys):
     import shutil
 
     args = [f"data.root={small_disk}", "data.name=std", "data.source.max_bytes=300000",
-            "data.shard_tokens=20000", "data.num_workers=1", "model.context_length=64"]
+            "data.shard_tokens=20000", "data.num_workers=1", "model.context_length=64",
+            "data.part_bytes=30000"]
     main(args)
     data_dir = small_disk / "std"
     before = snapshot_bytes(data_dir)
     filler = small_disk / "filler"
-    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 40_000))
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 100_000))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main([*args, "data.val_fraction=0.2", "--force"])
     assert exit_.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "error: No space left on device" in err and "Traceback" not in err
-    assert snapshot_bytes(data_dir) == before and not (data_dir / ".staging").exists()
+    assert "kept in" in err and ".staging" in err  # says where the committed parts are
+    assert snapshot_bytes(data_dir) == before
     filler.unlink()  # space freed: the same command now succeeds
     main([*args, "data.val_fraction=0.2", "--force"])
     assert '"val_fraction": 0.2' in (data_dir / "manifest.json").read_text()
