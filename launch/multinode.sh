@@ -8,6 +8,14 @@
 #
 #   launch/multinode.sh CONFIG [section.key=value ...]
 #
+# Prepare the data on several machines at once the same way, with STAGE=prepare: one
+# process per machine, each tokenizing its share of the corpus's parts with all its
+# cores; the NODE_RANK=0 machine writes the manifest once every part is in. The data
+# directory must be on a filesystem all of them share.
+#
+#   node 0:  STAGE=prepare NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/multinode.sh configs/gpt2-124m.yaml
+#   node 1:  STAGE=prepare NUM_NODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/multinode.sh configs/gpt2-124m.yaml
+#
 # Environment (defaults in brackets):
 #   NUM_NODES      machines taking part [1]
 #   NODE_RANK      this machine's rank, 0 .. NUM_NODES-1 [0]
@@ -16,6 +24,7 @@
 #   GPUS_PER_NODE  processes per machine [the GPUs nvidia-smi lists; 1 on a CPU-only machine]
 #   ACCEL_CONFIG   accelerate config [configs/accelerate/multi-node.yaml]
 #   ACCELERATE     the accelerate command [.venv/bin/accelerate, else accelerate on PATH]
+#   STAGE          train or prepare [train]
 #
 # The data must be prepared before (`make data CONFIG=...`): once on a shared filesystem,
 # or on every node when each has its own disk. Only the main process writes the run
@@ -62,6 +71,24 @@ fail() { echo "launch/multinode.sh: $*" >&2; exit 2; }
     || fail "NODE_RANK=$NODE_RANK must be between 0 and NUM_NODES-1=$((NUM_NODES - 1))"
 [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || fail "GPUS_PER_NODE=$GPUS_PER_NODE must be a positive integer"
 [[ -f $CONFIG ]] || fail "config $CONFIG not found (the shipped ones are in configs/)"
+STAGE=${STAGE:-train}
+[[ $STAGE == train || $STAGE == prepare ]] || fail "STAGE=$STAGE must be train or prepare"
+
+if [[ $STAGE == prepare ]]; then
+    # One process per machine: prepare's own worker pool uses every core.
+    echo "node $NODE_RANK of $NUM_NODES: prepare, main node $MASTER_ADDR:$MASTER_PORT" >&2
+    export ACCELERATE_USE_CPU=1  # no GPU is used; keeps accelerate from asking for one
+    exec "$ACCELERATE" launch \
+        --config_file "$ACCEL_CONFIG" \
+        --num_machines "$NUM_NODES" \
+        --num_processes "$NUM_NODES" \
+        --machine_rank "$NODE_RANK" \
+        --main_process_ip "$MASTER_ADDR" \
+        --main_process_port "$MASTER_PORT" \
+        --rdzv_backend static \
+        --same_network \
+        -m pipeline.prepare --config "$CONFIG" "$@"
+fi
 
 # The prepared data must be there before any process starts reading it.
 DATA_DIR=$("$PYTHON" -m pipeline.config --config "$CONFIG" "$@" --get data_dir)

@@ -183,7 +183,8 @@ def test_two_machines_on_localhost_train_together_through_multinode_sh(config_fi
 
 
 FAKE_SLURM = {
-    # srun: one task per node of the job, here, with SLURM_NODEID set; records task pids
+    # srun: one task per node of the job, here, with SLURM_NODEID, SLURM_PROCID and
+    # SLURM_NTASKS set (one task per node, as the script asks); records task pids
     # so that scancel can signal them, and exits with the worst task status. On one host
     # every node could host the c10d store, and accelerate refuses to start node 0 when
     # its port is taken: node 0 starts first, the others once its port listens.
@@ -196,7 +197,7 @@ listening() {
 }
 pids=()
 for (( i = 0; i < nodes; i++ )); do
-    SLURM_NODEID=$i "$@" & pids+=($!)
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_NTASKS=$nodes "$@" & pids+=($!)
     if (( i == 0 && nodes > 1 )); then
         for (( t = 0; t < 1200; t++ )); do listening && break; sleep 0.1; done
     fi
