@@ -1,10 +1,12 @@
-"""`python -m benchmarks [--quick] [--out DIR] [names...]`: run benchmarks, print their
-tables, write <out>/<name>.json (default benchmarks/results/, or results/quick/ with
---quick so a smoke run never overwrites the full figures).
+"""`python -m benchmarks [--quick] [--out DIR] [--prepare-sizes SIZES] [names...]`: run
+benchmarks, print their tables, write <out>/<name>.json (default benchmarks/results/, or
+results/quick/ with --quick so a smoke run never overwrites the full figures).
 
     python -m benchmarks                  # everything, ~15 min on 2 shared cores
     python -m benchmarks --quick          # smoke run of everything, < 2 min
     python -m benchmarks train profile    # some of them
+    python -m benchmarks data --prepare-sizes 20MB,50MB --out /tmp/bench
+                                          # prepare's peak memory at other corpus sizes
 """
 from __future__ import annotations
 
@@ -26,12 +28,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: smoke")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON files")
+    parser.add_argument("--prepare-sizes", type=byte_sizes, default=None, metavar="SIZES",
+                        help="data: corpus sizes of prepare's peak-memory measurement, "
+                             "comma-separated, e.g. 20MB,50MB (MB = 10^6 bytes; default "
+                             "100MB,1GB, with --quick 2MB,4MB)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
                      f"{', '.join(BENCHMARKS)}")
+    if args.prepare_sizes and args.names and "data" not in args.names:
+        parser.error("--prepare-sizes is an option of the data benchmark: add 'data' to "
+                     "the names")
     return args
+
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def byte_sizes(text: str) -> list[int]:
+    """'20MB,1GB' -> [20_000_000, 1_000_000_000] (argparse type of --prepare-sizes)."""
+    sizes = []
+    for item in text.split(","):
+        number = item.strip().rstrip("bBkKmMgGiI")
+        unit = item.strip()[len(number):].upper()
+        try:
+            size = float(number) * UNITS[unit]
+        except (ValueError, KeyError):
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not a size: write a number and a unit, e.g. 20MB, "
+                f"1.5GB or 512MiB") from None
+        if size < 1:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: a size must be positive")
+        sizes.append(int(size))
+    return sizes
 
 
 def main(argv=None) -> None:
@@ -41,7 +72,8 @@ def main(argv=None) -> None:
         print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)
         start = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
-        result = module.run(quick=args.quick)
+        options = {"prepare_sizes": args.prepare_sizes} if name == "data" else {}
+        result = module.run(quick=args.quick, **options)
         result["wall_s"] = time.perf_counter() - start
         path = write_result(name, result, out)
         print(f"{name}: {result['wall_s']:.0f} s, wrote {path}", flush=True)
