@@ -281,9 +281,13 @@ def _hf_name(source: SourceConfig) -> str:
 
 
 def needs_digest(item: dict, segment_bytes: int) -> bool:
-    """Whether a text item's document is read in segments (so its split needs the hash of
-    the whole file, computed once for the plan)."""
-    return "size" in item and item["size"] > segment_bytes
+    """Whether a text item's document is read in pieces, a byte range or segments (so its
+    split needs the hash of the whole file, computed once for the plan)."""
+    return "size" in item and not _read_whole(item, segment_bytes)
+
+
+def _read_whole(item: dict, segment_bytes: int) -> bool:
+    return item["start"] == 0 and item["stop"] == item["size"] <= segment_bytes
 
 
 def file_digest(path: str, encoding: str, segment_bytes: int) -> str:
@@ -316,8 +320,7 @@ def read(part: Part, source: SourceConfig, segment_bytes: int, notes: Notes) -> 
 
 def _read_text_items(items: list[dict], segment_bytes: int, notes: Notes) -> Iterator[Segment]:
     for item in items:
-        whole = item["start"] == 0 and item["stop"] == item["size"]
-        if whole and item["size"] <= segment_bytes:
+        if _read_whole(item, segment_bytes):
             text = _decode_whole(item, notes)
             if text:
                 yield Segment(text, True, True)

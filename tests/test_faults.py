@@ -26,6 +26,8 @@ from pipeline.shards import load_manifest, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = int(os.environ.get("FAULT_TRIALS", "2"))
+KILLS = 5 * TRIALS  # the kills of prepare's chain: 10 in `make test`, 50 in `make faults`
+PARTS = 28  # what prepare_args' corpus is cut into (1 MB of stdlib, data.part_bytes=40000)
 SEED = int(os.environ.get("FAULT_SEED", "20261122"))
 pytestmark = pytest.mark.slow
 
@@ -47,10 +49,11 @@ def stage(name: str, *args: str) -> list[str]:
 
 
 def prepare_args(root: Path, *extra: str) -> list[str]:
-    # Small shards: many atomic writes, so that kills land in every phase.
+    # Small parts and shards: many commits and atomic writes, so that kills land in every
+    # phase.
     return [f"data.root={root}", "data.name=std", "data.source.kind=python-stdlib",
-            "data.source.max_bytes=400000", "data.shard_tokens=5000", "data.num_workers=2",
-            "model.context_length=32", *extra]
+            "data.source.max_bytes=1000000", "data.shard_tokens=5000", "data.num_workers=2",
+            "data.part_bytes=40000", "model.context_length=32", *extra]
 
 
 def kill_at(cmd: list[str], when, poll: float = 0.001) -> tuple[float, bool]:
@@ -103,6 +106,51 @@ def test_sigkilled_prepare_reruns_to_identical_bytes(reference_data, tmp_path, t
     completed(stage("prepare", *args))
     assert data_set(tmp_path / "std") == data_set(reference)
     assert not (tmp_path / "std" / ".staging").exists()
+
+
+def committed_parts(data_dir: Path) -> dict[str, tuple[int, int]]:
+    """The part records of an unfinished build, by name: (inode, mtime_ns)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (data_dir / ".staging" / "parts").glob("*.json")}
+
+
+def test_prepare_killed_again_and_again_redoes_only_uncommitted_parts(reference_data,
+                                                                       tmp_path):
+    """KILLS SIGKILLs, each a random few milliseconds after 1 to 3 more parts have been
+    committed (once all are, at a random moment of what follows: cutting the shards, the
+    swap); every part committed before a kill is still there untouched after the next
+    run, the final run says how many it took over, and the bytes are the reference's."""
+    reference, _ = reference_data
+    rng = random.Random(SEED + 3000)
+    args = prepare_args(tmp_path)
+    data_dir = tmp_path / "std"
+    kept: dict[str, tuple[int, int]] = {}
+    for kill in range(KILLS):
+        target = min(PARTS, len(kept) + rng.randint(1, 3))
+        delay = rng.uniform(0, 0.03) if len(kept) < PARTS else rng.uniform(0.3, 1.5)
+        since: list[float] = []
+
+        def when(t):
+            if not since and len(committed_parts(data_dir)) >= target:
+                since.append(t)
+            return bool(since) and t - since[0] >= delay
+
+        killed_after, finished = kill_at(stage("prepare", *args), when)
+        now = committed_parts(data_dir)
+        print(f"kill {kill}: at {killed_after:.2f} s, {len(now)} of {PARTS} parts committed"
+              + (" (it had finished)" if finished else ""))
+        assert all(now.get(name) == stamp for name, stamp in kept.items()) or not now, \
+            "a part committed before the kill was rebuilt or lost"
+        kept = now
+        if finished or not (data_dir / ".staging").exists():
+            break
+    resumable = (data_dir / ".staging" / "plan.json").exists()
+    out = completed(stage("prepare", *args))
+    if resumable:
+        assert (f"{len(kept)} of {PARTS} parts were committed by an earlier run; building "
+                f"the other {PARTS - len(kept)}") in out.stdout
+    assert data_set(data_dir) == data_set(reference)
+    assert not (data_dir / ".staging").exists()
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
