@@ -235,7 +235,10 @@ def _byte_ranges(path: Path, size: int, part_bytes: int, fmt: str) -> list[tuple
         nominal = part_bytes
         while nominal < size:
             cut = _cut_after(f, nominal, fmt)
-            if cut is None or cut >= size:
+            if cut is None:  # no cut point in a whole window: the part grows past it
+                nominal += SAFE_CUT_WINDOW
+                continue
+            if cut >= size:
                 break
             if cut > cuts[-1]:
                 cuts.append(cut)
@@ -278,6 +281,11 @@ def _hf_name(source: SourceConfig) -> str:
     return (f"{source.path}" + (f" ({source.name})" if source.name else "")
             + (f" at revision {source.revision}" if source.revision else "")
             + f" split {source.split}")
+
+
+def continues(part: Part) -> bool:
+    """Whether the part begins inside a document (a later byte range of a text file)."""
+    return part.kind == "text" and part.items[0]["start"] > 0
 
 
 def needs_digest(item: dict, segment_bytes: int) -> bool:

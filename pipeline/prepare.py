@@ -46,7 +46,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from pipeline import corpus, locking, parts, streams
-from pipeline.config import Config, load_config
+from pipeline.config import Config, SourceConfig, load_config
 from pipeline.errors import PipelineError, cli_main, describe_os_error
 from pipeline.fileio import atomic_write_json, fsync_dir
 from pipeline.keys import add_config_arguments, parse_stage_args
@@ -89,10 +89,23 @@ def _leave_ctrl_c_to_main() -> None:
 # ----------------------------------------------------------------------------- idempotence
 
 
+def data_sources(config: Config) -> list[tuple[str | None, SourceConfig]]:
+    """(name, source) of each source: one unnamed for data.source, else data.sources'."""
+    if config.data.sources:
+        return [(entry.name, entry.source) for entry in config.data.sources]
+    return [(None, config.data.source)]
+
+
 def fingerprint(config: Config) -> dict:
-    """Everything that changes the bytes of the shards (not num_workers, not paths)."""
+    """Everything that changes the bytes of the shards (not num_workers, not paths, not a
+    mixture's weights: those are the loader's)."""
     d = config.data
-    return {"source": corpus.describe(d.source),
+    if d.sources:
+        source = {"mixture": [{"name": name, **corpus.describe(src)}
+                              for name, src in data_sources(config)]}
+    else:
+        source = corpus.describe(d.source)
+    return {"source": source,
             "settings": {"split_by": d.split_by, "val_fraction": d.val_fraction,
                          "shard_tokens": d.shard_tokens, "layout": LAYOUT[d.split_by],
                          "tokenizer": ENCODING_NAME}}
@@ -173,8 +186,9 @@ def refuse_foreign_shards(data_dir: Path) -> None:
     an older version's interrupted run): the swap would overwrite them, so refuse."""
     ours = listed_files(own_manifest(manifest_path(data_dir))) | listed_files(
         own_manifest(data_dir / REPLACED))
-    foreign = sorted(p.name for split in SPLITS for p in data_dir.glob(f"{split}_*.bin")
-                     if p.name not in ours)
+    found = [p.relative_to(data_dir).as_posix() for split in SPLITS
+             for pattern in (f"{split}_*.bin", f"*/{split}_*.bin") for p in data_dir.glob(pattern)]
+    foreign = sorted(name for name in found if name not in ours and not name.startswith("."))
     if foreign:
         raise PrepareError(
             f"{data_dir} holds {len(foreign)} shard-named file(s) that no {MANIFEST} of this "
@@ -193,9 +207,12 @@ def swap_in(data_dir: Path) -> Manifest:
     keep = listed_files(new)
     for name in sorted(keep):
         if (staging / name).exists():
+            (data_dir / name).parent.mkdir(exist_ok=True)  # a mixture's source directory
             os.replace(staging / name, data_dir / name)
     for name in sorted(listed_files(own_manifest(replaced)) - keep):
         (data_dir / name).unlink(missing_ok=True)
+        if "/" in name and (data_dir / name).parent != data_dir:
+            _remove_if_empty((data_dir / name).parent)
     fsync_dir(data_dir)
     os.replace(staging / MANIFEST, current)  # now the new data set is there, whole
     fsync_dir(data_dir)
@@ -203,6 +220,13 @@ def swap_in(data_dir: Path) -> Manifest:
     shutil.rmtree(staging, ignore_errors=True)
     remember_verified(data_dir, [s for shards in new.splits.values() for s in shards])
     return new
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # not empty (a file of someone else's, or another shard still there)
 
 
 def finish_interrupted_swap(data_dir: Path) -> None:
@@ -225,7 +249,7 @@ def drop_staging(data_dir: Path) -> None:
 # ----------------------------------------------------------------------------- the stage
 
 
-def check_windows(shard_tokens: dict[str, list[int]], config: Config) -> None:
+def check_windows(shard_tokens: dict[str, list[int]], config: Config, where: str = "") -> None:
     """Each split must hold at least one training window (the loader's rule: inside one
     shard, context_length inputs + 1 target), so that train does not refuse what
     prepare accepted."""
@@ -244,7 +268,7 @@ def check_windows(shard_tokens: dict[str, list[int]], config: Config) -> None:
         hint.append("raise data.shard_tokens (a window never crosses a shard boundary)")
     hint += ["lower model.context_length", "add data"]
     raise PrepareError(
-        f"the corpus is too small: its {' and '.join(short)} "
+        f"the corpus{where} is too small: its {' and '.join(short)} "
         f"{'splits hold' if len(short) > 1 else 'split holds'} no window of "
         f"model.context_length + 1 = {need} tokens inside one shard (tokens: {have}). To fix it, "
         f"{', '.join(hint[:-1])} or {hint[-1]}.")
@@ -318,6 +342,7 @@ def _decide(config: Config, force: bool, pool) -> dict:
 
 
 PLAN = "plan.json"
+SKIP = streams.SKIP
 PARTS = "parts"
 
 
@@ -330,9 +355,9 @@ class Plan:
     id: str  # sha256 of the rest: part records name it
     key: dict  # fingerprint, part and segment sizes, the corpus files' stamps
     parts: list[dict]
-    limits: list  # documents to take from each part (null: all), for max_documents
-    starts: list  # split_by text: each part's first character in the corpus
-    cut: int  # split_by text: the character where val begins
+    limits: list  # new documents to take from each part (null: all; SKIP: none, not read)
+    starts: list  # split_by text: each part's first character within its source
+    cuts: list  # split_by text: per source, the character where val begins
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
@@ -347,7 +372,7 @@ def open_plan(config: Config, pool) -> Plan:
     parts are kept; else a new one, in an emptied staging directory."""
     d = config.data
     staging = config.data_dir / STAGING
-    sources = [d.source]
+    sources = [src for _, src in data_sources(config)]
     found: list[Part] = []
     for i, source in enumerate(sources):
         found += parts.plan(source, i, config.data_dir / "download", d.part_bytes,
@@ -368,9 +393,9 @@ def open_plan(config: Config, pool) -> Plan:
     drop_staging(config.data_dir)
     (staging / PARTS).mkdir(parents=True)
     _add_digests(found, sources, config, pool)
-    limits, starts, cut = _count_parts(found, sources, config, pool)
+    limits, starts, cuts = _count_parts(found, sources, config, pool)
     body = {"key": key, "parts": [p.to_dict() for p in found], "limits": limits,
-            "starts": starts, "cut": cut}
+            "starts": starts, "cuts": cuts}
     plan = Plan(id=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body)
     atomic_write_json(staging / PLAN, asdict(plan))
     return plan
@@ -404,37 +429,44 @@ def _digest_task(job) -> str:
     return parts.file_digest(*job)
 
 
-def _count_parts(found: list[Part], sources, config: Config, pool):
-    """(limits, starts, cut): per part the documents to take (max_documents) and, for
-    split_by text, its first character and the corpus's cut. Reads the corpus once more
-    when either is needed: in order, part after part, when documents are limited."""
+def _count_parts(found: list[Part], sources: list[SourceConfig], config: Config, pool):
+    """(limits, starts, cuts): per part the documents to take (max_documents) and, for
+    split_by text, its first character within its source; per source the character where
+    val begins. Reads the corpus once more when either is needed: in order, part after
+    part, for a source whose documents are limited."""
     d = config.data
-    limit = document_limit(d.source)
-    limits = [None] * len(found)
-    if d.split_by != "text" and limit is None:
-        return limits, [], 0
-    counts = []
-    if limit is None:
-        jobs = [(p, sources[p.source], d.segment_bytes, None) for p in found]
-        counts = list(_map(_count_task, jobs, pool))
-    else:
-        left = limit
-        for p in found:
-            chars, docs = streams.count_part(p, sources[p.source], d.segment_bytes, left)
-            counts.append((chars, docs))
+    limits: list[int | None] = [None] * len(found)
+    counts: dict[int, tuple[int, int]] = {}
+    if d.split_by != "text" and all(document_limit(src) is None for src in sources):
+        return limits, [], []
+    free = [p for p in found if document_limit(sources[p.source]) is None]
+    jobs = [(p, sources[p.source], d.segment_bytes, None) for p in free]
+    counts.update(zip((p.index for p in free), _map(_count_task, jobs, pool)))
+    dropped: set[int] = set()
+    for i, src in enumerate(sources):
+        left, past = document_limit(src), False
+        for p in (p for p in found if p.source == i and left is not None):
+            past = past or (left == 0 and not parts.continues(p))
+            if past:
+                dropped.add(p.index)  # past max_documents: never read
+                continue
+            # With left == 0 a part that continues the last document taken still gives
+            # that document's rest.
+            counts[p.index] = streams.count_part(p, src, d.segment_bytes, left)
             limits[p.index] = left
-            left -= docs
-            if left == 0:
-                break
-        del found[len(counts):]
-        limits = limits[:len(counts)]
-    if sum(docs for _, docs in counts) == 0:
-        raise parts.empty_corpus(d.source)
-    starts = [0]
-    for chars, _ in counts[:-1]:
-        starts.append(starts[-1] + chars)
-    total = starts[-1] + counts[-1][0]
-    return limits, starts, int((1 - d.val_fraction) * total)
+            left -= counts[p.index][1]
+    starts, cuts = [0] * len(found), []
+    for i, src in enumerate(sources):
+        mine = [p.index for p in found if p.source == i and p.index not in dropped]
+        if sum(counts[j][1] for j in mine) == 0:
+            raise parts.empty_corpus(src)
+        chars = 0
+        for j in mine:
+            starts[j], chars = chars, chars + counts[j][0]
+        cuts.append(int((1 - d.val_fraction) * chars))
+    for j in dropped:
+        limits[j] = SKIP
+    return limits, starts, cuts
 
 
 def _count_task(job) -> tuple[int, int]:
@@ -455,8 +487,9 @@ def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> 
     directory = config.data_dir / STAGING / PARTS
     mine = [i for i in range(len(plan.parts)) if i % team.world == team.rank]
     todo = [i for i in mine if streams.committed(directory, i, plan.id) is None]
-    jobs = [(plan.part(i), d.source, _layout(plan, config, i), directory, plan.id,
-             d.segment_bytes, plan.limits[i]) for i in todo]
+    sources = [src for _, src in data_sources(config)]
+    jobs = [(plan.part(i), sources[plan.parts[i]["source"]], _layout(plan, config, i),
+             directory, plan.id, d.segment_bytes, plan.limits[i]) for i in todo]
     where = "" if team.alone else f" (machine {team.rank} of {team.world})"
     if len(todo) < len(mine):
         print(f"prepare{where}: {len(mine) - len(todo)} of {len(mine)} parts were committed "
@@ -495,8 +528,10 @@ def _kept_note(data_dir: Path) -> str:
 
 def _layout(plan: Plan, config: Config, i: int) -> streams.Layout:
     d = config.data
-    return streams.Layout(d.split_by, d.val_fraction, cut=plan.cut,
-                          start_char=plan.starts[i] if plan.starts else 0)
+    if not plan.starts:
+        return streams.Layout(d.split_by, d.val_fraction)
+    return streams.Layout(d.split_by, d.val_fraction, cut=plan.cuts[plan.parts[i]["source"]],
+                          start_char=plan.starts[i])
 
 
 def _build_task(job) -> streams.PartRecord:
@@ -529,6 +564,8 @@ def _finish(plan: Plan, config: Config, pool) -> dict:
 
 
 def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
+    """The data set from the committed parts: per source and split, the parts' streams
+    cut into shards (a mixture's in a directory per source), checked to hold windows."""
     d = config.data
     staging = config.data_dir / STAGING
     records = [streams.committed(staging / PARTS, i, plan.id) for i in range(len(plan.parts))]
@@ -536,29 +573,55 @@ def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
     if missing:
         raise DataError(f"parts {missing[:5]} of {staging} are not committed although every "
                         f"machine reported its share done: rerun prepare")
-    notes = parts.Notes()
-    for record in records:
-        notes.merge(parts.Notes(**record.notes))
-    notes.report(d.source.text_field, _warn)
-    documents = {s: sum(r.documents[s] for r in records) for s in SPLITS}
-    if sum(documents.values()) == 0:
-        raise parts.empty_corpus(d.source)
-    shard_plans = {s: streams.cut_into_shards(
-        [(streams.stream_path(staging / PARTS, r.part, s), r.tokens[s]) for r in records],
-        d.shard_tokens, lambda k, s=s: shard_name(s, k)) for s in SPLITS}
-    check_windows({s: [x.tokens for x in shard_plans[s]] for s in SPLITS}, config)
-    jobs = [(shard, staging) for s in SPLITS for shard in shard_plans[s]]
+    named = data_sources(config)
+    by_source = [[r for r in records if plan.parts[r.part]["source"] == i]
+                 for i in range(len(named))]
+    shard_plans: dict[tuple[int, str], list[streams.ShardPlan]] = {}
+    for i, ((name, source), mine) in enumerate(zip(named, by_source)):
+        _report_notes(mine, source)
+        if sum(r.documents[s] for r in mine for s in SPLITS) == 0:
+            raise parts.empty_corpus(source)
+        for split in SPLITS:
+            shard_plans[i, split] = streams.cut_into_shards(
+                [(streams.stream_path(staging / PARTS, r.part, split), r.tokens[split])
+                 for r in mine], d.shard_tokens,
+                lambda k, split=split, name=name: source_shard_name(name, split, k))
+        check_windows({s: [x.tokens for x in shard_plans[i, s]] for s in SPLITS}, config,
+                      f" of source '{name}'" if name else "")
+    jobs = [(shard, staging) for key in shard_plans for shard in shard_plans[key]]
     infos = iter(list(_map(_shard_task, jobs, pool)))
-    shards = {s: [next(infos) for _ in shard_plans[s]] for s in SPLITS}
+    written = {key: [next(infos) for _ in shard_plans[key]] for key in shard_plans}
+    shards = {s: [x for i in range(len(named)) for x in written[i, s]] for s in SPLITS}
+    documents = {s: sum(r.documents[s] for r in records) for s in SPLITS}
+    mixture = {}
+    if d.sources:
+        mixture = {name: {"splits": {s: [x.file for x in written[i, s]] for s in SPLITS},
+                          "documents": {s: sum(r.documents[s] for r in by_source[i])
+                                        for s in SPLITS},
+                          "tokens": {s: sum(x.tokens for x in written[i, s]) for s in SPLITS}}
+                   for i, (name, _) in enumerate(named)}
     totals = {s: sum(x.tokens for x in shards[s]) for s in SPLITS}
     summary = (f"prepared {config.data_dir}: {sum(documents.values()):,} documents (train "
                f"{documents['train']:,}, val {documents['val']:,}), tokens train "
                f"{totals['train']:,} val {totals['val']:,}, "
-               f"{sum(map(len, shards.values()))} shards from {len(records)} parts")
+               f"{sum(map(len, shards.values()))} shards from {len(records)} parts"
+               + (f" of {len(named)} sources" if d.sources else ""))
     manifest = Manifest(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, dtype=DTYPE.name,
                         eot_token=EOT_ID, splits=shards, documents=documents,
-                        **fingerprint(config))
+                        sources=mixture, **fingerprint(config))
     return manifest, summary
+
+
+def source_shard_name(source: str | None, split: str, index: int) -> str:
+    """A shard's file: `train_000000.bin`, or in its source's directory in a mixture."""
+    return shard_name(split, index) if source is None else f"{source}/{shard_name(split, index)}"
+
+
+def _report_notes(records: list[streams.PartRecord], source: SourceConfig) -> None:
+    notes = parts.Notes()
+    for record in records:
+        notes.merge(parts.Notes(**record.notes))
+    notes.report(source.text_field, _warn)
 
 
 def _shard_task(job) -> ShardInfo:

@@ -31,6 +31,7 @@ TRAIN, VAL = 0, 1  # indices into SPLITS
 DTYPE = token_dtype(VOCAB_SIZE)
 # The token-stream layout; a change of it must change prepare's fingerprint.
 LAYOUT = {"document": "eot before each document", "text": "eot between documents"}
+SKIP = -1  # a part's document limit when it lies wholly past max_documents
 COPY_TOKENS = 1 << 22  # tokens copied at once when cutting shards: memory stays flat
 
 Piece = tuple[int, str, bool, bool]  # (split, text, EOT before it, counts as a document)
@@ -158,13 +159,17 @@ class TokenFile:
 def build_part(part: Part, source: SourceConfig, layout: Layout, directory: Path,
                plan_id: str, segment_bytes: int, limit: int | None = None) -> PartRecord:
     """Read, lay out and tokenize one part into its token files, then commit its record.
-    With `limit`, at most that many documents are read (data.source.max_documents)."""
+    With `limit`, at most that many documents are begun (data.source.max_documents; the
+    rest of a document the part continues is always read; SKIP reads nothing)."""
     enc = get_tokenizer()
     notes = Notes()
     files = [TokenFile(stream_path(directory, part.index, s)) for s in SPLITS]
     documents, chars = [0] * len(SPLITS), 0
     try:
-        segments = _limited(parts.read(part, source, segment_bytes, notes), limit)
+        if limit == SKIP:  # past max_documents: nothing to read
+            segments: Iterator[Segment] = iter(())
+        else:
+            segments = _limited(parts.read(part, source, segment_bytes, notes), limit)
         if layout.split_by == "text":
             pieces = pieces_by_text(segments, layout.cut, layout.start_char)
         else:
