@@ -73,6 +73,15 @@ SOURCE_KEYS = {
 
 
 @dataclass
+class WeightedSource:
+    """One source of a mixture: its documents, a name, and its share of training samples."""
+
+    name: str = ""  # names its shards' directory (data/<name>/<this>/) and its metrics
+    weight: float = 1.0  # relative share of the training samples drawn from it
+    source: SourceConfig = field(default_factory=SourceConfig)
+
+
+@dataclass
 class DataConfig:
     name: str = "python-stdlib"  # prepared data lives in <root>/<name>/
     root: str = "data"  # parent directory of all prepared data sets
@@ -90,6 +99,9 @@ class DataConfig:
     # A document longer than this is read and tokenized in pieces of about this size, cut
     # where no token changes: what bounds a worker's memory. Changes no byte either.
     segment_bytes: int = 1_000_000
+    # A weighted mixture instead of data.source: a list of {name, weight, source}. Each
+    # source gets its own shards; train draws each sample from a source by the weights.
+    sources: list[WeightedSource] = field(default_factory=list)
 
 
 @dataclass
@@ -368,6 +380,7 @@ def _coerce(tp, value, key: str):
 
 # A run or data set name becomes a directory and reaches shells: plain names only.
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes a 64-bit seed
 
 
@@ -376,6 +389,7 @@ def validate(config: Config) -> None:
     names, and the cross-field rules the types alone cannot express."""
     _validate_names(config)
     _validate_source(config.data.source)
+    _validate_mixture(config)
     d = config.data
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
     _require(d.shard_tokens > 0, "data.shard_tokens", d.shard_tokens, "a positive count")
@@ -422,31 +436,53 @@ def _validate_names(config: Config) -> None:
         _require(bool(value.strip()), key, value, "a directory path")
 
 
-def _validate_source(src: SourceConfig) -> None:
+def _validate_mixture(config: Config) -> None:
+    mix = config.data.sources
+    if not mix:
+        return
+    _check(config.data.source == SourceConfig(),
+           "data.source and data.sources are both set: a data set has either one source "
+           "(data.source) or a weighted mixture (data.sources); move data.source into the list, "
+           "or clear it (data.source: null, or the override data.source=null)")
+    names = [entry.name for entry in mix]
+    for i, entry in enumerate(mix):
+        where = f"data.sources[{i}]."
+        _require(bool(SOURCE_NAME.match(entry.name)), f"{where}name", entry.name,
+                 "a short plain name (letters, digits, '_' and '-'): it names the source's "
+                 "shard directory and its metrics")
+        _require(math.isfinite(entry.weight) and entry.weight > 0, f"{where}weight",
+                 entry.weight, "a positive number (weights are relative; they need not sum to 1)")
+        _validate_source(entry.source, f"{where}source.")
+    _require(len(set(names)) == len(names), "data.sources names", names, "distinct names")
+    _require(config.train.order == "shuffle", "train.order", config.train.order,
+             "shuffle with data.sources (the book's order draws from one source)")
+
+
+def _validate_source(src: SourceConfig, where: str = "data.source.") -> None:
     given = {f.name for f in dataclasses.fields(src)
              if f.name != "kind" and getattr(src, f.name) != getattr(SourceConfig(), f.name)}
     stray = given - SOURCE_KEYS[src.kind]
     if stray:
         raise ConfigError(
-            f"data.source.{sorted(stray)[0]} does not apply to kind '{src.kind}'; "
+            f"{where}{sorted(stray)[0]} does not apply to kind '{src.kind}'; "
             f"its keys are: {', '.join(sorted(SOURCE_KEYS[src.kind]))}")
     if src.kind == "files" and not src.paths:
-        raise ConfigError("data.source.paths is empty: name files, directories or globs")
+        raise ConfigError(f"{where}paths is empty: name files, directories or globs")
     if src.kind == "hf" and not src.path:
-        raise ConfigError("data.source.path is empty: name a dataset, e.g. HuggingFaceFW/fineweb-edu")
+        raise ConfigError(f"{where}path is empty: name a dataset, e.g. HuggingFaceFW/fineweb-edu")
     if src.kind == "url" and not src.url:
-        raise ConfigError("data.source.url is empty")
+        raise ConfigError(f"{where}url is empty")
     for key in ("max_documents", "max_bytes"):
         value = getattr(src, key)
-        _require(value is None or value > 0, f"data.source.{key}", value,
+        _require(value is None or value > 0, f"{where}{key}", value,
                  "a positive count, or null for all")
     _require(src.max_download_bytes is None or src.max_download_bytes > 0,
-             "data.source.max_download_bytes", src.max_download_bytes,
+             f"{where}max_download_bytes", src.max_download_bytes,
              "a positive number of bytes, or null for no limit")
     _require(src.sha256 is None or bool(re.fullmatch("[0-9a-fA-F]{64}", src.sha256)),
-             "data.source.sha256", src.sha256,
+             f"{where}sha256", src.sha256,
              "64 hexadecimal digits (as sha256sum prints them), or null")
-    _require(src.revision is None or bool(src.revision.strip()), "data.source.revision",
+    _require(src.revision is None or bool(src.revision.strip()), f"{where}revision",
              src.revision, "a branch, tag or commit of the dataset, or null for the default")
 
 

@@ -293,12 +293,19 @@ def main(argv=None) -> dict:
     model = model.to(accelerator.device)
     windows = TokenWindows(data_dir, "val", model.cfg.context_length)
     result = evaluate(model, windows, batch_size, accelerator, args.max_batches)
+    by_source = {}  # a mixture's val loss per source, over each source's whole val split
+    for name in load_manifest(data_dir).sources:
+        own = TokenWindows(data_dir, "val", model.cfg.context_length, source=name)
+        by_source[name] = evaluate(model, own, batch_size, accelerator, args.max_batches)
     record = {
         "model": str(args.model), "weights": str(info.path),
         "step": (info.meta or {}).get("step"), "data": str(data_dir), "split": "val",
         "context_length": model.cfg.context_length, "windows": len(windows),
         "micro_batch_size": batch_size, "max_batches": args.max_batches,
         "processes": accelerator.num_processes, "precision": precision, **result}
+    if by_source:
+        record["sources"] = {name: {k: r[k] for k in ("loss", "perplexity", "tokens")}
+                             for name, r in by_source.items()}
     out = _out_path(args, info)
     if accelerator.is_main_process:
         if out is not None:
@@ -306,6 +313,9 @@ def main(argv=None) -> dict:
         where = out if out is not None else "not saved (give --out FILE)"
         print(f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
               f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}")
+        for name, r in by_source.items():
+            print(f"  source {name}: val loss {r['loss']:.4f} | perplexity "
+                  f"{r['perplexity']:.2f} | {r['tokens']:,} tokens")
     return record
 
 

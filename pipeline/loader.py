@@ -36,14 +36,14 @@ class TokenWindows:
     """Windows of context_length input tokens + next-token targets over one split's shards."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, context_length: int,
-                 stride: int | None = None):
+                 stride: int | None = None, source: str | None = None):
         if context_length <= 0:
             raise ValueError(f"context_length must be positive, got {context_length}")
         stride = context_length if stride is None else stride
         if stride <= 0:
             raise ValueError(f"stride must be positive, got {stride}")
         self.split, self.context_length, self.stride = split, context_length, stride
-        shards = open_split(data_dir, split)
+        shards = open_split(data_dir, split, source)
         self.tokens = sum(len(s) for s in shards)
         counts = windows_per_shard([len(s) for s in shards], context_length, stride)
         # Only shards that hold a window take part; a window's shard is then found by bisection.
@@ -52,7 +52,7 @@ class TokenWindows:
         if self._first[-1] == 0:
             largest = max((len(s) for s in shards), default=0)
             raise PipelineError(
-                f"the {split} split of {data_dir} is too small for one window: it has "
+                f"the {split} split{f' of source {source}' if source else ''} of {data_dir} is too small for one window: it has "
                 f"{self.tokens} tokens in {len(shards)} shard(s) (largest {largest}), and a "
                 f"window needs context_length + 1 = {context_length + 1} tokens inside one "
                 f"shard. Use a larger corpus, a larger data.val_fraction (for val) or "
@@ -162,6 +162,98 @@ def seeded_randperm(n: int, seed: int) -> np.ndarray:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
+# ----------------------------------------------------------------------------- mixtures
+
+
+class MixedWindows:
+    """The windows of several sources numbered one after the other: source s holds ids
+    offsets[s] .. offsets[s+1]-1."""
+
+    def __init__(self, sources: list[TokenWindows]):
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(w) for w in sources])
+        self.context_length, self.stride = sources[0].context_length, sources[0].stride
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        n = self.context_length
+        x = torch.empty((len(idx), n), dtype=torch.int64)
+        y = torch.empty((len(idx), n), dtype=torch.int64)
+        for s in np.unique(which).tolist():
+            here = np.flatnonzero(which == s)
+            x[here], y[here] = self.sources[s].batch(idx[here] - self.offsets[s])
+        return x, y
+
+
+class Mixture:
+    """Which source each position of the global train stream draws from, by the weights.
+
+    The weights become whole counts per PERIOD positions (largest remainders), and each
+    source's slots are spread evenly over the period (slot j of a source with c slots at
+    (j + 1/2) / c of it). So any stretch of the stream holds each source within one sample
+    of its share (plus the 1/PERIOD rounding of the weights), a position's source and its
+    draw number within the source are arithmetic (resume and any process count work as for
+    one source), and each source's draws walk its own keyed permutation, epoch after epoch
+    (a source with a large weight and few windows repeats sooner).
+    """
+
+    PERIOD = 10_000
+
+    def __init__(self, names: list[str], weights: list[float], sizes: list[int], seed: int):
+        total = sum(weights)
+        exact = [w / total * self.PERIOD for w in weights]
+        counts = [int(e) for e in exact]
+        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[
+                :self.PERIOD - sum(counts)]:
+            counts[i] += 1
+        small = [n for n, c in zip(names, counts) if c == 0]
+        if small:
+            raise PipelineError(
+                f"data.sources weight of {', '.join(small)} is below 1/{self.PERIOD:,} of the "
+                f"total: raise it, or leave the source out")
+        slots = sorted(((j + 0.5) / c, s) for s, c in enumerate(counts) for j in range(c))
+        self.names, self.counts, self.sizes = names, np.array(counts), sizes
+        self.pattern = np.array([s for _, s in slots], dtype=np.int64)
+        seen = np.zeros(len(counts), dtype=np.int64)
+        self.draw_in_period = np.empty(self.PERIOD, dtype=np.int64)
+        for i, s in enumerate(self.pattern.tolist()):
+            self.draw_in_period[i], seen[s] = seen[s], seen[s] + 1
+        self.offsets = np.cumsum([0] + list(sizes))
+        self.seeds = [(seed + (s + 1) * 0x9E3779B97F4A7C15) & _MASK64 for s in range(len(names))]
+
+    def draws(self, samples: int) -> np.ndarray:
+        """How many of the first `samples` stream positions draw from each source."""
+        cycles, rest = divmod(samples, self.PERIOD)
+        return self.counts * cycles + np.bincount(self.pattern[:rest], minlength=len(self.counts))
+
+    def window_ids(self, start: int, count: int) -> np.ndarray:
+        """MixedWindows ids of stream positions start .. start+count-1."""
+        cycles, within = np.divmod(np.arange(start, start + count, dtype=np.int64), self.PERIOD)
+        source = self.pattern[within]
+        draw = cycles * self.counts[source] + self.draw_in_period[within]
+        out = np.empty(count, dtype=np.int64)
+        for s in np.unique(source).tolist():
+            here = source == s  # a source's draws in a stretch of the stream are consecutive
+            first = int(draw[here][0])
+            out[here] = self.offsets[s] + stream_indices(first, int(here.sum()), self.sizes[s],
+                                                         self.seeds[s])
+        return out
+
+    def state(self) -> list:
+        return [[n, int(c)] for n, c in zip(self.names, self.counts)]
+
+
+def mixed_train_windows(data_dir, names: list[str], weights: list[float], context_length: int,
+                        stride: int | None, seed: int) -> tuple[MixedWindows, Mixture]:
+    windows = MixedWindows([TokenWindows(data_dir, "train", context_length, stride, source=n)
+                            for n in names])
+    return windows, Mixture(names, weights, [len(w) for w in windows.sources], seed)
+
+
 ORDERS = ("shuffle", "book")
 
 
@@ -180,9 +272,9 @@ class TrainBatches:
     reproducible draw for draw, and why it needs a single process.
     """
 
-    def __init__(self, windows: TokenWindows, micro_batch_size: int, seed: int,
+    def __init__(self, windows: TokenWindows | MixedWindows, micro_batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, start_sample: int = 0,
-                 order: str = "shuffle"):
+                 order: str = "shuffle", mixture: Mixture | None = None):
         if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
                              f"{micro_batch_size}, rank {rank}, world_size {world_size}")
@@ -195,6 +287,7 @@ class TrainBatches:
                 f"Use train.order=shuffle to train on several.")
         self.windows, self.micro_batch_size, self.seed = windows, micro_batch_size, seed
         self.rank, self.world_size, self.order = rank, world_size, order
+        self.mixture = mixture  # with MixedWindows: which source each position draws from
         self._samples = 0
         self._block, self._block_ids = (-1, -1), np.empty(0, dtype=np.int64)  # one cached
         self._epoch_seed: int | None = None  # book: the sampler seed of the current epoch
@@ -240,6 +333,8 @@ class TrainBatches:
     def _window_ids(self, start: int, count: int) -> np.ndarray:
         """stream_indices(start, count, ...) through a cache of one block of ORDER_BLOCK
         positions inside one epoch (a whole epoch when the split has fewer windows)."""
+        if self.mixture is not None:
+            return self.mixture.window_ids(start, count)
         n, parts, pos, end = len(self.windows), [], start, start + count
         while pos < end:
             epoch, within = divmod(pos, n)
@@ -292,19 +387,28 @@ class TrainBatches:
                  "order": self.order}
         if self.order == "book":
             state["epoch_seed"] = self._epoch_seed
+        if self.mixture is not None:
+            state["mixture"] = self.mixture.state()
         return state
+
+    def tokens_by_source(self) -> dict[str, int]:
+        """Input tokens drawn so far from each source of a mixture (all ranks together)."""
+        if self.mixture is None:
+            return {}
+        draws = self.mixture.draws(self._samples)
+        return {n: int(d) * self.windows.context_length for n, d in zip(self.mixture.names, draws)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "windows", "context_length", "stride", "order"):
-            saved = state.get(key, "shuffle" if key == "order" else mine[key])  # older files
-            if saved != mine[key]:
+        for key in ("seed", "windows", "context_length", "stride", "order", "mixture"):
+            saved = state.get(key, "shuffle" if key == "order" else mine.get(key))  # older files
+            if saved != mine.get(key):
                 raise PipelineError(
                     f"the saved train loader position was made with {key} = {saved}, but "
-                    f"this run has {key} = {mine[key]}: the same sample count would mean other "
+                    f"this run has {key} = {mine.get(key)}: the same sample count would mean other "
                     f"samples. Resume with the data and settings of the saved run (same seed, "
-                    f"data set, model.context_length, train.stride and train.order), or start "
-                    f"a new run.")
+                    f"data set, model.context_length, train.stride, train.order and "
+                    f"data.sources weights), or start a new run.")
         self._seek(int(state["samples"]))
         self._epoch_seed = state.get("epoch_seed")
 

@@ -143,6 +143,9 @@ class Manifest:
     # Free-form notes; nothing here reads them, but every manifest written so far has the
     # key, and load_manifest refuses unknown layouts, so the field stays in the format.
     extra: dict = field(default_factory=dict)
+    # A mixture (data.sources): per source name, its shard files per split (they are also
+    # in `splits`, source after source), documents and tokens. Empty for one source.
+    sources: dict = field(default_factory=dict)
 
     def tokens(self, split: str) -> int:
         return sum(s.tokens for s in self.splits.get(split, []))
@@ -170,19 +173,29 @@ def load_manifest(data_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest
                         f"if this project wrote it") from None
 
 
-def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
-    """Memory-maps of every shard of a split, in order, checked against the manifest."""
+def open_split(data_dir: str | os.PathLike, split: str,
+               source: str | None = None) -> list[np.memmap]:
+    """Memory-maps of every shard of a split (of one source of a mixture), in order,
+    checked against the manifest."""
     manifest = load_manifest(data_dir)
     if split not in manifest.splits:
         raise DataError(f"{data_dir} has no '{split}' split (it has {', '.join(manifest.splits)})")
+    infos = manifest.splits[split]
+    if source is not None:
+        if source not in manifest.sources:
+            raise DataError(f"{data_dir} has no source '{source}' (it has "
+                            f"{', '.join(manifest.sources) or 'one unnamed source'}); "
+                            f"prepare it with these data.sources")
+        files = set(manifest.sources[source]["splits"][split])
+        infos = [info for info in infos if info.file in files]
     arrays = []
-    for info in manifest.splits[split]:
+    for info in infos:
         tokens = read_shard(Path(data_dir) / info.file)
         if len(tokens) != info.tokens:
             raise DataError(f"{info.file} holds {len(tokens)} tokens, the manifest says "
                             f"{info.tokens}; {REBUILD}")
         arrays.append(tokens)
-    check_shards(data_dir, manifest, manifest.splits[split])
+    check_shards(data_dir, manifest, infos)
     return arrays
 
 

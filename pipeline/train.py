@@ -36,7 +36,7 @@ from pipeline.config import Config, EvalConfig, load_config, save_config, to_dic
 from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import evaluate
 from pipeline.keys import add_config_arguments, parse_stage_args
-from pipeline.loader import TokenWindows, TrainBatches
+from pipeline.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
 from pipeline.mfu import mfu, peak_flops
 from pipeline.model import GPTModel, count_parameters, flops_per_token
 from pipeline.optim import build_optimizer, build_scheduler, total_steps
@@ -215,7 +215,7 @@ class Training:
     model: torch.nn.Module  # as prepared by Accelerate (DDP/FSDP-wrapped, compiled)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_windows: TokenWindows
+    train_windows: TokenWindows | MixedWindows
     val_windows: TokenWindows
     batches: TrainBatches  # the train stream; resume moves it
     plan: BatchPlan
@@ -237,10 +237,17 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
     torch.manual_seed(config.seed)  # same initial weights on every process
     model = new_model(config, initial_state)
     ctx, t = config.model.context_length, config.train
-    train_windows = TokenWindows(config.data_dir, "train", ctx, t.stride)
+    mixture = None
+    if config.data.sources:  # each sample drawn from a source by the weights
+        train_windows, mixture = mixed_train_windows(
+            config.data_dir, [s.name for s in config.data.sources],
+            [s.weight for s in config.data.sources], ctx, t.stride, config.seed)
+    else:
+        train_windows = TokenWindows(config.data_dir, "train", ctx, t.stride)
     val_windows = TokenWindows(config.data_dir, "val", ctx)
     batches = TrainBatches(train_windows, t.micro_batch_size, config.seed,
-                           accelerator.process_index, accelerator.num_processes, order=t.order)
+                           accelerator.process_index, accelerator.num_processes, order=t.order,
+                           mixture=mixture)
     plan = BatchPlan.make(config, accelerator.num_processes, batches.epoch_samples)
     optimizer = build_optimizer(model, t, accelerator.device.type)
     scheduler = build_scheduler(optimizer, t, plan.max_steps)
@@ -396,6 +403,7 @@ class TrainLoop:
         losses = acc.reduce(torch.stack(iv.losses), reduction="mean") if iv.losses else None
         elapsed = time.perf_counter() - iv.start
         row = {"step": p.step, "tokens": p.tokens, "epoch": round(tr.batches.epoch, 4)}
+        row.update({f"tokens/{name}": n for name, n in tr.batches.tokens_by_source().items()})
         if losses is not None:
             check_finite(losses, p.step - steps + 1, accum)
             tokens_per_s = steps * tr.plan.tokens_per_step / elapsed

@@ -44,8 +44,31 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def train_args(data_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return [f"data.root={data_root}", "data.name=stdlib", f"runs_root={runs}", f"name={name}",
+MIXTURE = ("data.sources=[{name: py, weight: 3, source: {kind: python-stdlib, max_bytes: "
+           "600000}}, {name: prose, weight: 1, source: {kind: files, paths: [%s]}}]")
+
+
+@pytest.fixture(scope="module")
+def mixture_root(tmp_path_factory) -> tuple[Path, str]:
+    """A two-source mixture (stdlib code 3 : prose 1), prepared into data.name=mix: (root,
+    the data.sources override that names it)."""
+    root = tmp_path_factory.mktemp("mix")
+    prose = root / "prose"
+    prose.mkdir()
+    words = "every effort moves you toward the picture that the painter made at last".split()
+    for i in range(40):
+        (prose / f"{i:02d}.txt").write_text(" ".join(words[(i + k) % len(words)]
+                                                     for k in range(600)) + "\n")
+    sources = MIXTURE % prose
+    subprocess.run([sys.executable, "-m", "pipeline.prepare", f"data.root={root}",
+                    "data.name=mix", sources, "data.num_workers=2"],
+                   cwd=ROOT, env=env(), check=True, capture_output=True)
+    return root, sources
+
+
+def train_args(data_root: Path, runs: Path, name: str, *extra: str,
+               data_name: str = "stdlib") -> list[str]:
+    return [f"data.root={data_root}", f"data.name={data_name}", f"runs_root={runs}", f"name={name}",
             *TINY_MODEL, "train.micro_batch_size=4", "train.lr=3e-3", "eval.batches=4",
             "eval.max_new_tokens=8", "checkpoint.keep_last=0", *extra]
 
@@ -91,11 +114,19 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     assert "done: 60 steps" in out.stdout
 
 
+@pytest.mark.parametrize("data", ["one source", "mixture"])
 def test_two_processes_match_one_with_accumulation_and_resume_across_process_counts(
-        data_root, tmp_path, free_port):
+        data_root, mixture_root, tmp_path, free_port, data, request):
     # Constant lr, so that runs of different lengths share one schedule.
     common = ["train.log_every_steps=1", "eval.every_steps=1000", "train.lr=1e-3",
               "train.min_lr=1e-3", "checkpoint.every_steps=3"]
+    if data == "mixture":  # each sample drawn from a source by the weights, as for one
+        data_root, sources = mixture_root
+        common += ["data.source=null", sources]
+
+    def train_args(*args):
+        return globals()["train_args"](*args, data_name="mix" if data == "mixture" else "stdlib")
+
     one = run_train(train_args(data_root, tmp_path, "one", *common, "train.max_steps=6",
                                "train.grad_accum_steps=2"))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -118,6 +149,10 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
     actual = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert len(expected) == len(actual) == 6
     assert actual == pytest.approx(expected, abs=1e-5)
+    if data == "mixture":  # 3 : 1 by the weights, counted in the metrics
+        last = metrics(tmp_path / "two")[-1]
+        assert last["tokens/py"] + last["tokens/prose"] == last["tokens"]
+        assert last["tokens/py"] == pytest.approx(3 * last["tokens/prose"], abs=2 * 64)
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(data_root, tmp_path):
