@@ -112,13 +112,35 @@ def fingerprint(config: Config) -> dict:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, as config keys with both values."""
+    return (_source_differences(old.get("source", {}), new["source"])
+            + _key_differences(old.get("settings", {}), new["settings"], "data."))
+
+
+def _source_differences(a: dict, b: dict) -> list[str]:
+    if "mixture" not in a and "mixture" not in b:
+        return _key_differences(a, b, "data.source.")
+    if "mixture" not in a or "mixture" not in b:
+        kind = {True: "a mixture (data.sources)", False: "one source (data.source)"}
+        return [f"the data set was prepared from {kind['mixture' in a]}, now from "
+                f"{kind['mixture' in b]}"]
+    old, new = a["mixture"], b["mixture"]
+    if len(old) != len(new):
+        return [f"data.sources had {len(old)} sources ({', '.join(s['name'] for s in old)}), "
+                f"now {len(new)} ({', '.join(s['name'] for s in new)})"]
     diffs = []
-    for section, prefix in (("source", "data.source."), ("settings", "data.")):
-        a, b = old.get(section, {}), new[section]
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                diffs.append(f"{prefix}{key} was {a.get(key)!r}, now {b.get(key)!r}")
+    for i, (x, y) in enumerate(zip(old, new)):
+        if x["name"] != y["name"]:
+            diffs.append(f"data.sources[{i}].name was {x['name']!r}, now {y['name']!r}")
+        diffs += _key_differences({k: v for k, v in x.items() if k != "name"},
+                                  {k: v for k, v in y.items() if k != "name"},
+                                  f"data.sources[{i}].source.")
     return diffs
+
+
+def _key_differences(a: dict, b: dict, prefix: str) -> list[str]:
+    return [f"{prefix}{key} was {a.get(key)!r}, now {b.get(key)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
 def _intact(data_dir: Path, manifest: Manifest) -> str | None:
