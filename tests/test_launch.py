@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline.checkpoint import latest_checkpoint, read_meta
-from pipeline.config import load_config, save_config
+from pipeline.config import from_dict, load_config, parse_yaml, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,6 +72,24 @@ def test_every_shipped_config_loads_and_comments_each_key(path):
             above = lines[number - 2].strip() if number > 1 else ""  # on its line or above
             assert "#" in value or above.startswith(f"# {key.strip()}:"), \
                 f"{path.name}:{number}: say what {key.strip()} means: {line!r}"
+
+
+def test_the_mixture_shown_in_the_124m_config_loads_when_uncommented():
+    """configs/gpt2-124m.yaml shows a mixture in comments; uncommented in place of
+    `source:` it must be a valid config."""
+    lines = (ROOT / "configs" / "gpt2-124m.yaml").read_text().splitlines()
+    start = lines.index("  # sources:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  # "):
+            break
+        block.append("  " + line[4:])
+    text = "\n".join(lines).replace("\n".join(lines[start:start + len(block)]), "\n".join(block))
+    config = from_dict({**parse_yaml(text), "data": {
+        **{k: v for k, v in parse_yaml(text)["data"].items() if k != "source"}}})
+    assert [(s.name, s.weight) for s in config.data.sources] == [("fineweb-edu", 0.9),
+                                                                 ("python", 0.1)]
+    assert config.data.sources[1].source.text_field == "content"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")),
