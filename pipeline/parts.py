@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -62,7 +62,10 @@ class Part:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy of every item took 0.5 s for the
+        # built-in corpus's 1,762 files.
+        return {"index": self.index, "source": self.source, "kind": self.kind,
+                "items": [dict(item) for item in self.items], "bytes": self.bytes}
 
 
 @dataclass

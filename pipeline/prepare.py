@@ -30,6 +30,7 @@ only through shards.py.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -39,7 +40,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -77,13 +78,30 @@ def worker_pool(workers: int):
     if workers <= 1:
         return None
     method = "fork" if sys.platform == "linux" else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, initializer=_leave_ctrl_c_to_main)
+    return multiprocessing.get_context(method).Pool(workers, initializer=_start_worker)
 
 
-def _leave_ctrl_c_to_main() -> None:
+def _start_worker() -> None:
     """Ctrl-C reaches the whole process group; the main process alone answers it (and
     ends the pool), so the terminal shows one line, not a traceback per worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return_freed_memory()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory() -> None:
+    """Make large buffers (a segment's bytes and text, its tokens) go back to the OS when
+    freed. glibc raises its mmap threshold each time such a buffer is freed, so later ones
+    come from the heap, where freed blocks stay resident between live ones: a worker that
+    read 1 GB in 1 MB segments held 400 MiB that way. A fixed threshold keeps every
+    buffer above 128 KiB an mapping of its own, unmapped when freed (measured: 15 MiB
+    instead of 145 MiB after 600 MB of segments)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
 
 
 # ----------------------------------------------------------------------------- idempotence
@@ -312,6 +330,7 @@ def prepare(config: Config, force: bool = False) -> Manifest:
     team = Team()
     get_tokenizer()  # fails here, before any work, when it cannot load; forked workers share it
     workers = config.data.num_workers or max(1, len(os.sched_getaffinity(0)) // team.local_world)
+    return_freed_memory()  # the main process reads segments too when it is the only worker
     pool = worker_pool(workers)  # before the group's threads exist: see worker_pool
     try:
         team.meet()
@@ -399,9 +418,10 @@ def open_plan(config: Config, pool) -> Plan:
     for i, source in enumerate(sources):
         found += parts.plan(source, i, config.data_dir / "download", d.part_bytes,
                             d.segment_bytes, start_index=len(found), warn=_warn)
+    listed = [p.to_dict() for p in found]
     key = {"fingerprint": fingerprint(config), "part_bytes": d.part_bytes,
            "segment_bytes": d.segment_bytes, "files": _file_stamps(found),
-           "parts": hashlib.sha256(json.dumps([p.to_dict() for p in found]).encode()).hexdigest()}
+           "parts": hashlib.sha256(json.dumps(listed).encode()).hexdigest()}
     try:
         old = Plan.load(staging / PLAN)
         if old.key == key:
@@ -419,7 +439,7 @@ def open_plan(config: Config, pool) -> Plan:
     body = {"key": key, "parts": [p.to_dict() for p in found], "limits": limits,
             "starts": starts, "cuts": cuts}
     plan = Plan(id=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body)
-    atomic_write_json(staging / PLAN, asdict(plan))
+    atomic_write_json(staging / PLAN, vars(plan))
     return plan
 
 
@@ -439,12 +459,12 @@ def _add_digests(found: list[Part], sources, config: Config, pool) -> None:
         return
     items = [item for part in found for item in part.items
              if parts.needs_digest(item, config.data.segment_bytes)]
-    jobs = [(item["path"], item["encoding"], config.data.segment_bytes) for item in items]
-    cache: dict[str, str] = {}
-    for (path, _, _), digest in zip(jobs, _map(_digest_task, jobs, pool)):
-        cache[path] = digest
+    # Once per file, however many parts its byte ranges make.
+    jobs = list({item["path"]: (item["path"], item["encoding"], config.data.segment_bytes)
+                 for item in items}.values())
+    digests = dict(zip((path for path, _, _ in jobs), _map(_digest_task, jobs, pool)))
     for item in items:
-        item["digest"] = cache[item["path"]]
+        item["digest"] = digests[item["path"]]
 
 
 def _digest_task(job) -> str:
