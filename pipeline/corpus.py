@@ -1,12 +1,12 @@
-"""Reading documents from every source kind, as an iterator of strings.
+"""The source kinds: which files, datasets or URLs a corpus names, and how bytes become text.
 
 Owns `data.source`: which files, datasets or URLs make up a corpus, in which order,
 and how their bytes become text. Four kinds:
 
 - `files`: files, directories (searched recursively) or glob patterns. A `.txt` file
   (or any other explicitly named file) is one document; `.jsonl`/`.json`/`.parquet`
-  hold one document per row in `text_field`, read through `datasets`' streaming loader,
-  the same code path that streams a Hub dataset.
+  hold one document per row in `text_field` (`.jsonl` lines and parquet row groups are
+  read directly, so parts of one file can be read apart; `.json` through `datasets`).
 - `hf`: a Hugging Face dataset by path, config name, split and revision, streamed by default.
 - `url`: a text file downloaded once into the data directory (atomically, checked against
   `sha256` when given, stopped past `max_download_bytes`), then one document.
@@ -19,7 +19,8 @@ through `warn`, never dropped silently. So are rows without text in `text_field`
 are skipped and counted in one warning per source. Empty documents are skipped; a source
 with no files or no text at all raises `CorpusError` saying what to change.
 
-Knows nothing about tokens, splits or shards.
+How a source is cut into parts and read part by part is pipeline/parts.py's. Knows
+nothing about tokens, splits or shards.
 """
 from __future__ import annotations
 

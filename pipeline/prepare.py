@@ -17,15 +17,15 @@ Owns the layout of the token stream:
   tokens. This mode reads the corpus twice (once to count characters), and the
   document the cut divides counts as a document of both splits.
 
-Documents are tokenized in parallel (`data.num_workers` processes, default all cores),
-in chunks whose results are taken back in order: the bytes never depend on the number
-of workers. Tokens stream into shards of at most `data.shard_tokens` (a document may
-continue in the next shard, as in llm.c), so memory stays bounded whatever the corpus
-size. Every shard is written atomically and `manifest.json` last; a directory without
-a manifest is an interrupted run, cleaned and redone.
-
-Knows the corpus only as an iterator of strings (corpus.py) and the bytes of a shard
-only through shards.py.
+The work (pipeline/parts.py, pipeline/streams.py): the corpus is cut into parts, each
+read, laid out and tokenized by one worker (`data.num_workers` processes, default all
+cores; under a launcher, on every machine) into its own token files and committed with
+a record. This module plans the parts, hands them out, then cuts the shards of at most
+`data.shard_tokens` from the parts' streams in plan order (a document may continue in
+the next shard, as in llm.c) and writes `manifest.json` last. The bytes never depend on
+the number of workers or machines; a stopped build goes on from its committed parts; a
+directory without a manifest is not a data set. A mixture (`data.sources`) is the same
+per source, each source's shards in a directory of its own.
 """
 from __future__ import annotations
 
@@ -341,7 +341,7 @@ def prepare(config: Config, force: bool = False) -> Manifest:
                 raise PrepareError(decision["error"])
             if "done" in decision:
                 return load_manifest(data_dir)
-            plan = Plan.load(data_dir / STAGING / PLAN)
+            plan = _read_plan(data_dir, team)
             error = _build_share(plan, config, team, pool, workers)
             errors = [e for e in team.gather(error) if e]
             if errors:
@@ -406,6 +406,16 @@ class Plan:
 
     def part(self, i: int) -> Part:
         return Part.from_dict(self.parts[i])
+
+
+def _read_plan(data_dir: Path, team: Team) -> Plan:
+    try:
+        return Plan.load(data_dir / STAGING / PLAN)
+    except OSError:
+        raise PrepareError(
+            f"machine {team.rank} of {team.world} cannot read the plan that machine 0 wrote "
+            f"to {data_dir / STAGING / PLAN}: preparing on several machines needs data.root on "
+            f"a filesystem they all share (or prepare on one machine).") from None
 
 
 def open_plan(config: Config, pool) -> Plan:

@@ -48,13 +48,13 @@ class Team:
         """Form the group (no-op alone). Made after any process pool has forked."""
         if self.alone:
             return
-        import torch.distributed as dist
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
             raise TeamError(
                 f"WORLD_SIZE={self.world} but {' and '.join(missing)} is not set: start the "
                 f"processes with torchrun, accelerate launch or launch/multinode.sh, or unset "
                 f"WORLD_SIZE to run on this machine alone.")
+        import torch.distributed as dist
         try:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world,
                                     timeout=MEET_TIMEOUT)

@@ -45,6 +45,8 @@ BAD_VALUES = [
     ("seed=-1", ["seed=-1", "2**64 - 1"]),
     ("data.num_workers=0", ["data.num_workers=0", "at least 1"]),
     ("data.shard_tokens=0", ["data.shard_tokens=0", "positive"]),
+    ("data.part_bytes=0", ["data.part_bytes=0", "positive"]),
+    ("data.segment_bytes=100", ["data.segment_bytes=100", "at least 4096"]),
     ("data.val_fraction=1", ["data.val_fraction=1.0", "between 0 and 1"]),
     ("data.source.max_bytes=0", ["data.source.max_bytes=0", "positive"]),
     ("model.drop_rate=1", ["model.drop_rate=1.0", "[0, 1)"]),

@@ -356,3 +356,19 @@ def test_a_data_directory_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert "is a file, not a directory" in " ".join(err.split())
     assert (tmp_path / "data" / "std").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "RANK=2 is not below WORLD_SIZE=2"),
+])
+def test_launcher_variables_that_cannot_work_are_one_paragraph(tmp_path, capsys, monkeypatch,
+                                                               env, says):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(stdlib_args(tmp_path))
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.code == 2 and "Traceback" not in err and says in err
+    assert not (tmp_path / "data" / "std" / "manifest.json").exists()
