@@ -42,7 +42,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -68,7 +68,7 @@ class PrepareError(PipelineError):
 
 
 def worker_pool(workers: int):
-    """A process pool for `ordered_map`, or None for one worker (no processes at all).
+    """A process pool for the parts, or None for one worker (no processes at all).
 
     Made before any corpus reading or progress bar starts: on Linux it forks, which is
     instant and hands the loaded tokenizer to the workers, and at that point no other
@@ -331,7 +331,18 @@ def prepare(config: Config, force: bool = False) -> Manifest:
     get_tokenizer()  # fails here, before any work, when it cannot load; forked workers share it
     workers = config.data.num_workers or max(1, len(os.sched_getaffinity(0)) // team.local_world)
     return_freed_memory()  # the main process reads segments too when it is the only worker
-    pool = worker_pool(workers)  # before the group's threads exist: see worker_pool
+    pools: list = []
+
+    def pool():
+        """The worker pool, forked on first use: alone, once there is work (an up-to-date
+        data set forks nothing), before planning reads the corpus; under a launcher,
+        before the gloo group's threads exist (see worker_pool)."""
+        if not pools:
+            pools.append(worker_pool(workers))
+        return pools[0]
+
+    if not team.alone:
+        pool()
     try:
         team.meet()
         lock = locking.exclusive(data_dir, "prepare") if team.main else nullcontext()
@@ -342,24 +353,25 @@ def prepare(config: Config, force: bool = False) -> Manifest:
             if "done" in decision:
                 return load_manifest(data_dir)
             plan = _read_plan(data_dir, team)
-            error = _build_share(plan, config, team, pool, workers)
+            error = _build_share(plan, config, team, pool(), workers)
             errors = [e for e in team.gather(error) if e]
             if errors:
                 raise PrepareError(" | ".join(errors) + _kept_note(data_dir))
-            outcome = team.broadcast(_finish(plan, config, pool) if team.main else None)
+            outcome = team.broadcast(_finish(plan, config, pool()) if team.main else None)
             if "error" in outcome:
                 raise PrepareError(outcome["error"])
             return load_manifest(data_dir)
     finally:
-        if pool is not None:
-            pool.terminate()  # finished or failed: no worker outlives the stage
-            pool.join()
+        if pools and pools[0] is not None:
+            pools[0].terminate()  # finished or failed: no worker outlives the stage
+            pools[0].join()
         team.leave()
 
 
-def _decide(config: Config, force: bool, pool) -> dict:
+def _decide(config: Config, force: bool, pool: Callable) -> dict:
     """On the main process: {"done": ...} when the data set is there already, {"plan":
-    ...} when the staging directory holds the plan to build, {"error": ...} otherwise."""
+    ...} when the staging directory holds the plan to build, {"error": ...} otherwise.
+    `pool()` gives the worker pool (made on first use)."""
     data_dir = config.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -373,7 +385,7 @@ def _decide(config: Config, force: bool, pool) -> dict:
                   f"shards their sha256): nothing to do")
             return {"done": True}
         refuse_foreign_shards(data_dir)
-        open_plan(config, pool)
+        open_plan(config, pool())
         return {"plan": True}
     except PipelineError as e:
         return {"error": str(e)}
