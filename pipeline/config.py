@@ -154,7 +154,10 @@ class TrainConfig:
     weight_decay_on: Literal["matrices", "all"] = "matrices"
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: Optional[float] = 1.0  # max global grad norm (null: no clipping)
-    precision: Literal["no", "bf16", "fp16"] = "no"  # mixed precision through Accelerate
+    # Mixed precision through Accelerate. auto: bf16 where the hardware has bf16 units
+    # (GPUs from Ampere on, CPUs with AVX512_BF16 or AMX), fp16 on older GPUs, else no
+    # (fp32): on a CPU without bf16 units bf16 is ~40x slower (pipeline/precision.py).
+    precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     compile: bool = False  # torch.compile the model
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU (null: known GPUs)
     log_every_steps: int = 10  # write metrics every N optimizer steps

@@ -183,8 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sequences per micro batch (default: the config's train.micro_batch_size, or 8)")
     p.add_argument("--context-length", type=int, default=None,
                    help="crop the model to this context (default: the model's own)")
-    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
-                   help="autocast (default: the run's train.precision, else no)")
+    p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default=None,
+                   help="autocast (default: the run's train.precision, else no; auto: bf16 "
+                        "where the hardware has bf16 units)")
     p.add_argument("--out", metavar="FILE", help=f"where to write the results (default: "
                                                  f"{EVAL_FILE} beside the model)")
     p.add_argument("--task", choices=["val", "hellaswag", "mc"], default="val",
@@ -278,13 +279,13 @@ def main(argv=None) -> dict:
                              n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
     if args.task != "val" or args.text:
-        precision = args.precision or (config.train.precision if config else "no")
+        precision = _precision(args, config)
         accelerator = Accelerator(mixed_precision=precision)
         run_other = run_text if args.text else run_task
         return run_other(args, model.to(accelerator.device), info, accelerator)
     data_dir = _data_dir(args, config)
     batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)
-    precision = args.precision or (config.train.precision if config else "no")
+    precision = _precision(args, config)
     vocab = load_manifest(data_dir).vocab_size
     if vocab > model.cfg.vocab_size:
         raise PipelineError(f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "
@@ -317,6 +318,13 @@ def main(argv=None) -> dict:
             print(f"  source {name}: val loss {r['loss']:.4f} | perplexity "
                   f"{r['perplexity']:.2f} | {r['tokens']:,} tokens")
     return record
+
+
+def _precision(args, config) -> str:
+    """--precision, else the run's train.precision (auto resolved for this machine)."""
+    from pipeline.precision import resolve
+    requested = args.precision or (config.train.precision if config else "no")
+    return resolve(requested, "cuda" if torch.cuda.is_available() else "cpu")[0]
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from pipeline.loader import MixedWindows, TokenWindows, TrainBatches, mixed_trai
 from pipeline.mfu import mfu, peak_flops
 from pipeline.model import GPTModel, count_parameters, flops_per_token
 from pipeline.optim import build_optimizer, build_scheduler, total_steps
+from pipeline.precision import resolve as resolve_precision
+from pipeline.precision import slow_bf16_warning
 from pipeline.stopping import StopRequest
 from pipeline.tracking import MetricsLog, SampleTable, start_trackers, trackers, wandb_mode
 
@@ -135,7 +137,7 @@ def make_accelerator(config: Config):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    precision = config.train.precision
+    precision, why = resolve_precision(config.train.precision, device_type())
     if precision == "fp16" and not torch.cuda.is_available():
         raise PipelineError("train.precision=fp16 needs a GPU (loss scaling is a CUDA "
                             "feature); on a CPU use train.precision=bf16 or no")
@@ -158,10 +160,18 @@ def make_accelerator(config: Config):
             f"processes with `accelerate launch` or `torchrun`, which set WORLD_SIZE, RANK, "
             f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process.") from None
     check_launch(accelerator)
-    note = launcher_precision_note(precision)
-    if note:
-        accelerator.print(note)
+    accelerator.print(f"precision: {precision} ({why})")
+    for note in (launcher_precision_note(precision), slow_bf16_warning(precision, device_type())):
+        if note:
+            accelerator.print(note)
     return accelerator, mode
+
+
+def device_type() -> str:
+    """The device Accelerate will train on, before it is made: cuda unless told to use the
+    CPU (ACCELERATE_USE_CPU, as launch/multinode.sh and make set on CPU-only machines)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
 
 
 def launcher_precision_note(precision: str) -> str | None:
@@ -348,7 +358,8 @@ class TrainLoop:
     def __init__(self, tr: Training, log: MetricsLog):
         self.tr, self.log = tr, log
         t = tr.config.train
-        self.peak, source = peak_flops(tr.accelerator.device, t.precision, t.peak_flops)
+        self.peak, source = peak_flops(tr.accelerator.device, tr.accelerator.mixed_precision,
+                                       t.peak_flops)
         tr.accelerator.print(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
         self.flops_per_token = flops_per_token(tr.config.model)
         self.interval = Interval()
@@ -584,10 +595,10 @@ def _checkpoint_to_resume(config: Config, processes: int) -> str | None:
 
 
 def announce(tr: Training) -> None:
-    t, plan, acc, step = tr.config.train, tr.plan, tr.accelerator, tr.progress.step
+    plan, acc, step = tr.plan, tr.accelerator, tr.progress.step
     acc.print(
         f"{tr.config.name}: {tr.parameters / 1e6:.2f}M parameters, {plan.processes} "
-        f"process(es) on {acc.device.type}, precision {t.precision}\n"
+        f"process(es) on {acc.device.type}, precision {acc.mixed_precision}\n"
         f"global batch = {plan.micro_batch_size} micro x {plan.grad_accum_steps} accum x "
         f"{plan.processes} processes = {plan.samples_per_step} sequences x "
         f"{plan.context_length} tokens = {plan.tokens_per_step:,} tokens/step\n"

@@ -28,7 +28,7 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 def test_wrong_type_and_choice_are_named():
     with pytest.raises(ConfigError, match="train.micro_batch_size must be int"):
         load_config(None, ["train.micro_batch_size=big"])
-    with pytest.raises(ConfigError, match="train.precision='fp8' is not one of: no, bf16, fp16"):
+    with pytest.raises(ConfigError, match="train.precision='fp8' is not one of: auto, no, bf16, fp16"):
         load_config(None, ["train.precision=fp8"])
 
 
