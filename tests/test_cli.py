@@ -35,7 +35,7 @@ def test_train_help_lists_every_key_with_type_default_and_comment(capsys):
         assert f"    {doc.key}: {doc.type} = {doc.default}" in out, doc.key
     assert len(key_reference()) > 60
     assert "train.micro_batch_size: int = 8\n        sequences per process per forward pass" in out
-    assert "train.precision: Literal['no', 'bf16', 'fp16'] = no" in out
+    assert "train.precision: Literal['auto', 'no', 'bf16', 'fp16'] = no" in out
 
 
 @pytest.mark.parametrize("spelling", [["train.lr=0.003"], ["--train.lr=0.003"],
