@@ -26,12 +26,28 @@ class TeamError(PipelineError):
     """The machines could not meet, or one stopped while the others waited."""
 
 
+def _count(name: str, default: int) -> int:
+    """A launcher variable as a whole number (unset or empty: the default)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise TeamError(f"{name}={value!r} is not a whole number; it is a launcher's variable "
+                        f"(torchrun, accelerate launch, launch/multinode.sh set it), so unset "
+                        f"it to prepare on this machine alone.") from None
+
+
 class Team:
     def __init__(self):
-        self.rank = int(os.environ.get("RANK", "0") or 0)
-        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        self.rank = _count("RANK", 0)
+        self.world = _count("WORLD_SIZE", 1)
+        self.local_world = _count("LOCAL_WORLD_SIZE", 1)
         self._group = None
+        if self.world < 1 or self.local_world < 1:
+            raise TeamError(f"WORLD_SIZE={self.world} and LOCAL_WORLD_SIZE={self.local_world} "
+                            f"must be at least 1: the launcher's variables do not fit together.")
         if not 0 <= self.rank < self.world:
             raise TeamError(f"RANK={self.rank} is not below WORLD_SIZE={self.world}: the "
                             f"launcher's variables do not fit together.")

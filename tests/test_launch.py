@@ -133,6 +133,9 @@ def test_multinode_script_refuses_bad_rank_and_missing_data(config_file, tmp_pat
     empty = subprocess.run([script, str(config_file), f"data.root={tmp_path}"], env=env(),
                            capture_output=True, text=True)
     assert empty.returncode == 2 and "make data" in empty.stderr
+    stage = subprocess.run([script, str(config_file)], env=env(STAGE="evaluate"),
+                           capture_output=True, text=True)
+    assert stage.returncode == 2 and "STAGE=evaluate must be train or prepare" in stage.stderr
 
 
 def test_makefile_resolves_the_experiment_paths_from_config_and_args(stand_in_venv):

@@ -362,6 +362,8 @@ def test_a_data_directory_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT is not set"),
     ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
      "RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "abc"}, "RANK='abc' is not a whole number"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 and LOCAL_WORLD_SIZE=1 must be at least 1"),
 ])
 def test_launcher_variables_that_cannot_work_are_one_paragraph(tmp_path, capsys, monkeypatch,
                                                                env, says):
