@@ -456,7 +456,7 @@ def open_plan(config: Config, pool) -> Plan:
         pass
     drop_staging(config.data_dir)
     (staging / PARTS).mkdir(parents=True)
-    _add_digests(found, sources, config, pool)
+    _add_digests(found, config, pool)
     limits, starts, cuts = _count_parts(found, sources, config, pool)
     body = {"key": key, "parts": [p.to_dict() for p in found], "limits": limits,
             "starts": starts, "cuts": cuts}
@@ -475,7 +475,7 @@ def _file_stamps(found: list[Part]) -> dict[str, list[int]]:
     return stamps
 
 
-def _add_digests(found: list[Part], sources, config: Config, pool) -> None:
+def _add_digests(found: list[Part], config: Config, pool) -> None:
     """split_by document: the hash of every document read in segments, once."""
     if config.data.split_by != "document":
         return
@@ -537,8 +537,12 @@ def _count_task(job) -> tuple[int, int]:
     return streams.count_part(*job)
 
 
-def _map(fn, jobs: list, pool) -> Iterator:
-    return map(fn, jobs) if pool is None else pool.imap(fn, jobs)
+def _map(fn, jobs: list, pool, ordered: bool = True) -> Iterator:
+    """fn over jobs in the pool's workers (in this process without one); unordered:
+    results as they finish."""
+    if pool is None:
+        return map(fn, jobs)
+    return pool.imap(fn, jobs) if ordered else pool.imap_unordered(fn, jobs)
 
 
 # ----------------------------------------------------------------------------- building
@@ -565,7 +569,7 @@ def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> 
     tokens = 0
     try:
         with bar:
-            for record in _map_unordered(_build_task, jobs, pool):
+            for record in _map(_build_task, jobs, pool, ordered=False):
                 tokens += sum(record.tokens.values())
                 bar.update(plan.parts[record.part]["bytes"])
     except PipelineError as e:
@@ -601,10 +605,6 @@ def _layout(plan: Plan, config: Config, i: int) -> streams.Layout:
 def _build_task(job) -> streams.PartRecord:
     part, source, layout, directory, plan_id, segment_bytes, limit = job
     return streams.build_part(part, source, layout, directory, plan_id, segment_bytes, limit)
-
-
-def _map_unordered(fn, jobs: list, pool) -> Iterator:
-    return map(fn, jobs) if pool is None else pool.imap_unordered(fn, jobs)
 
 
 # ----------------------------------------------------------------------------- finishing
