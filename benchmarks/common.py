@@ -25,16 +25,10 @@ def machine() -> dict:
     """CPU model, cores, library versions and device of this run."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pipeline.mfu import processor_name
+
     return {
-        "cpu": cpu,
+        "cpu": processor_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
