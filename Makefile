@@ -168,7 +168,7 @@ FAULT_TRIALS ?= 10
 faults: install
 	FAULT_TRIALS=$(call shq,$(FAULT_TRIALS)) $(PY) -m pytest -q -s tests/test_faults.py
 
-## bench: speed against reference implementations (BENCH_ARGS=--quick for a smoke run)
+## bench: time to a val loss against HF Trainer, step, decoding, data speed -> benchmarks/results/ (BENCH_ARGS=--quick: smoke)
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
 

@@ -2,8 +2,9 @@
 benchmarks, print their tables, write <out>/<name>.json (default benchmarks/results/, or
 results/quick/ with --quick so a smoke run never overwrites the full figures).
 
-    python -m benchmarks                  # everything, ~15 min on 2 shared cores
-    python -m benchmarks --quick          # smoke run of everything, < 2 min
+    python -m benchmarks                  # everything, ~40 min on 2 shared cores
+    python -m benchmarks --quick          # smoke run of everything, ~4 min
+    python -m benchmarks time-to-loss     # ~20 min: our train stage against HF's Trainer
     python -m benchmarks train profile    # some of them
     python -m benchmarks data --prepare-sizes 20MB,50MB --out /tmp/bench
                                           # prepare's peak memory at other corpus sizes
@@ -18,7 +19,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, write_result
 
 # name -> module; run in this order
-BENCHMARKS = {"train": "train", "profile": "profile_step", "generate": "generate",
+BENCHMARKS = {"time-to-loss": "time_to_loss", "train": "train", "profile": "profile_step", "generate": "generate",
               "data": "data", "evaluate": "evaluate"}
 
 
