@@ -4,8 +4,10 @@ whole sequence through the model for every new token), and transformers'
 generate(use_cache=True) on the same weights. End-of-text is ignored so every contender
 makes exactly the same number of tokens, and their outputs are checked equal.
 
+fp32 at batch 1 and 8, and bf16 (`--dtype bf16`: both models cast) at batch 1. Ours holds
+its weights as the generate CLI does (pipeline.generate.lay_out_for_decoding).
 The no-cache loop costs about 20x the cached one at 200 tokens; in the full run it is
-timed at batch 1 only (at batch 8 it alone would take most of the time budget).
+timed at fp32 batch 1 only (at batch 8 it alone would take most of the time budget).
 Knows generate's public function only.
 """
 from __future__ import annotations
@@ -14,14 +16,16 @@ import torch
 
 from benchmarks.common import interleave, machine, median, table
 from pipeline.config import ModelConfig
-from pipeline.generate import generate
+from pipeline.generate import generate, lay_out_for_decoding
 from pipeline.gpt2 import hf_config, to_hf
 from pipeline.model import GPTModel
 
 PROMPT = 10
 
 
-def models(cfg: ModelConfig):
+def models(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """Our model as `python -m pipeline.generate --dtype` holds it, and transformers'
+    GPT-2 with the same weights in the same dtype."""
     import transformers
 
     torch.manual_seed(0)
@@ -29,7 +33,7 @@ def models(cfg: ModelConfig):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
         k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}))
     hf.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False)  # lm_head is tied
-    return ours, hf.eval()
+    return lay_out_for_decoding(ours.to(dtype)), hf.to(dtype).eval()
 
 
 def contenders(ours, hf, idx, new: int, with_full: bool, outputs: dict) -> dict:
@@ -49,7 +53,8 @@ def contenders(ours, hf, idx, new: int, with_full: bool, outputs: dict) -> dict:
     return runs
 
 
-def run_batch(ours, hf, batch: int, new: int, repeats: int, with_full: bool) -> dict:
+def run_batch(ours, hf, batch: int, new: int, repeats: int, with_full: bool,
+              dtype: str = "fp32") -> dict:
     g = torch.Generator().manual_seed(batch)
     idx = torch.randint(0, 50257, (batch, PROMPT), generator=g)
     outputs: dict = {}
@@ -57,12 +62,13 @@ def run_batch(ours, hf, batch: int, new: int, repeats: int, with_full: bool) -> 
         call()  # warm-up on a short generation
     times = interleave(contenders(ours, hf, idx, new, with_full, outputs), repeats, warmup=0)
     same = all(torch.equal(outputs["cache"], out) for out in outputs.values())
-    rows = [{"batch": batch, "contender": name, "seconds": median(t), "all_seconds": t,
-             "tokens_per_s": batch * new / median(t)} for name, t in times.items()]
-    cache = rows[0]["tokens_per_s"]
+    rows = [{"batch": batch, "dtype": dtype, "contender": name, "seconds": median(t),
+             "all_seconds": t, "tokens_per_s": batch * new / median(t)}
+            for name, t in times.items()]
+    hf_row = next(r for r in rows if r["contender"].startswith("transformers"))
     for r in rows:
-        r["x_kv_cache"] = r["tokens_per_s"] / cache
-    return {"batch": batch, "outputs_equal": same, "rows": rows}
+        r["x_transformers"] = r["tokens_per_s"] / hf_row["tokens_per_s"]
+    return {"batch": batch, "dtype": dtype, "outputs_equal": same, "rows": rows}
 
 
 def run(quick: bool = False) -> dict:
@@ -70,14 +76,20 @@ def run(quick: bool = False) -> dict:
     if quick:  # smoke: a small model and few tokens
         cfg = ModelConfig(context_length=256, emb_dim=128, n_heads=4, n_layers=2,
                           qkv_bias=True, tie_embeddings=True, drop_rate=0.0)
-    new = 20 if quick else 200
+    new, repeats = (20, 1) if quick else (200, 2)
     ours, hf = models(cfg)
-    batches = [run_batch(ours, hf, 1, new, repeats=1 if quick else 2, with_full=True),
-               run_batch(ours, hf, 8, new, repeats=1 if quick else 2, with_full=quick)]
+    batches = [run_batch(ours, hf, 1, new, repeats, with_full=True),
+               run_batch(ours, hf, 8, new, repeats, with_full=quick)]
+    # bf16 at batch 1: `--dtype bf16`, both models cast (greedy picks may differ from fp32)
+    ours, hf = models(cfg, torch.bfloat16)
+    batches.append(run_batch(ours, hf, 1, new, repeats, with_full=False, dtype="bf16"))
     rows = [r for b in batches for r in b["rows"]]
     print(f"generation: {PROMPT}-token prompt + {new} new tokens, greedy, "
-          f"{'tiny model (quick)' if quick else '124M GPT-2 shape'}")
-    print(table(rows, ["batch", "contender", "seconds", "tokens_per_s", "x_kv_cache"]))
+          f"{'tiny model (quick)' if quick else '124M GPT-2 shape'}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(table(rows, ["batch", "dtype", "contender", "seconds", "tokens_per_s",
+                       "x_transformers"]))
     return {"benchmark": "generate", "quick": quick, "machine": machine(),
             "model": cfg.__dict__, "prompt_tokens": PROMPT, "new_tokens": new,
-            "greedy": True, "precision": "fp32", "batches": batches}
+            "greedy": True, "ours_layout": "lay_out_for_decoding (as the generate CLI)",
+            "batches": batches}

@@ -7,6 +7,7 @@ transformers' GPT-2 and of ours, the self time of every op put in one bucket:
   attention          scaled_dot_product_attention, forward and backward
   optimizer          everything under Optimizer.step
   other              layer norms, GELU, embeddings, residual adds, autograd bookkeeping
+Both shapes of benchmarks.train: the 4x256 model and GPT-2 124M.
 Knows nothing of how the step is built (benchmarks.train does that).
 """
 from __future__ import annotations
@@ -55,25 +56,30 @@ def profile_step(step, vocab: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    shape = train.QUICK[0] if quick else train.FULL[0]
+    shapes = [train.QUICK[0]] if quick else train.FULL
+    results = [profile_shape(shape, quick) for shape in shapes]
+    for result in results:
+        print(f"share of one step's profiled CPU time, {result['shape']}")
+        print(table(result["rows"], ["contender", "total_s", *BUCKETS]))
+    return {"benchmark": "profile_step", "buckets": BUCKETS, "shapes": results,
+            "note": "self CPU time under torch.profiler, which adds overhead per op; "
+                    "shares, not speeds, are the point"}
+
+
+def profile_shape(shape, quick: bool) -> dict:
     cfg = shape.cfg
     ours, hf = train.build_models(cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length), generator=g)
     y = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length), generator=g)
-    steps = train.contenders(ours, hf, x, y)
+    steps = train.contenders(ours, hf, x, y, book=shape.book_loss)
+    wanted = (["hf/fp32", "ours/fp32", "ours-fast"] if quick else
+              ["hf/fp32", "ours-logits/fp32", "ours/fp32", "hf/bf16", "ours/bf16", "ours-fast"])
     rows = []
-    names = ["hf/fp32", "ours-logits/fp32", "ours/fp32", "hf/bf16", "ours/bf16", "ours-fast"]
     # contenders() leaves out the bf16 ones where bf16 is not meaningful (no bf16 units)
-    for name in [n for n in (["hf/fp32", "ours/fp32", "ours-fast"] if quick else names)
-                 if n in steps]:
+    for name in [n for n in wanted if n in steps]:
         seconds = profile_step(steps[name], cfg.vocab_size)
         total = sum(seconds.values())
         rows.append({"contender": name, "total_s": total,
                      **{b: seconds[b] / total for b in BUCKETS}, "seconds": seconds})
-    print(f"share of one step's profiled CPU time, {shape.name}")
-    print(table(rows, ["contender", "total_s", *BUCKETS]))
-    return {"benchmark": "profile_step", "shape": shape.name, "batch": shape.batch,
-            "model": cfg.__dict__, "buckets": BUCKETS, "rows": rows,
-            "note": "self CPU time under torch.profiler, which adds overhead per op; "
-                    "shares, not speeds, are the point"}
+    return {"shape": shape.name, "batch": shape.batch, "model": cfg.__dict__, "rows": rows}

@@ -157,3 +157,46 @@ def test_a_prompt_longer_than_the_context_keeps_every_generated_token():
     assert len(encode(prompt)) > 16 and seen == decode(last16)
     out = generate(model, torch.tensor([last16]), 6, eos_id=None)[0, 16:]
     assert len(out) == 6 and continuation == decode(out.tolist())
+
+
+def test_cli_dtype_bf16_generates_with_bf16_weights_and_cache(model, tmp_path, capsys):
+    """--dtype bf16: the same tokens as generate() on the model cast to bf16 (whose KV
+    cache is then bf16 too), and on a CPU without bf16 units a warning that says so."""
+    import copy
+
+    from pipeline.precision import cpu_bf16_flags
+
+    reference(model).save_pretrained(tmp_path)
+    main(["--model", str(tmp_path), "--prompt", "Every effort moves you", "--max-new-tokens",
+          "8", "--dtype", "bf16"])
+    captured = capsys.readouterr()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.tensor([encode("Every effort moves you")])
+    out = generate(bf16, ids, 8)
+    assert captured.out.startswith(decode(out[0].tolist()) + "\n---")
+    assert ("--dtype bf16 on a CPU without bf16 matrix units" in captured.err) == (
+        not cpu_bf16_flags())
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_decoding_layout_keeps_every_weight_and_every_token(model):
+    """lay_out_for_decoding stores fp32 Linear weights column-major (the fast form of
+    x @ W.T on a CPU) without changing a value, a shape or a generated token; bf16
+    weights, fast in the usual layout, are left as they are."""
+    import copy
+
+    from pipeline.generate import lay_out_for_decoding
+
+    ids = prompts(batch=2, n=5)
+    expected = generate(model, ids, 12, eos_id=None)
+    laid = lay_out_for_decoding(copy.deepcopy(model))
+    for (name, before), after in zip(model.state_dict().items(), laid.state_dict().values()):
+        assert torch.equal(before, after), name
+    head = laid.out_head.weight
+    assert head.shape == (50257, 64) and head.stride() == (1, 50257)
+    assert head is laid.tok_emb.weight  # still tied
+    assert torch.equal(generate(laid, ids, 12, eos_id=None), expected)
+    bf16 = lay_out_for_decoding(copy.deepcopy(model).to(torch.bfloat16))
+    assert bf16.out_head.weight.is_contiguous()
