@@ -52,14 +52,12 @@ def resolve(requested: str, device_type: str) -> tuple[str, str]:
     return "no", f"auto: fp32 on {device_type}"
 
 
-def slow_bf16_warning(precision: str, device_type: str, asked: str = "train.precision=bf16",
-                      instead: str = "train.precision=auto (or no)") -> str | None:
-    """A warning when bf16 was asked for (as `asked`) on a CPU that will run it many
-    times slower; `instead` is the setting to suggest."""
+def slow_bf16_warning(precision: str, device_type: str) -> str | None:
+    """A warning when bf16 was asked for on a CPU that will run it many times slower."""
     if precision != "bf16" or device_type != "cpu" or cpu_bf16_flags():
         return None
-    return (f"warning: {asked} on a CPU without bf16 matrix units (capability "
+    return (f"warning: train.precision=bf16 on a CPU without bf16 matrix units (capability "
             f"{torch.backends.cpu.get_cpu_capability()}, no {' or '.join(BF16_CPU_FLAGS)} in "
             f"/proc/cpuinfo): bf16 matmuls fall back to slow kernels, ~{SLOW_BF16_FACTOR}x "
-            f"slower than fp32 on such a machine. Use {instead} unless you "
+            f"slower than fp32 on such a machine. Use train.precision=auto (or no) unless you "
             f"mean to measure exactly this.")
