@@ -44,8 +44,19 @@ def machine() -> dict:
 def bf16_meaningful() -> bool:
     """bf16 rows are timed only where bf16 is a choice a user would make: on a GPU, or a
     CPU with bf16 matrix units (elsewhere it is ~40x slower than fp32 and only costs time)."""
-    from pipeline.mfu import cpu_has_bf16_units
-    return torch.cuda.is_available() or cpu_has_bf16_units()
+    from pipeline.precision import cpu_bf16_flags
+    return torch.cuda.is_available() or bool(cpu_bf16_flags())
+
+
+def transformers_gpt2(cfg):
+    """transformers' GPT2LMHeadModel of a ModelConfig's shape, with its own GPT-2 init."""
+    import transformers
+
+    from pipeline.gpt2 import hf_config
+
+    settings = {k: v for k, v in hf_config(cfg).items()
+                if k not in ("architectures", "model_type")}
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))
 
 
 def interleave(contenders: dict[str, Callable[[], object]], repeats: int,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import interleave, machine, median, table
+from benchmarks.common import interleave, machine, median, table, transformers_gpt2
 from pipeline.config import ModelConfig
 from pipeline.generate import generate, lay_out_for_decoding
-from pipeline.gpt2 import hf_config, to_hf
+from pipeline.gpt2 import to_hf
 from pipeline.model import GPTModel
 
 PROMPT = 10
@@ -26,12 +26,9 @@ PROMPT = 10
 def models(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     """Our model as `python -m pipeline.generate --dtype` holds it, and transformers'
     GPT-2 with the same weights in the same dtype."""
-    import transformers
-
     torch.manual_seed(0)
     ours = GPTModel(cfg).eval()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
-        k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}))
+    hf = transformers_gpt2(cfg)
     hf.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False)  # lm_head is tied
     return lay_out_for_decoding(ours.to(dtype)), hf.to(dtype).eval()
 

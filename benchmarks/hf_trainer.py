@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from pipeline.errors import cli_main
+
 
 class Windows(torch.utils.data.Dataset):
     """Our prepared windows as the dict rows a Trainer collates."""
@@ -84,16 +86,13 @@ def training_arguments(config, out_dir: str, precision: str):
 
 
 def gpt2_model(config):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from pipeline.gpt2 import hf_config
+    from benchmarks.common import transformers_gpt2
 
     torch.manual_seed(config.seed)
-    settings = {k: v for k, v in hf_config(config.model).items()
-                if k not in ("architectures", "model_type")}
-    return GPT2LMHeadModel(GPT2Config(**settings))
+    return transformers_gpt2(config.model)
 
 
+@cli_main
 def main(argv=None) -> None:
     from transformers import Trainer
 

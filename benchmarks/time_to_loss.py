@@ -82,10 +82,10 @@ def evaluations(contender: Contender, work: Path) -> list[dict]:
     """[{step, train_s, val_loss}] of a finished run."""
     if contender.kind == "hf":
         return json.loads((work / "hf.json").read_text())["evaluations"]
-    rows, out, trained, last_step = [], [], 0.0, 0
+    out, trained, last_step = [], 0.0, 0
     for line in (work / "run" / "metrics.jsonl").read_text().splitlines():
-        rows.append(json.loads(line))
-    for row in rows:  # step_time: this row's interval's seconds per step, evaluations excluded
+        row = json.loads(line)
+        # step_time: seconds per step over the interval since the last row, evaluation excluded
         if "step_time" in row:
             trained += row["step_time"] * (row["step"] - last_step)
             last_step = row["step"]

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bf16_meaningful, interleave, machine, median, table
+from benchmarks.common import (bf16_meaningful, interleave, machine, median, table,
+                               transformers_gpt2)
 from pipeline.config import ModelConfig
-from pipeline.gpt2 import hf_config, to_hf
+from pipeline.gpt2 import to_hf
 from pipeline.mfu import measure_matmul_peak
 from pipeline.model import GPTModel, flops_per_token
 
@@ -64,12 +65,9 @@ def precision(name: str):
 
 def build_models(cfg: ModelConfig):
     """Our GPT and transformers' GPT-2 holding the same weights."""
-    import transformers
-
     torch.manual_seed(0)
     ours = GPTModel(cfg).train()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
-        k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}))
+    hf = transformers_gpt2(cfg)
     hf.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False)
     return ours, hf.train()
 

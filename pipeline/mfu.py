@@ -175,16 +175,5 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512_BF16 or AMX), where bf16
-    autocast is faster than fp32. Without them (AVX2-only CPUs, most laptops) torch's bf16
-    matmuls take slow paths: one step of a 4-layer model measured ~40x slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell cheaply, so do not promise speed
-        return False
-    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float) -> float:
     return flops_per_token * tokens_per_s_per_device / peak
