@@ -5,8 +5,7 @@ training step consumes, and the loader's peak memory over a 10M and a 100M token
   tokenizing in worker processes, writing shards) and of `encode_ordinary` over the same
   documents already in memory, in turns. The ideal is encode's rate x workers.
 - loader: windows/s of TrainBatches(TokenWindows(...)) (shuffled, memory-mapped) against
-  windows/s that the fastest training step (ours-fast, benchmarks.train; ours/fp32 where
-  bf16 rows are not timed) consumes.
+  windows/s that the fastest training step (ours-fast, benchmarks.train) consumes.
 - memory: peak RSS of a fresh process that opens a data set of random tokens and draws
   the same number of batches from it, for two data set sizes; flat is the goal.
 - prepare memory: peak RSS, summed over the process tree (main process and tokenizer
@@ -110,12 +109,12 @@ def loader_process(data_dir: Path, context: int, batch: int, batches: int) -> di
 
 def step_consumption(shape: train.Shape, repeats: int = 2) -> tuple[float, str]:
     """Windows/s that our fastest step trains on at `shape` (the most demanding consumer),
-    and its name: ours-fast, or ours/fp32 where bf16 is not timed (benchmarks.train)."""
+    and its name (ours-fast, benchmarks.train)."""
     cfg = shape.cfg
     ours, hf = train.build_models(cfg)
     x = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length))
     steps = train.contenders(ours, hf, x, x)
-    name = "ours-fast" if "ours-fast" in steps else "ours/fp32"
+    name = "ours-fast"
     step = steps[name]
     step()
     seconds = []

@@ -7,9 +7,10 @@ Contenders (each shape, interleaved in one loop):
                    a transformers user trains; same AdamW
   ours-logits/<p>  our model's logits, then F.cross_entropy (the book's calc_loss_batch)
   ours/<p>         our model's forward(idx, targets=...): the loss without whole logits
-  ours-fast        bf16 autocast, fused loss and AdamW(fused=True), eager
-  ours-best        the same under torch.compile (full run, small shape: compiling costs
-                   about a minute and a half here)
+  ours-fast        what the train stage runs: the precision `train.precision: auto` picks
+                   here (bf16 autocast with bf16 matrix units, else fp32), fused loss and
+                   AdamW(fused=True), eager
+  ours-best        the same under torch.compile (full run only: compiling costs minutes)
 where <p> is fp32 or bf16 (CPU autocast). MFU is against the large-matmul FLOP/s of
 fp32 and bf16 measured in the same run. Knows nothing of the pipeline's train stage.
 """
@@ -53,7 +54,7 @@ class Shape:
 
 # The 124M shape takes ~10 s a step here: fewer repeats, and no ours-logits contenders.
 FULL = [Shape("4x256 b8", gpt(256, 4, 4), batch=8, repeats=5, compile=True),
-        Shape("124M b2", gpt(768, 12, 12), batch=2, repeats=2, book_loss=False)]
+        Shape("124M b2", gpt(768, 12, 12), batch=2, repeats=3, compile=True, book_loss=False)]
 QUICK = [Shape("4x256 ctx64 b2", gpt(256, 4, 4, context_length=64), batch=2, repeats=1)]
 
 
@@ -102,13 +103,23 @@ def contenders(ours, hf, x, y, compile: bool = False, book: bool = True) -> dict
         if book:
             steps[f"ours-logits/{prec}"] = make_step(ours, book_loss, prec)
         steps[f"ours/{prec}"] = make_step(ours, fused_loss, prec)
-    if "bf16" not in precisions():
-        return steps
-    steps["ours-fast"] = make_step(ours, fused_loss, "bf16", fused=True)
+    fast = fast_precision()
+    steps["ours-fast"] = make_step(ours, fused_loss, fast, fused=True)
     if compile:
         compiled = torch.compile(ours)
-        steps["ours-best"] = make_step(ours, lambda: compiled(x, targets=y), "bf16", fused=True)
+        steps["ours-best"] = make_step(ours, lambda: compiled(x, targets=y), fast, fused=True)
     return steps
+
+
+def fast_precision() -> str:
+    """The precision the train stage's `precision: auto` picks on this machine."""
+    return "bf16" if "bf16" in precisions() else "fp32"
+
+
+def contender_precision(name: str) -> str:
+    if name in ("ours-fast", "ours-best"):
+        return fast_precision()
+    return name.rsplit("/", 1)[1]
 
 
 def run_shape(shape: Shape, peaks: dict) -> dict:
@@ -142,7 +153,7 @@ def run_shape(shape: Shape, peaks: dict) -> dict:
 def row(shape: Shape, name: str, seconds: list[float], peaks: dict) -> dict:
     """Tokens/s from the median step (and from the fastest: the least disturbed), MFU."""
     tokens = shape.batch * shape.cfg.context_length
-    prec = "fp32" if name.endswith("fp32") else "bf16"
+    prec = contender_precision(name)
     tps = tokens / median(seconds)
     return {"shape": shape.name, "contender": name, "precision": prec, "tokens_per_s": tps,
             "tokens_per_s_best": tokens / min(seconds), "step_s": median(seconds),
@@ -176,8 +187,8 @@ def run(quick: bool = False) -> dict:
     result = {"benchmark": "train", "quick": quick, "machine": machine(),
               "settings": {"adamw": ADAMW, "dropout": 0.0, "qkv_bias": True,
                            "tied_head": True, "bf16": "torch.autocast('cpu', bfloat16)",
-                           "ours-fast": "bf16 autocast, forward(idx, targets), "
-                                        "AdamW(fused=True)",
+                           "ours-fast": f"{fast_precision()} (what precision: auto picks "
+                                        "here), forward(idx, targets), AdamW(fused=True)",
                            "ours-best": "ours-fast under torch.compile(model)",
                            "tokens_per_s": "from the median step; _best: from the fastest",
                            "mfu": "flops_per_token (6N + 12LdT) x tokens/s / the 2048^3 "
