@@ -145,6 +145,10 @@ class TrainConfig:
     # drop_last=True) as the book iterates it, seeds drawn from torch's global generator
     # (so dropout and order interleave as in the book); one process only.
     order: Literal["shuffle", "book"] = "shuffle"
+    # adamw: AdamW for every parameter. muon: Muon for the transformer blocks' matrices
+    # (lr scaled to AdamW's update size, so the same lr and weight_decay apply), AdamW for
+    # embeddings, head, biases and norms (pipeline/muon.py).
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 4e-4  # peak learning rate
     min_lr: Optional[float] = None  # end of the cosine decay (null: lr / 10)
     warmup_steps: int = 0  # linear warmup, in optimizer steps

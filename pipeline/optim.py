@@ -1,7 +1,8 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule.
+"""The optimizer (AdamW, or Muon for the blocks' matrices with AdamW for the rest) and
+the warmup + cosine schedule.
 
 Knows the train config and a model's parameters; knows nothing about devices beyond
-choosing the fused AdamW kernel where one exists.
+choosing the fused AdamW kernel and Muon's orthogonalization dtype.
 """
 from __future__ import annotations
 
@@ -10,16 +11,40 @@ import math
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.muon import Muon, Optimizers, fast_orthogonalize_dtype
+
+HIDDEN_PREFIX = "trf_blocks."  # GPTModel's transformer blocks: Muon's matrices
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, device_type: str):
+    """train.optimizer: adamw (everything) or muon (hidden matrices; AdamW for the rest)."""
+    if train.optimizer == "muon":
+        return build_muon(model, train, device_type)
+    return build_adamw(list(model.parameters()), train, device_type)
+
+
+def build_muon(model: torch.nn.Module, train: TrainConfig, device_type: str):
+    """Muon for the 2-D weights inside the transformer blocks (attention and MLP
+    matrices), AdamW for the token and position tables, the head, biases and norms: the
+    split of Muon's authors. One optimizer to the loop, Accelerate and checkpoints."""
+    hidden = [p for name, p in model.named_parameters()
+              if p.requires_grad and p.dim() == 2 and name.startswith(HIDDEN_PREFIX)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    muon = Muon([{"params": hidden, "weight_decay": train.weight_decay}], lr=train.lr,
+                weight_decay=train.weight_decay,
+                orthogonalize_dtype=fast_orthogonalize_dtype(device_type))
+    return Optimizers([build_adamw(rest, train, device_type), muon])
+
+
+def build_adamw(params: list, train: TrainConfig, device_type: str):
     """AdamW; matrices (linear weights and both embedding tables) decay, while biases and
     LayerNorm weights do not: shrinking them toward zero only fights the normalisation.
     With `weight_decay_on: all` every parameter decays, as the book's
     AdamW(model.parameters(), weight_decay=0.1). A tied head shares its tensor with the
     token table and is counted once."""
     decay, no_decay = [], []
-    for param in model.parameters():  # .parameters() already yields shared tensors once
+    for param in params:  # .parameters() already yields shared tensors once
         if param.requires_grad:
             decays = param.dim() >= 2 or train.weight_decay_on == "all"
             (decay if decays else no_decay).append(param)

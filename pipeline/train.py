@@ -259,6 +259,7 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
                            accelerator.process_index, accelerator.num_processes, order=t.order,
                            mixture=mixture)
     plan = BatchPlan.make(config, accelerator.num_processes, batches.epoch_samples)
+    check_optimizer_fits(t, accelerator)
     optimizer = build_optimizer(model, t, accelerator.device.type)
     scheduler = build_scheduler(optimizer, t, plan.max_steps)
     parameters = count_parameters(model)
@@ -267,6 +268,18 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
     model, optimizer = accelerator.prepare(model, optimizer)
     return Training(config, accelerator, model, optimizer, scheduler, train_windows,
                     val_windows, batches, plan, parameters, tasks=task_examples(config))
+
+
+def check_optimizer_fits(train, accelerator) -> None:
+    """Muon orthogonalizes whole matrices; FSDP holds each process's shard of them."""
+    from accelerate.utils import DistributedType
+
+    if train.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+        raise PipelineError(
+            "train.optimizer: muon cannot run under FSDP (configs/accelerate/fsdp.yaml): Muon "
+            "orthogonalizes each weight matrix whole, and FSDP gives every process a shard of "
+            "it. Use train.optimizer=adamw with FSDP, or launch with DDP (the default "
+            "multi-GPU config).")
 
 
 def task_examples(config: Config) -> dict:
@@ -542,6 +555,13 @@ def resume(tr: Training) -> None:
         return
     meta = ckpt.read_meta(path)
     mismatch = ckpt.shape_mismatch(meta["model"], config.model)
+    saved_optimizer = meta.get("config", {}).get("train", {}).get("optimizer", "adamw")
+    if saved_optimizer != config.train.optimizer:
+        raise PipelineError(
+            f"cannot resume from {path}: it was trained with train.optimizer: "
+            f"{saved_optimizer}, and the config asks for {config.train.optimizer}; their "
+            f"states differ. Set train.optimizer={saved_optimizer} to continue it, or start a "
+            f"new run (another name, or checkpoint.resume=never).")
     if mismatch:
         raise PipelineError(
             f"cannot resume from {path}: the model differs from the config ({'; '.join(mismatch)}). "
