@@ -5,6 +5,8 @@ One step = forward, mean cross-entropy over the 50257-way vocabulary, backward, 
 Contenders (each shape, interleaved in one loop):
   hf/<p>           GPT2LMHeadModel(input_ids, labels, shift_labels=targets).loss, the way
                    a transformers user trains; same AdamW
+  hf-fast          the same in the precision below, with AdamW(fused=True) as the Trainer
+                   defaults to (optim="adamw_torch_fused"): ours-fast's counterpart
   ours-logits/<p>  our model's logits, then F.cross_entropy (the book's calc_loss_batch)
   ours/<p>         our model's forward(idx, targets=...): the loss without whole logits
   ours-fast        what the train stage runs: the precision `train.precision: auto` picks
@@ -104,6 +106,7 @@ def contenders(ours, hf, x, y, compile: bool = False, book: bool = True) -> dict
             steps[f"ours-logits/{prec}"] = make_step(ours, book_loss, prec)
         steps[f"ours/{prec}"] = make_step(ours, fused_loss, prec)
     fast = fast_precision()
+    steps["hf-fast"] = make_step(hf, hf_loss, fast, fused=True)
     steps["ours-fast"] = make_step(ours, fused_loss, fast, fused=True)
     if compile:
         compiled = torch.compile(ours)
@@ -116,10 +119,16 @@ def fast_precision() -> str:
     return "bf16" if "bf16" in precisions() else "fp32"
 
 
+FAST = ("hf-fast", "ours-fast", "ours-best")  # fused AdamW in the precision auto picks
+
+
 def contender_precision(name: str) -> str:
-    if name in ("ours-fast", "ours-best"):
-        return fast_precision()
-    return name.rsplit("/", 1)[1]
+    return fast_precision() if name in FAST else name.rsplit("/", 1)[1]
+
+
+def same_setting_reference(name: str) -> str:
+    """The transformers contender with the same precision and AdamW kernel."""
+    return "hf-fast" if name in FAST else f"hf/{contender_precision(name)}"
 
 
 def run_shape(shape: Shape, peaks: dict) -> dict:
@@ -139,7 +148,7 @@ def run_shape(shape: Shape, peaks: dict) -> dict:
     rows = [row(shape, name, seconds, peaks) for name, seconds in times.items()]
     by_name = {r["contender"]: r for r in rows}
     for r in rows:
-        hf_same = by_name[f"hf/{r['precision']}"]
+        hf_same = by_name[same_setting_reference(r["contender"])]
         r["x_hf_same_precision"] = r["tokens_per_s"] / hf_same["tokens_per_s"]
         r["x_hf_same_precision_best"] = r["tokens_per_s_best"] / hf_same["tokens_per_s_best"]
         r["x_hf_fp32"] = r["tokens_per_s"] / by_name["hf/fp32"]["tokens_per_s"]
@@ -190,6 +199,10 @@ def run(quick: bool = False) -> dict:
                            "ours-fast": f"{fast_precision()} (what precision: auto picks "
                                         "here), forward(idx, targets), AdamW(fused=True)",
                            "ours-best": "ours-fast under torch.compile(model)",
+                           "hf-fast": "transformers with AdamW(fused=True), the Trainer's "
+                                      "default, in ours-fast's precision",
+                           "x_hf_same_precision": "against hf/<p>, or hf-fast for the "
+                                                  "fused-AdamW contenders",
                            "tokens_per_s": "from the median step; _best: from the fastest",
                            "mfu": "flops_per_token (6N + 12LdT) x tokens/s / the 2048^3 "
                                   "matmul FLOP/s of the contender's precision"},

@@ -25,7 +25,8 @@ def test_quick_train_and_evaluate_write_their_tables(tmp_path, capsys):
                                                             abs=1e-4)
     rows = {r["contender"]: r for r in shape["rows"]}
     expected = {f"{who}/{p}" for who in ("hf", "ours", "ours-logits") for p in precisions}
-    assert expected | {"ours-fast"} == set(rows)  # the quick shape is not compiled
+    assert expected | {"hf-fast", "ours-fast"} == set(rows)  # the quick shape is not compiled
+    assert rows["hf-fast"]["x_hf_same_precision"] == 1.0  # ours-fast's reference
     # ours-fast runs in the precision the train stage's `auto` picks here, and says so
     assert rows["ours-fast"]["precision"] == ("bf16" if "bf16" in precisions else "fp32")
     for r in rows.values():
