@@ -190,7 +190,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
         count = valid.sum()  # 0 gives nan, as F.cross_entropy does
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        # the first block writes grad_w and the others add to it: no pass to zero 154 MB
+        # (GPT-2's head) first
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        if want_w and n == 0:
+            grad_w.zero_()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         block = torch.empty(rows, w.shape[0], dtype=dtype, device=h.device)
         block32 = block if dtype == torch.float32 else torch.empty_like(block, dtype=torch.float32)
@@ -217,18 +221,31 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if want_h:
                 grad_h[start:end] = torch.mm(grad, w)
             if want_w and not low:
-                grad_w.addmm_(grad.t(), hc)
+                if start == 0:
+                    torch.mm(grad.t(), hc, out=grad_w)
+                else:
+                    grad_w.addmm_(grad.t(), hc)
             elif want_w:
-                grad_w += part_w32.copy_(torch.mm(grad.t(), hc, out=part_w))
-        ctx.save_for_backward(grad_h, grad_w)
+                part = torch.mm(grad.t(), hc, out=part_w)
+                if start == 0:
+                    grad_w.copy_(part)
+                else:
+                    grad_w += part_w32.copy_(part)
+        # Kept on ctx, not saved for backward: backward scales them in place and hands
+        # them over, and autograd then keeps grad_w as the weight's .grad without a copy.
+        ctx.grads = (grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        if ctx.grads is None:
+            raise RuntimeError("head_cross_entropy's gradients were already handed over: a "
+                               "second backward through it (retain_graph=True) is not supported")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
+        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
 
 

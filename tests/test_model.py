@@ -140,3 +140,14 @@ def test_head_cross_entropy_in_chunks_with_a_ragged_last_one():
     torch.testing.assert_close(got, (h.grad, w.grad))
     with torch.no_grad():
         torch.testing.assert_close(head_cross_entropy(h, w, t, chunk_rows=7), loss)
+
+
+def test_head_cross_entropy_refuses_a_second_backward_instead_of_scaling_twice():
+    """Its gradients are computed in the forward pass and handed over, scaled in place,
+    in the backward pass: a second backward must fail, not return them scaled again."""
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = head_cross_entropy(h, w, torch.randint(0, 20, (6,)), chunk_rows=4)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
