@@ -52,6 +52,14 @@ def fast_orthogonalize_dtype(device_type: str) -> str:
     return "float32"
 
 
+def _evaluate(closure):
+    """torch's optimizer protocol: step(closure) re-evaluates the loss with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. The learning rate is scaled per matrix by
     0.2 * sqrt(max(rows, cols)), which gives the update the RMS of an AdamW update (Liu et
@@ -70,10 +78,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -112,10 +117,7 @@ class Optimizers(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for part in self.parts:
             part.step()
         return loss

@@ -54,6 +54,7 @@ BAD_VALUES = [
     ("model.init=xavier", ["model.init='xavier'", "gpt2, torch_default"]),
     ("train.order=random", ["train.order='random'", "shuffle, book"]),
     ("train.weight_decay_on=some", ["train.weight_decay_on='some'", "matrices, all"]),
+    ("train.optimizer=sgd", ["train.optimizer='sgd'", "adamw, muon"]),
     ("train.collective_timeout_minutes=0", ["train.collective_timeout_minutes=0.0",
                                             "positive number of minutes"]),
     ("tracking.log_with=[wandb,wandb]", ["tracking.log_with=['wandb', 'wandb']", "distinct"]),
