@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pipeline.console import keep_going_without_console
+
 # stage -> what it does, in pipeline order (the modules' own first lines say more)
 STAGES = {
     "prepare": "tokenize a corpus into train/val token shards (data/<data.name>/)",
@@ -32,6 +34,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_going_without_console()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

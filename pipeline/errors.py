@@ -4,7 +4,8 @@ A `PipelineError` carries a message written for the person at the terminal: what
 wrong and what to do next. `cli_main` prints it as one paragraph, without a traceback,
 and exits nonzero. So it does for an OSError (a full disk, a permission, a path that is
 not a directory: the environment, not the code) and for Ctrl-C. Any other exception is
-a bug and keeps its traceback.
+a bug and keeps its traceback. Before the stage runs, it makes the standard streams ones
+whose reader may go away (pipeline.console): output is never a reason for a stage to die.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import errno
 import functools
 import sys
 import textwrap
+
+from pipeline.console import keep_going_without_console
 
 
 class PipelineError(Exception):
@@ -23,6 +26,7 @@ def cli_main(func):
     exit code 2; Ctrl-C -> one line and exit code 130, as a shell reports SIGINT."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        keep_going_without_console()
         try:
             return func(*args, **kwargs)
         except PipelineError as e:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline import console
 from pipeline import locking
 from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
 from pipeline.errors import PipelineError, cli_main
@@ -323,6 +324,9 @@ def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: Sto
         accelerator.end_training()
         return summary(progress, MetricsLog(run_dir), time.perf_counter())
     log = MetricsLog(run_dir)
+    # If the console goes away (a dead launcher, `| head`), its text lands here instead.
+    console.fall_back_to(run_dir / ("console.log" if accelerator.is_main_process
+                                    else f"console.rank{accelerator.process_index}.log"))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")

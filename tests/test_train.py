@@ -232,28 +232,57 @@ def test_sigterm_during_startup_is_a_clean_stop(data_root, tmp_path, after):
     assert "Stopped by SIGTERM" in stdout
 
 
-def test_workers_stop_with_a_killed_launcher_and_leave_a_checkpoint(data_root, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
-                "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "-m", "pipeline.train"]
-    args = train_args(data_root, tmp_path, "orphan", "train.max_steps=100000",
-                      "train.log_every_steps=1", "eval.every_steps=100000",
-                      "checkpoint.every_steps=100000")
-    proc = subprocess.Popen(launcher + args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    log = tmp_path / "orphan" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (log.is_file() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.05)
-    worker = int((tmp_path / "orphan" / ".lock").read_text().split()[0])
-    proc.kill()  # the launcher only: its worker must not train on as an orphan
-    proc.wait()
-    deadline = time.time() + 120
-    while alive(worker) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not alive(worker), "the worker outlived its launcher"
+# Launchers the README names, each started as a user would; the harness SIGKILLs it while
+# its worker writes its progress to stderr (log_every_steps=1), then reaps the orphans.
+KILLED_LAUNCHERS = {
+    # accelerate's simple launcher tees the worker's stderr through a pipe (1.16 on): the
+    # worker's next write after the kill meets a broken pipe.
+    "accelerate": lambda port: [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "pipeline.train"],
+    # accelerate's multi-process path (torch elastic inside the launcher), two workers.
+    "multinode.sh": lambda port: [
+        "env", f"MASTER_PORT={port}", "GPUS_PER_NODE=2",
+        f"ACCELERATE={Path(sys.executable).parent / 'accelerate'}",
+        str(ROOT / "launch" / "multinode.sh"), str(ROOT / "configs" / "tiny.yaml")],
+    "torchrun": lambda port: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        "--master_port", str(port), "-m", "pipeline.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", KILLED_LAUNCHERS)
+def test_workers_of_a_killed_launcher_checkpoint_and_exit_0(data_root, tmp_path, free_port,
+                                                             launcher):
+    command = KILLED_LAUNCHERS[launcher](free_port()) + train_args(
+        data_root, tmp_path, "orphan", "train.max_steps=100000", "train.log_every_steps=1",
+        "eval.every_steps=100000", "checkpoint.every_steps=100000")
+    harness = [sys.executable, str(ROOT / "tests" / "launcher_harness.py"),
+               str(tmp_path / "orphan"), "300", "--", *command]
+    out = subprocess.run(harness, cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr
+    workers = json.loads(out.stdout)["workers"]
+    assert workers and set(workers.values()) == {0}, workers  # a clean stop, every one
     saved = list((tmp_path / "orphan" / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "meta.json").is_file()
+    if launcher == "accelerate":  # the piped stderr broke: its text went on to the run's log
+        assert "stderr went away (Broken pipe)" in (tmp_path / "orphan" / "console.log").read_text()
+
+
+def test_a_run_piped_into_head_finishes_and_exits_0(data_root, tmp_path):
+    """`python -m pipeline.train ... | head -1`: head reads one line and exits."""
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train",
+         *train_args(data_root, tmp_path, "head", "train.max_steps=12", "train.log_every_steps=1")],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    head = subprocess.run(["head", "-1"], stdin=train.stdout, capture_output=True, timeout=300)
+    train.stdout.close()  # only head holds the pipe's reading end, and head is gone
+    assert train.wait(timeout=300) == 0 and head.stdout
+    meta = json.loads((tmp_path / "head" / "checkpoints" / "step_000012" / "meta.json").read_text())
+    assert meta["step"] == 12
+    assert "went away (Broken pipe)" in (tmp_path / "head" / "console.log").read_text()
 
 
 def alive(pid: int) -> bool:
