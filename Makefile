@@ -12,12 +12,24 @@
 PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
+UV         := $(VENV)/bin/uv
 ACCELERATE := $(VENV)/bin/accelerate
-TORCH_VERSION ?= 2.13.0
-# PyTorch's CPU-only wheel index: used when the machine has no NVIDIA GPU, so
-# that pip does not download a multi-GB CUDA build of torch.
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+# What `make install` installs: exactly the lock in requirements/, for CPython 3.11 on
+# Linux x86_64. lock-cpu.txt is every package but torch, whose CPU build (no CUDA
+# libraries) comes at exactly TORCH_VERSION from PyTorch's CPU index, or from the wheel
+# folder pip is configured with (PIP_FIND_LINKS); lock-cuda.txt, on machines with an
+# NVIDIA GPU, also holds torch's CUDA build and its NVIDIA libraries. `make lock`
+# renews both; pyproject.toml keeps the ranges for people who `pip install` the package.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_SOURCE = $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--index-url $(TORCH_CPU_INDEX))
+LOCK = requirements/lock-$(if $(HAS_GPU),cuda,cpu).txt
+# uv installs the lock in seconds (4 s for lock-cpu.txt here, pip took 83 s).
+UV_INSTALL = $(UV) pip install -q --python $(PY) --no-deps
+LOCK_PLATFORM = --python-version 3.11 --python-platform x86_64-manylinux_2_28
+UV_COMPILE = $(UV) pip compile -q --generate-hashes --custom-compile-command "make lock" $(LOCK_PLATFORM)
 
 # ---------------------------------------------------------------------------- the experiment
 
@@ -96,24 +108,48 @@ help:
 	@echo "  NUM_GPUS=$(NUM_GPUS) NUM_PROCESSES=$(NUM_PROCESSES) ACCEL_CONFIG=$(ACCEL_CONFIG)"
 	@echo "  PROMPT=\"...\" SAMPLE_ARGS=\"$(SAMPLE_ARGS)\" BENCH_ARGS=\"$(BENCH_ARGS)\""
 
-## install: create .venv and install the project with its test extras
+## install: create .venv holding exactly the lock (requirements/), the project and its test extras
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+# A new venv each time the lock changes (venv --clear), so that it holds the lock and
+# nothing left over from an older one.
+$(VENV)/.installed: pyproject.toml $(LOCK) requirements/uv.txt requirements/book.txt
+	$(PYTHON_SYS) -c 'import sys; v = sys.version_info[:2]; sys.exit(None if v == (3, 11) else \
+		f"make install: the lock is for CPython 3.11, and $(PYTHON_SYS) is {v[0]}.{v[1]}. Run it " \
+		"with PYTHON_SYS=python3.11, or install from the ranges: pip install -e \".[dev]\"")'
+	$(PYTHON_SYS) -m venv --clear $(VENV)
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/uv.txt
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q "torch>=2.4"
+	$(UV_INSTALL) --require-hashes -r requirements/lock-cuda.txt
 else
-	# --retries 1: where the CPU index is unreachable, fall back at once to the
-	# other configured sources instead of retrying for minutes.
-	$(PY) -m pip install -q --retries 1 --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
+	$(UV_INSTALL) "torch==$(TORCH_VERSION)+cpu" $(TORCH_CPU_SOURCE)
+	$(UV_INSTALL) --require-hashes -r requirements/lock-cpu.txt
 endif
-	$(PY) -m pip install -q -e ".[dev]"
+	$(UV_INSTALL) --no-build-isolation -e .
 	# The book's own code, the reference the tests hold the chapter-5 recipe against
 	# (without its notebook dependencies: it needs only torch, tiktoken, matplotlib).
-	$(PY) -m pip install -q --no-deps "llms-from-scratch==1.0.19"
+	$(UV_INSTALL) --require-hashes -r requirements/book.txt
 	touch $@
+
+## lock: renew requirements/ to the newest releases pyproject.toml allows, then run the suite (review the diff like code)
+lock: install
+	echo "torch==$(TORCH_VERSION)" | $(UV_COMPILE) --upgrade pyproject.toml requirements/tools.in - \
+		--extra dev $(TORCH_CPU_SOURCE) --no-emit-package torch -o requirements/lock-cpu.txt
+	echo "torch==$(TORCH_VERSION)" | $(UV_COMPILE) --upgrade pyproject.toml requirements/tools.in - \
+		--extra dev -o requirements/lock-cuda.txt
+	$(UV_COMPILE) --upgrade --no-deps requirements/uv.in -o requirements/uv.txt
+	$(UV_COMPILE) --no-deps requirements/book.in -o requirements/book.txt
+	$(MAKE) --no-print-directory test
+
+## test-latest: the suite against the newest releases of every dependency, in .venv-latest (the lock is untouched)
+LATEST := .venv-latest
+test-latest: install
+	$(PYTHON_SYS) -m venv --clear $(LATEST)
+	$(UV) pip install -q --python $(LATEST)/bin/python --upgrade -e ".[dev]" \
+		"torch==$(TORCH_VERSION)$(if $(HAS_GPU),,+cpu)" $(if $(HAS_GPU),,$(TORCH_CPU_SOURCE))
+	$(UV) pip install -q --python $(LATEST)/bin/python --no-deps --require-hashes -r requirements/book.txt
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	GPT_PIPELINE_UNLOCKED=1 $(LATEST)/bin/python -m pytest -q
 
 ## data: tokenize the corpus into data/<data.name>/ (a no-op when up to date)
 data: install
@@ -182,9 +218,9 @@ clean:
 
 ## distclean: delete everything made here: .venv, data/, runs/, wandb/, caches
 distclean:
-	rm -rf -- $(VENV) data runs wandb .pytest_cache *.egg-info
+	rm -rf -- $(VENV) $(LATEST) data runs wandb .pytest_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 FORCE:
 
-.PHONY: help install data train eval export sample all book book-report test faults bench clean distclean FORCE
+.PHONY: help install lock test-latest data train eval export sample all book book-report test faults bench clean distclean FORCE
