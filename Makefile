@@ -9,6 +9,29 @@
 # than the config; `eval`, `export` and `sample` train first (the train stage resumes
 # an unfinished run and returns at once from a finished one).
 
+# ---------------------------------------------------------------------------- what users type
+# A value given on the command line or in the environment is text, never make syntax:
+# each of these is frozen here unexpanded (`ARGS='$(shell ...)'` stays those characters),
+# and recipes hand it to the shell only single-quoted (shq), so nothing in it runs.
+USER_VARIABLES := ARGS CONFIG PROMPT SAMPLE_ARGS BENCH_ARGS NUM_GPUS NUM_PROCESSES \
+	ACCEL_CONFIG FAULT_TRIALS VENV PYTHON_SYS TORCH_VERSION TORCH_CPU_INDEX
+$(foreach v,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(v))),\
+	$(eval override $(v) := $$(value $(v)))))
+define newline
+
+
+endef
+$(foreach v,$(USER_VARIABLES),$(if $(findstring $(newline),$(value $(v))),\
+	$(error $(v) holds a line break, which would split the commands it is used in; give it on one line)))
+shq = '$(subst ','\'',$(1))'
+# Values that recipes use as bare words (paths, versions) must be plain: no quotes,
+# spaces or shell syntax.
+plain = $(if $(shell printf '%s' $(call shq,$(1)) | LC_ALL=C grep -q '[^A-Za-z0-9_./+:=,@%~-]' && echo no),,yes)
+$(foreach v,VENV PYTHON_SYS TORCH_VERSION TORCH_CPU_INDEX,$(if $(call plain,$(value $(v))),,\
+	$(error $(v)=$(value $(v)) is not a plain path or word (letters, digits and _./+:=,@%~- only))))
+digitless = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+whole = $(and $(filter 1,$(words $(1))),$(if $(call digitless,$(1)),,yes))
+
 PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -43,6 +66,11 @@ ifeq ($(origin NUM_GPUS),undefined)
 NUM_GPUS := $(if $(HAS_GPU),$(shell nvidia-smi -L | grep -c '^GPU'),0)
 endif
 NUM_PROCESSES ?= $(if $(filter 0,$(NUM_GPUS)),1,$(NUM_GPUS))
+$(if $(call whole,$(NUM_GPUS)),,$(error NUM_GPUS=$(NUM_GPUS) must be a whole number: the GPUs to use, 0 for the CPU))
+$(if $(and $(call whole,$(NUM_PROCESSES)),$(subst 0,,$(NUM_PROCESSES))),,\
+	$(error NUM_PROCESSES=$(NUM_PROCESSES) must be a whole number of 1 or more))
+FAULT_TRIALS ?= 10
+$(if $(call whole,$(FAULT_TRIALS)),,$(error FAULT_TRIALS=$(FAULT_TRIALS) must be a whole number))
 ifeq ($(NUM_GPUS),0)
 ACCEL_CONFIG ?= configs/accelerate/$(if $(filter 1,$(NUM_PROCESSES)),cpu,cpu-2proc).yaml
 else
@@ -53,16 +81,18 @@ ON_CPU = $(or $(filter 0,$(NUM_GPUS)),$(findstring cpu,$(notdir $(ACCEL_CONFIG))
 # configs/accelerate/cpu-2proc.yaml), and the cores are shared out between processes.
 CPU_THREADS = $(shell n=$$(( $$(nproc) / $(NUM_PROCESSES) )); echo $$(( n > 0 ? n : 1 )))
 LAUNCH = $(if $(ON_CPU),ACCELERATE_USE_CPU=1 )$(ACCELERATE) launch \
-	--config_file $(ACCEL_CONFIG) --num_processes $(NUM_PROCESSES) \
+	--config_file $(call shq,$(ACCEL_CONFIG)) --num_processes $(NUM_PROCESSES) \
 	$(if $(ON_CPU),--num_cpu_threads_per_process $(CPU_THREADS))
 
-# What the user types reaches the shell only as data: `shq` makes a make value one
-# single-quoted shell word (nothing inside it runs), and WITH_ARGS hands the overrides
-# to a command as separate words ($$ARGS split on spaces, with globbing off), so a
-# backtick or $( ) in ARGS, CONFIG or PROMPT is text, never a command.
-shq = '$(subst ','\'',$(1))'
+# What the user types reaches the shell only as data: `shq` (above) makes a make value
+# one single-quoted shell word (nothing inside it runs), and WITH_ARGS hands the
+# overrides to a command as separate words ($$ARGS split on spaces, with globbing off),
+# so a backtick or $( ) in ARGS, CONFIG or PROMPT is text, never a command.
 WITH_ARGS = ARGS=$(call shq,$(ARGS)); set -f;
 QCONFIG = $(call shq,$(CONFIG))
+# The config as a prerequisite: a path with spaces or make syntax would be read as
+# several targets, so such a path makes prepare run (and decide) every time instead.
+CONFIG_PREREQ = $(if $(call plain,$(CONFIG)),$(CONFIG),FORCE)
 
 # `make sample`: the start of the text (default: the config's eval.prompt) and
 # pipeline.generate's options.
@@ -104,9 +134,11 @@ help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## //' | \
 		awk -F': ' '{ printf "  %-12s %s\n", $$1, substr($$0, length($$1) + 3) }'
 	@echo
-	@echo "  CONFIG=$(CONFIG)  ARGS=\"$(ARGS)\""
-	@echo "  NUM_GPUS=$(NUM_GPUS) NUM_PROCESSES=$(NUM_PROCESSES) ACCEL_CONFIG=$(ACCEL_CONFIG)"
-	@echo "  PROMPT=\"...\" SAMPLE_ARGS=\"$(SAMPLE_ARGS)\" BENCH_ARGS=\"$(BENCH_ARGS)\""
+	@printf '  CONFIG=%s  ARGS="%s"\n' $(call shq,$(CONFIG)) $(call shq,$(ARGS))
+	@printf '  NUM_GPUS=%s NUM_PROCESSES=%s ACCEL_CONFIG=%s\n' $(NUM_GPUS) $(NUM_PROCESSES) \
+		$(call shq,$(ACCEL_CONFIG))
+	@printf '  PROMPT="..." SAMPLE_ARGS="%s" BENCH_ARGS="%s"\n' $(call shq,$(SAMPLE_ARGS)) \
+		$(call shq,$(BENCH_ARGS))
 
 ## install: create .venv holding exactly the lock (requirements/), the project and its test extras
 install: $(VENV)/.installed
@@ -158,7 +190,7 @@ data: install
 
 # The manifest is remade when missing or older than the config, and whenever ARGS
 # touch a data.* key (prepare itself then decides: nothing to do, or refuse to mix).
-$(MANIFEST): $(CONFIG) $(if $(findstring data.,$(ARGS)),FORCE) | install
+$(MANIFEST): $(CONFIG_PREREQ) $(if $(findstring data.,$(ARGS)),FORCE) | install
 	$(WITH_ARGS) $(PY) -m pipeline.prepare --config $(QCONFIG) $$ARGS
 	touch $(call shq,$@)
 
@@ -180,7 +212,8 @@ $(EXPORT_DIR)/model.safetensors:
 
 ## sample: print text from the exported model (PROMPT="..." to choose the start)
 sample: $(EXPORT_DIR)/model.safetensors
-	$(PY) -m pipeline.generate --model $(call shq,$(EXPORT_DIR)) $(SAMPLE_ARGS) \
+	SAMPLE_ARGS=$(call shq,$(SAMPLE_ARGS)); set -f; \
+	$(PY) -m pipeline.generate --model $(call shq,$(EXPORT_DIR)) $$SAMPLE_ARGS \
 		--prompt $(if $(PROMPT),$(call shq,$(PROMPT)),"$$($(CONFIG_CLI) --get eval.prompt)")
 
 ## all: the whole pipeline: data -> train -> eval -> export -> sample
@@ -200,13 +233,12 @@ test: install
 	$(PY) -m pytest -q
 
 ## faults: SIGKILL prepare and train at random moments, FAULT_TRIALS times each (not in CI)
-FAULT_TRIALS ?= 10
 faults: install
 	FAULT_TRIALS=$(call shq,$(FAULT_TRIALS)) $(PY) -m pytest -q -s tests/test_faults.py
 
 ## bench: time to a val loss against HF Trainer, step, decoding, data speed -> benchmarks/results/ (BENCH_ARGS=--quick: smoke)
 bench: install
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	BENCH_ARGS=$(call shq,$(BENCH_ARGS)); set -f; $(PY) -m benchmarks $$BENCH_ARGS
 
 ## clean: delete this CONFIG's run directory and prepared data (only what the project wrote)
 # pipeline.clean deletes only directories this project wrote (a run's config.yaml, a

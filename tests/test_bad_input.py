@@ -110,18 +110,14 @@ def test_make_passes_shell_syntax_in_prompt_and_args_as_text(tmp_path, stand_in_
         ["make", "-n", "sample", f"VENV={venv}", f"PROMPT=it`touch {mark}`s $$(touch {mark})",
          "ARGS=eval.prompt=x`id`"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert f"--prompt 'it`touch {mark}`s $(touch {mark})'" in out.stdout
+    # exactly as typed: make's own $$ escape is not applied either (the value is text)
+    assert f"--prompt 'it`touch {mark}`s $$(touch {mark})'" in out.stdout
     assert not mark.exists()
 
 
 def test_make_clean_deletes_a_run_and_data_set_and_nothing_it_did_not_write(tmp_path, stand_in_venv):
     venv = stand_in_venv
-    run, data = tmp_path / "runs" / "exp", tmp_path / "data" / "set"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text("name: exp\n")
-    data.mkdir(parents=True)
-    (data / "manifest.json").write_text("{}")
-    (data / "train_000000.bin").write_bytes(b"x")
+    run, data = _run_dir(tmp_path / "runs" / "exp"), _data_dir(tmp_path / "data" / "set")
     mine = tmp_path / "mine" / "exp"  # the user's own directory, named like a run
     mine.mkdir(parents=True)
     (mine / "thesis.tex").write_text("years of work")
@@ -199,3 +195,160 @@ def tiny_book_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("book") / "model.pth"
     torch.save(BookGPTModel(cfg).state_dict(), path)
     return path
+
+
+# ------------------------------------------------- a file the project did not write survives
+
+MAKE_TARGETS = ["help", "install", "data", "train", "eval", "export", "sample", "all", "book",
+                "test", "faults", "bench", "clean", "distclean", "lock", "test-latest"]
+MAKE_SYNTAX = "x$(shell touch {m}-make)`touch {m}-tick`$$(touch {m}-dollar);touch {m}-semi"
+
+
+@pytest.mark.parametrize("target", MAKE_TARGETS)
+def test_no_make_variable_is_expanded_as_make_syntax_or_run_by_any_target(tmp_path, stand_in_venv,
+                                                                          target):
+    """$(shell ...), backticks and $( ) in ARGS, CONFIG and PROMPT are text everywhere: in
+    the recipes (make -n prints them without running them, but make itself expands every
+    variable reference then) and in the makefile's own $(shell ...) calls."""
+    mark = tmp_path / "ran"
+    values = {v: MAKE_SYNTAX.format(m=f"{mark}-{v}") for v in ("ARGS", "CONFIG", "PROMPT")}
+    dry = "-n" if target not in ("help", "clean") else "--no-print-directory"
+    subprocess.run(["make", dry, target, f"VENV={stand_in_venv}",
+                    *(f"{k}={v}" for k, v in values.items())],
+                   cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert not list(tmp_path.glob("ran*")), sorted(p.name for p in tmp_path.glob("ran*"))
+
+
+@pytest.mark.parametrize("assignment,words", [
+    ("NUM_PROCESSES=0", ["NUM_PROCESSES=0", "1 or more"]),
+    ("NUM_PROCESSES=two", ["NUM_PROCESSES=two", "whole number"]),
+    ("NUM_GPUS=-1", ["NUM_GPUS=-1", "whole number"]),
+    ("ARGS=name=a\nname=b", ["ARGS holds a line break"]),
+    ("VENV=x;touch y", ["VENV=x;touch y", "plain path"]),
+])
+def test_make_refuses_values_it_cannot_use_in_one_line(assignment, words):
+    out = subprocess.run(["make", "help", assignment], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and all(w in out.stderr for w in words), out.stderr
+
+
+def test_a_config_path_with_a_space_reaches_the_config_loader(tmp_path, stand_in_venv):
+    out = subprocess.run(["make", "-n", "train", f"VENV={stand_in_venv}",
+                          f"CONFIG={tmp_path}/my configs/x.yaml"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert "No rule to make target" not in out.stderr
+    assert f"config file {tmp_path}/my configs/x.yaml not found" in out.stderr
+
+
+def _run_dir(path: Path) -> Path:
+    """A run directory as the train stage leaves it: its config, metrics, a checkpoint."""
+    from pipeline.config import save_config
+    path.mkdir(parents=True)
+    save_config(load_config(ROOT / "configs/tiny.yaml"), path / "config.yaml")
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 10.9}\n')
+    (path / "checkpoints" / "step_000001").mkdir(parents=True)
+    return path
+
+
+def _data_dir(path: Path) -> Path:
+    from helpers import write_data_set
+    write_data_set(path, {"train": [[1, 2, 3] * 50], "val": [[4, 5, 6] * 50]})
+    return path
+
+
+# (what the directory holds, the user's file that must survive): none of these is ours
+CLEAN_LOOK_ALIKES = {
+    "a web app with its own config.yaml": lambda d: (d.mkdir(), (d / "config.yaml").write_text(
+        "server:\n  port: 8080\n"), (d / "checkpoints").mkdir(), d / "config.yaml")[-1],
+    "a run config and nothing of a run": lambda d: (_run_dir(d), (d / "metrics.jsonl").unlink(),
+                                                    __import__("shutil").rmtree(d / "checkpoints"),
+                                                    d / "config.yaml")[-1],
+    "a run holding the user's notes": lambda d: (_run_dir(d), (d / "notes.md").write_text(
+        "ideas"), d / "notes.md")[-1],
+    "a web app's manifest.json": lambda d: (d.mkdir(), (d / "manifest.json").write_text(
+        '{"name": "app", "icons": []}'), d / "manifest.json")[-1],
+    "a data set holding the user's file": lambda d: (_data_dir(d), (d / "corpus.txt").write_text(
+        "the source text"), d / "corpus.txt")[-1],
+}
+
+
+@pytest.mark.parametrize("case", CLEAN_LOOK_ALIKES)
+def test_clean_deletes_only_what_reads_back_as_the_projects_own(tmp_path, case):
+    from pipeline.clean import clean
+    from pipeline.errors import PipelineError
+
+    is_data = "manifest" in case or "data set" in case
+    target = tmp_path / "dir"
+    survivor = CLEAN_LOOK_ALIKES[case](target)
+    before = survivor.read_bytes()
+    with pytest.raises(PipelineError, match="leaves it alone and deletes nothing") as refused:
+        clean(tmp_path / "none", target) if is_data else clean(target, tmp_path / "none")
+    assert survivor.read_bytes() == before
+    if "user's" in case:
+        assert survivor.name in str(refused.value)  # the paragraph names what is not ours
+
+
+def test_clean_deletes_a_real_run_and_a_real_data_set(tmp_path):
+    from pipeline.clean import clean
+
+    run, data = _run_dir(tmp_path / "run"), _data_dir(tmp_path / "data")
+    (run / "console.log").write_text("stderr went away\n")
+    assert clean(run, data) == [run, data] and not run.exists() and not data.exists()
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory) -> Path:
+    """A run with a checkpoint of a 2-layer model, the source of the export cases."""
+    import torch
+    from test_export import TINY, trained_model, write_checkpoint
+
+    run = tmp_path_factory.mktemp("exp") / "run"
+    write_checkpoint(run, trained_model(TINY), step=100)
+    torch.manual_seed(0)
+    return run
+
+
+EXPORT_LOOK_ALIKES = {
+    "a project with README.md and config.json": {"README.md": "# My project\n",
+                                                 "config.json": '{"debug": true}'},
+    "a README.md that is not a model card": {"README.md": "---\ntags: [mine]\n---\n",
+                                             "config.json": '{"model_type": "gpt2"}'},
+    "an export with the user's file in it": {"notes.txt": "keep"},
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_LOOK_ALIKES)
+def test_export_replaces_only_an_earlier_export(exported_run, tmp_path, case):
+    from pipeline.errors import PipelineError
+    from pipeline.export import export
+
+    out = tmp_path / "out"
+    if "user's file" in case:
+        export(exported_run, out)  # a real earlier export, then the user adds a file
+    out.mkdir(exist_ok=True)
+    for name, text in EXPORT_LOOK_ALIKES[case].items():
+        (out / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(PipelineError, match="is not an earlier export of this project"):
+        export(exported_run, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_export_into_the_directory_you_are_in_is_refused(exported_run, tmp_path, monkeypatch):
+    from pipeline.errors import PipelineError
+    from pipeline.export import export
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("# a project\n")
+    for out in (".", str(tmp_path)):
+        with pytest.raises(PipelineError, match="the directory you are in"):
+            export(exported_run, out)
+    assert (tmp_path / "README.md").read_text() == "# a project\n"
+
+
+def test_an_earlier_export_is_replaced(exported_run, tmp_path):
+    from pipeline.export import export
+
+    out, _ = export(exported_run, tmp_path / "out")
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    out, _ = export(exported_run, tmp_path / "out")
+    assert (out / "model.safetensors").stat().st_mtime_ns != stamp
