@@ -32,12 +32,14 @@ Knows the HF directory layout; the name mapping is pipeline/gpt2.py's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from pipeline import gpt2
@@ -141,15 +143,45 @@ def default_destination(info: ModelInfo) -> Path:
 
 
 def _check_destination(out: Path, info: ModelInfo) -> None:
-    if out.resolve() == info.path.resolve():
-        raise PipelineError(f"--out {out} is the source itself; choose another directory")
-    if out.exists():
-        other = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) \
-            if out.is_dir() else [out.name]
-        if other:
-            raise PipelineError(
-                f"{out} exists and is not an earlier export (it holds {', '.join(other[:5])}); "
-                f"choose another --out or remove it")
+    """Refuse any destination but a new directory or an earlier export: a directory is
+    replaced only when it reads back as one (see earlier_export), never merely because
+    its file names look like an export's."""
+    where, source = out.resolve(), info.path.resolve()
+    if where == source or where in source.parents:
+        raise PipelineError(f"--out {out} is the source itself, or holds it; replacing it "
+                            f"would delete the source. Choose a directory of its own.")
+    if where == Path.cwd() or where in Path.cwd().parents:
+        raise PipelineError(f"--out {out} is the directory you are in (or holds it); choose "
+                            f"a directory of its own, e.g. --out {out / 'export'}")
+    if not out.exists() and not out.is_symlink():
+        return
+    problem = earlier_export_problem(out)
+    if problem:
+        raise PipelineError(f"{out} exists and is not an earlier export of this project "
+                            f"({problem}), so nothing there is replaced. Choose another --out, "
+                            f"or move that directory away yourself.")
+
+
+def earlier_export_problem(path: Path) -> str | None:
+    """None when `path` reads back as an export this project wrote: only export files,
+    config.json a GPT-2 config, and README.md this project's model card (its front matter
+    tagged gpt-pipeline); else what differs."""
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a directory"
+    other = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES)
+    if other:
+        return f"it holds {', '.join(other[:5])}"
+    try:
+        config = json.loads((path / "config.json").read_text())
+        card = (path / "README.md").read_text()
+        front = yaml.safe_load(card.split("---\n")[1]) if card.startswith("---\n") else None
+    except (OSError, ValueError, IndexError, yaml.YAMLError):
+        front, config = None, None
+    if not (isinstance(config, dict) and config.get("model_type") == "gpt2"):
+        return "its config.json is not a GPT-2 config written by export"
+    if not (isinstance(front, dict) and "gpt-pipeline" in (front.get("tags") or [])):
+        return "its README.md is not this project's model card"
+    return None
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
