@@ -609,13 +609,37 @@ def _checkpoint_to_resume(config: Config, processes: int) -> str | None:
                 f"checkpoint.resume=auto, or delete the old run first (make clean).")
         return None
     if choice == "auto":
+        had_checkpoints = bool(ckpt.checkpoint_dirs(run_dir))
         path = ckpt.newest_intact(run_dir, processes, warn=print)
+        if path is None and had_checkpoints:
+            raise PipelineError(
+                f"every checkpoint of {run_dir} is damaged (each was moved aside as "
+                f"checkpoints/damaged_step_*, nothing deleted), so there is nothing to resume "
+                f"from, and training on would start the run over from step 0 unnoticed. To "
+                f"start it over, run again with checkpoint.resume=never (its metrics.jsonl is "
+                f"rewritten); to keep this run as it is, train under another name.")
         return None if path is None else str(path)
     problem = ckpt.damage(choice, processes)
     if problem:
         raise PipelineError(f"cannot resume from checkpoint.resume={choice}: {problem}. "
                             f"Name another checkpoint, or use checkpoint.resume=auto.")
+    refuse_rewind(run_dir, Path(choice))
     return choice
+
+
+def refuse_rewind(run_dir: Path, chosen: Path) -> None:
+    """Resuming from a step older than the run's newest checkpoint would train a second
+    timeline into the same run: its new checkpoints prune the later ones' neighbours, and
+    the old timeline's newest stays "latest" for export, evaluate and the next resume."""
+    step = ckpt.read_meta(chosen)["step"]
+    later = [p.name for p in ckpt.checkpoint_dirs(run_dir) if ckpt.read_meta(p)["step"] > step]
+    if later:
+        raise PipelineError(
+            f"checkpoint.resume={chosen} is step {step}, and {run_dir} holds later checkpoints "
+            f"({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}); training on from it "
+            f"would mix two timelines in one run. Move those later checkpoints out of "
+            f"{run_dir / 'checkpoints'} if you mean to rewind, or train the older state under "
+            f"another name (name=... checkpoint.resume={chosen}).")
 
 
 def announce(tr: Training) -> None:
