@@ -22,10 +22,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pipeline.config import SHAPE_KEYS, ModelConfig
+from pipeline.config import SHAPE_KEYS, ModelConfig, model_config_from_file
 from pipeline.errors import PipelineError, describe_os_error
+from pipeline.tensorfile import read_tensors
 from pipeline.fileio import atomic_open, atomic_write_text, file_sha256, fsync_dir, fsync_file
 
 CHECKPOINTS = "checkpoints"
@@ -150,8 +151,8 @@ def sweep_incomplete(run_dir: str | Path) -> list[Path]:
 def load_model_state(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config and weights of a checkpoint (tied head restored as a shared key)."""
     meta = read_meta(ckpt_dir)
-    cfg = ModelConfig(**meta["model"])
-    state = load_file(str(Path(ckpt_dir) / MODEL_FILE))
+    cfg = model_config_from_file(meta["model"], str(Path(ckpt_dir) / META_FILE))
+    state = read_tensors(Path(ckpt_dir) / MODEL_FILE)
     if cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]
     return cfg, state

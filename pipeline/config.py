@@ -501,6 +501,19 @@ def _validate_model(m: ModelConfig) -> None:
     _require(0 <= m.drop_rate < 1, "model.drop_rate", m.drop_rate, "in [0, 1)")
 
 
+def model_config_from_file(raw, where: str) -> ModelConfig:
+    """A ModelConfig from a file this project did not just write itself (a Hugging Face
+    config.json, a checkpoint's meta.json): the same types and checks as the YAML's
+    `model` section, so `tie_embeddings: "no"` or `n_heads: 5` at width 768 is refused
+    by name instead of being believed."""
+    try:
+        model = _build(ModelConfig, raw, "model.")
+        _validate_model(model)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return model
+
+
 def _validate_train(t: TrainConfig) -> None:
     for key in ("micro_batch_size", "grad_accum_steps", "log_every_steps"):
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "a positive count")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, model_config_from_file
 from pipeline.model import state_shapes
 
 # OpenAI's released sizes: (emb_dim, n_layers, n_heads). All have context 1024,
@@ -144,16 +144,19 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+def model_config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
     """Our ModelConfig for an HF GPT-2 `config.json`. Biases on q/k/v are always present
     in that layout, so `qkv_bias` is True unless an override says the file's are zeros."""
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in hf]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ValueError(f"n_inner={hf['n_inner']} is not supported (the MLP is 4 x n_embd)")
     base = dict(
         vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
         n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=hf.get("resid_pdrop", 0.0),
         qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
-    return ModelConfig(**{**base, **overrides})
+    return model_config_from_file({**base, **overrides}, where)
 
 
 # ----------------------------------------------------------------------------- the book's names

@@ -32,11 +32,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from pipeline import checkpoint, gpt2
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.tensorfile import read_tensors
 from pipeline.model import GPTModel, state_shapes
 
 HUB_ORG = "openai-community"
@@ -135,6 +135,7 @@ def crop_context(cfg: ModelConfig, state: dict[str, torch.Tensor], context_lengt
 
 def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
     """PipelineError naming every tensor that is missing, extra, or of the wrong shape."""
+    check_block_count(cfg, state, prefix="trf_blocks.", where=where)
     expected = state_shapes(cfg)
     if cfg.tie_embeddings:
         expected.pop("out_head.weight")
@@ -228,34 +229,71 @@ def _read_checkpoint(info: ModelInfo) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    try:
-        hf = json.loads((path / HF_CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path / HF_CONFIG} cannot be read as JSON ({e})") from None
+    hf = _read_json(path / HF_CONFIG)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise PipelineError(f"{path} holds a '{hf['model_type']}' model; only GPT-2 loads here")
+    try:  # the config is checked before a single tensor is read
+        gpt2.model_config_from_hf(hf, where=str(path / HF_CONFIG))
+    except ValueError as e:
+        raise PipelineError(f"{path / HF_CONFIG} is not a GPT-2 config: {e}") from None
     hf_state = read_hf_tensors(path)
     zero_bias = gpt2.qkv_biases_are_zero(v for k, v in hf_state.items()
                                          if k.endswith("attn.c_attn.bias"))
+    cfg = gpt2.model_config_from_hf(hf, where=str(path / HF_CONFIG), qkv_bias=not zero_bias)
+    check_block_count(cfg, hf_state, prefix="transformer.h.", where=str(path))
     try:
-        cfg = gpt2.model_config_from_hf(hf, qkv_bias=not zero_bias)
         return cfg, gpt2.from_hf(hf_state, cfg)
     except (KeyError, ValueError) as e:
         raise PipelineError(f"the weights in {path} do not fit its {HF_CONFIG}: {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise PipelineError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face model directory, by its HF name."""
     single, index, pickle = (path / f for f in HF_WEIGHTS)
     if single.is_file():
-        return load_file(str(single))
+        return read_tensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(path / shard)).items()}
+        return {k: v for shard in index_shards(index) for k, v in read_tensors(path / shard).items()}
     if pickle.is_file():
         return _torch_load(pickle)
     raise PipelineError(
         f"{path} has a {HF_CONFIG} but no weights: expected one of {', '.join(HF_WEIGHTS)}")
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names: plain file names inside the
+    model directory only (a name like ../../etc/passwd would make the loader read any
+    file the user can)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PipelineError(f"{index} has no weight_map (tensor name -> shard file)")
+    shards = sorted(set(map(str, weight_map.values())))
+    outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
+    if outside:
+        raise PipelineError(f"{index} names shard files outside its directory "
+                            f"({', '.join(outside[:3])}); only file names in {index.parent} "
+                            f"are read")
+    return shards
+
+
+def check_block_count(cfg: ModelConfig, state: dict, prefix: str, where: str) -> None:
+    """The config's layer count against the blocks the tensors hold, by arithmetic on
+    their names, before anything is built from the config (a config.json claiming
+    100,000 layers over one would otherwise build them)."""
+    blocks = {name[len(prefix):].split(".", 1)[0] for name in state if name.startswith(prefix)}
+    if len(blocks) != cfg.n_layers:
+        raise PipelineError(f"the config of {where} says {cfg.n_layers} layers, and its weights "
+                            f"hold {len(blocks)}; they do not belong together")
 
 
 def _read_book(path: Path, n_heads: int | None, default_heads: int | None

@@ -352,3 +352,95 @@ def test_an_earlier_export_is_replaced(exported_run, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     out, _ = export(exported_run, tmp_path / "out")
     assert (out / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+# ------------------------------------------------- model files are checked before they are believed
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A one-layer GPT-2 saved by transformers itself, the base each hostile case edits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("hf") / "model"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16)).save_pretrained(path)
+    return path
+
+
+def _edit_config(**changes):
+    def edit(d: Path):
+        import json
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+def _header(length: int, body: bytes = b"") -> bytes:
+    return length.to_bytes(8, "little") + body
+
+
+HOSTILE_MODEL_DIRS = {
+    "tie_word_embeddings is the string no": (_edit_config(tie_word_embeddings="no"),
+                                             ["tie_embeddings must be bool", "'no'"]),
+    "100,000 layers claimed over one": (_edit_config(n_layer=100_000),
+                                        ["says 100000 layers", "hold 1"]),
+    "heads that do not divide the width": (_edit_config(n_head=5), ["divisible by model.n_heads (5)"]),
+    "a negative vocabulary": (_edit_config(vocab_size=-3), ["model.vocab_size=-3"]),
+    "a config without n_embd": (lambda d: _edit_config()(d) or (d / "config.json").write_text(
+        '{"model_type": "gpt2", "n_layer": 1}'), ["lacks", "n_embd"]),
+    "a config that is a JSON list": (lambda d: (d / "config.json").write_text("[1, 2]"),
+                                     ["holds a JSON list"]),
+    "a config that is not UTF-8": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{"),
+                                   ["cannot be read as JSON"]),
+    "weights that are a link to /etc/passwd": (
+        lambda d: ((d / "model.safetensors").unlink(), (d / "model.safetensors").symlink_to(
+            "/etc/passwd")), ["model.safetensors (a link to /etc/passwd)", "not a readable safetensors"]),
+    "a header that is not JSON": (lambda d: (d / "model.safetensors").write_bytes(
+        _header(8, b"notjson!")), ["model.safetensors", "not a readable safetensors"]),
+    "a header claiming 2**40 bytes": (lambda d: (d / "model.safetensors").write_bytes(
+        _header(2**40, b"{}")), ["model.safetensors", "not a readable safetensors"]),
+    "a truncated file": (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:5000]), ["not a readable safetensors"]),
+    "a weight_map reaching outside the directory": (
+        lambda d: ((d / "model.safetensors").rename(d / "part.safetensors"),
+                   (d / "model.safetensors.index.json").write_text(
+                       '{"weight_map": {"transformer.wte.weight": "../../../../etc/passwd"}}')),
+        ["names shard files outside its directory", "../../../../etc/passwd"]),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_MODEL_DIRS)
+def test_a_hostile_model_directory_is_one_paragraph_naming_what_is_wrong(hf_dir, tmp_path, case):
+    import shutil
+    import time
+
+    from pipeline.errors import PipelineError
+    from pipeline.weights import load_state
+
+    model = tmp_path / "model"
+    shutil.copytree(hf_dir, model)
+    edit, words = HOSTILE_MODEL_DIRS[case]
+    edit(model)
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as refused:
+        load_state(model)
+    message = " ".join(str(refused.value).split())
+    assert all(w in message for w in words), message
+    assert time.monotonic() - started < 10  # checked by arithmetic, before anything is built
+
+
+def test_a_checkpoint_meta_json_gets_the_config_checks(tmp_path):
+    import json
+
+    from pipeline.errors import PipelineError
+    from pipeline.weights import load_state
+    from test_export import TINY, trained_model, write_checkpoint
+
+    run = tmp_path / "run"
+    write_checkpoint(run, trained_model(TINY), step=100)
+    meta_path = run / "checkpoints" / "step_000100" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["n_heads"] = "four"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(PipelineError, match="meta.json: model.n_heads must be int, got 'four'"):
+        load_state(run / "checkpoints" / "step_000100")
