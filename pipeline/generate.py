@@ -31,7 +31,7 @@ import torch
 
 from pipeline.errors import PipelineError, cli_main
 from pipeline.model import GPTModel, KVCache
-from pipeline.tokenizer import EOT_ID, decode, encode, get_tokenizer
+from pipeline.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,11 +77,16 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Token ids (batch,) drawn from last-position logits (batch, vocab)."""
     if top_k is not None:  # the book keeps every logit >= the k-th largest
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if temperature == 0:
+    # Temperature 0 is greedy, and so is its limit: one below float32's smallest normal
+    # number would be 0 (or overflow) in the division below.
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted so the largest is 0 before dividing: however small the temperature, the
+    # scaled logits stay <= 0 (no inf - inf = nan).
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p is not None and top_p < 1:
         # Keep the most probable tokens until their mass reaches top_p (at least one).
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -114,7 +119,8 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
         logits = step.first(out)
         done = torch.zeros(out.shape[0], dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
-            new = next_token(logits, temperature, top_k, top_p, generator)
+            # Ids past the tokenizer's (a padded vocabulary) are never drawn: no text has them.
+            new = next_token(logits[:, :VOCAB_SIZE], temperature, top_k, top_p, generator)
             if eos_id is not None:
                 new = new.masked_fill(done, eos_id)
                 done |= new == eos_id

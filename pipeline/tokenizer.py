@@ -140,4 +140,16 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids) -> str:
-    return get_tokenizer().decode(list(ids))
+    """Text of token ids; an id the tokenizer does not have (a model's padded or larger
+    vocabulary) becomes U+FFFD instead of an error in the middle of a run."""
+    ids = [int(i) for i in ids]
+    if all(0 <= i < VOCAB_SIZE for i in ids):
+        return get_tokenizer().decode(ids)
+    pieces, run = [], []
+    for i in ids:
+        if 0 <= i < VOCAB_SIZE:
+            run.append(i)
+        else:
+            pieces += [get_tokenizer().decode(run), "\ufffd"]
+            run = []
+    return "".join(pieces) + get_tokenizer().decode(run)

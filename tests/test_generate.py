@@ -196,3 +196,27 @@ def test_decoding_layout_keeps_every_weight_and_every_token(model):
     assert torch.equal(generate(laid, ids, 12, eos_id=None), expected)
     bf16 = lay_out_for_decoding(copy.deepcopy(model).to(torch.bfloat16))
     assert bf16.out_head.weight.is_contiguous()
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_crash():
+    logits = torch.tensor([[100.0, 99.0, -50.0], [1.0, 3.0, -2.0]])
+    for temperature in (1e-40, 1e-300, 5e-324):
+        ids = next_token(logits, temperature, generator=torch.Generator().manual_seed(0))
+        assert ids.tolist() == [0, 1]
+
+
+def test_ids_past_the_tokenizer_are_never_drawn_and_never_crash_decoding():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    padded = GPTModel(replace(TINY, vocab_size=50304, tie_embeddings=False)).eval()
+    with torch.no_grad():  # make the 47 padded rows the most likely tokens by far
+        padded.out_head.weight[50257:] = 0.0
+        padded.out_head.weight[:50257] *= 0.0
+        padded.out_head.weight[50257:, 0] = 1.0
+        padded.final_norm.weight.zero_()
+        padded.final_norm.bias.fill_(1.0)
+    out = generate(padded, torch.tensor([encode("Hello")]), 20, temperature=1.0, eos_id=None,
+                   generator=torch.Generator().manual_seed(0))
+    assert int(out[0, 1:].max()) < 50257
+    assert decode([15496, 50300, 995, -1]) == "Hello\ufffd world\ufffd"
