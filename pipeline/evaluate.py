@@ -254,8 +254,9 @@ def run_task(args, model, info, accelerator) -> dict:
     result["seconds"] = time.perf_counter() - start
     out = _out_path(args, info)
     if accelerator.is_main_process:
-        if out is not None:  # beside the val loss, when an earlier run wrote it
-            record = json.loads(out.read_text()) if out.is_file() else {"model": str(args.model)}
+        if out is not None:  # beside the val loss of the same weights, when one is there
+            record = earlier_results(out, info) or {"model": str(args.model),
+                                                    "weights": str(info.path)}
             record.setdefault("tasks", {})[args.task] = result
             atomic_write_json(out, record)
         print(f"{args.task}: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
@@ -309,14 +310,28 @@ def main(argv=None) -> dict:
                              for name, r in by_source.items()}
     out = _out_path(args, info)
     if accelerator.is_main_process:
-        if out is not None:
-            atomic_write_json(out, record)
+        if out is not None:  # task results of the same weights stay beside the new loss
+            tasks = (earlier_results(out, info) or {}).get("tasks")
+            atomic_write_json(out, {**record, **({"tasks": tasks} if tasks else {})})
         where = out if out is not None else "not saved (give --out FILE)"
         print(f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
               f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}")
         for name, r in by_source.items():
             print(f"  source {name}: val loss {r['loss']:.4f} | perplexity "
                   f"{r['perplexity']:.2f} | {r['tokens']:,} tokens")
+    return record
+
+
+def earlier_results(out: Path, info) -> dict | None:
+    """What an earlier evaluate wrote to `out` about these same weights (None when the
+    file is missing, unreadable or about other weights: results of an older checkpoint
+    are not kept beside a newer one's)."""
+    try:
+        record = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("weights") != str(info.path):
+        return None
     return record
 
 

@@ -239,7 +239,7 @@ def push_to_hub(folder: Path, repo: str) -> str:
 @cli_main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.push_to_hub:
+    if args.push_to_hub is not None:  # "" too: an empty name is refused, not skipped
         check_repo_id(args.push_to_hub)  # before the work, not after it
     out, info = export(args.model, args.out, args.dtype, args.n_heads)
     cfg = info.config
@@ -248,7 +248,7 @@ def main(argv=None) -> None:
     print(f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
           f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
           f"equal to the source")
-    if args.push_to_hub:
+    if args.push_to_hub is not None:
         print(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub)}")
 
 

@@ -78,9 +78,12 @@ def _from_hellaswag(row: dict) -> Example:
 
 
 def _checked(context, choices, label) -> Example:
-    if not isinstance(context, str) or not isinstance(choices, list) or len(choices) < 2 \
-            or not all(isinstance(c, str) and c for c in choices):
-        raise ValueError("context must be text and choices at least two non-empty texts")
+    # An empty context leaves a one-token choice with no prediction to score: it would
+    # count as wrong in silence.
+    if not isinstance(context, str) or not context or not isinstance(choices, list) \
+            or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("context must be non-empty text and choices at least two non-empty "
+                         "texts")
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
         raise ValueError(f"label {label!r} is not an index into the {len(choices)} choices")
     return Example(context, tuple(choices), label)
@@ -95,6 +98,12 @@ def load_task(task: str, task_file: str | None = None, url: str | None = None,
     if task_file:
         if not Path(task_file).is_file():
             raise TaskError(f"the task file {task_file} does not exist")
+        if sha256 is not None:  # pinned: the file must be that one, wherever it came from
+            from pipeline.fileio import file_sha256
+            found = file_sha256(Path(task_file))
+            if found != sha256.lower():
+                raise TaskError(f"the task file {task_file} has sha256 {found}, not the "
+                                f"{sha256} given with --task-sha256; it is not the pinned file")
         return read_examples(task_file, task)
     if task != "hellaswag":
         raise TaskError(f"task {task} needs a task file (one JSON object per line: context, "
@@ -148,10 +157,13 @@ def score_examples(model, examples: list[Example], context_length: int, device,
                    autocast=None, batch_examples: int = 8) -> torch.Tensor:
     """[right by sum, right by mean, examples] (float64) over `examples`."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)
+    max_rows = batch_examples * 4  # a forward's rows, however many choices an example has
     for start in range(0, len(examples), batch_examples):
         chunk = examples[start:start + batch_examples]
         rows = [row for ex in chunk for row in choice_rows(ex, context_length)]
-        sums, means = choice_losses(model, rows, device, autocast)
+        scored = [choice_losses(model, rows[i:i + max_rows], device, autocast)
+                  for i in range(0, len(rows), max_rows)]
+        sums, means = (torch.cat(parts) for parts in zip(*scored))
         first = 0
         for ex in chunk:
             n = len(ex.choices)

@@ -128,6 +128,70 @@ def test_the_downloaded_task_file_is_refused_when_its_sha256_differs(tmp_path, c
     assert got["examples"] == 5 and list((tmp_path / "cache").rglob("*.jsonl"))
 
 
+@pytest.mark.parametrize("line,words", [
+    ('{"context": "", "choices": ["b", "c"], "label": 0}', ["context must be non-empty text"]),
+    ('{"context": "a", "choices": ["b", ""], "label": 0}', ["at least two non-empty texts"]),
+    ('{"context": "a", "choices": ["b", "c"], "label": true}', ["label True is not an index"]),
+])
+def test_task_examples_that_cannot_be_scored_honestly_are_refused(tmp_path, capsys, line, words):
+    hf_model(tmp_path, True)
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text(line + "\n")
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "hf"), "--task", "mc", "--task-file", str(bad)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert all(w in err for w in words) and "Traceback" not in err, err
+
+
+def test_a_task_file_is_held_to_its_pinned_sha256(tmp_path, capsys):
+    from pipeline.fileio import file_sha256
+
+    hf_model(tmp_path, True)
+    task = tmp_path / "hellaswag_val.jsonl"
+    write_hellaswag(task)
+    args = ["--model", str(tmp_path / "hf"), "--task", "hellaswag", "--task-file", str(task)]
+    with pytest.raises(SystemExit):
+        main([*args, "--task-sha256", "0" * 64])
+    assert "it is not the pinned file" in " ".join(capsys.readouterr().err.split())
+    assert main([*args, "--task-sha256", file_sha256(task).upper()])["examples"] == 5
+
+
+def test_many_choices_are_scored_in_bounded_forwards_with_the_same_result(tmp_path):
+    from pipeline.tasks import Example, score_examples
+    from pipeline.weights import load_model
+
+    hf_model(tmp_path, True)
+    ours, _ = load_model(tmp_path / "hf")
+    example = Example("The cat sat on the", tuple(f" word{i}" for i in range(100)), 7)
+    seen = []
+    hook = ours.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    counts = score_examples(ours, [example], 64, torch.device("cpu"), batch_examples=2)
+    hook.remove()
+    assert max(seen) == 8 and sum(seen) == 100  # rows per forward stay bounded
+    from pipeline.tasks import choice_losses, choice_rows
+    sums, _ = choice_losses(ours, choice_rows(example, 64), torch.device("cpu"))
+    assert counts[0].item() == float(int(sums.argmin()) == 7)
+
+
+def test_a_second_evaluate_keeps_the_task_results_of_the_same_weights(tmp_path):
+    from pipeline.weights import resolve
+    hf_model(tmp_path, True)
+    task = tmp_path / "hellaswag_val.jsonl"
+    write_hellaswag(task)
+    out = tmp_path / "eval.json"
+    main(["--model", str(tmp_path / "hf"), "--task", "hellaswag", "--task-file", str(task),
+          "--out", str(out)])
+    from helpers import write_data_set
+    write_data_set(tmp_path / "data", {"train": [list(range(200))], "val": [list(range(200))]})
+    main(["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "data"), "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert "loss" in record and record["tasks"]["hellaswag"]["examples"] == 5
+    from pipeline.evaluate import earlier_results
+    other = resolve(tmp_path / "hf")
+    other.path = tmp_path / "elsewhere"
+    assert earlier_results(out, other) is None  # another model's results are not merged
+
+
 @pytest.mark.parametrize("stride", [1, 32, 64])  # 1, context / 2, context
 def test_text_perplexity_equals_the_hugging_face_guides_sliding_window(tmp_path, stride):
     model = hf_model(tmp_path, True)
