@@ -125,7 +125,10 @@ def decode_more(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) ->
 
 def resolve_files(patterns: Iterable[str]) -> list[Path]:
     """The files that `data.source.paths` names, in order: each entry's matches sorted."""
-    files: dict[Path, None] = {}  # ordered, and each file once however often it is named
+    # Ordered, and each file once however often it is named: by its real path, so a
+    # symlink loop under a ** glob (dir/link -> dir) cannot read one file 40 times into
+    # both splits.
+    files: dict[Path, Path] = {}
     for pattern in patterns:
         matches = _expand(pattern)
         if not matches:
@@ -133,8 +136,9 @@ def resolve_files(patterns: Iterable[str]) -> list[Path]:
                 f"data.source.paths entry '{pattern}' matches no file "
                 f"(looked from {Path.cwd()}; directories are searched for "
                 f"{', '.join(KNOWN_EXTS)}). Fix the path or the pattern.")
-        files.update(dict.fromkeys(matches))
-    return list(files)
+        for match in matches:
+            files.setdefault(match.resolve(), match)
+    return list(files.values())
 
 
 def _expand(pattern: str) -> list[Path]:

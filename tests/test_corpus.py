@@ -44,6 +44,16 @@ def test_txt_files_directory_and_glob_are_sorted_one_document_per_file(tmp_path)
     assert read(limited, tmp_path) == ["ay", "bee"]
 
 
+def test_a_symlink_loop_under_a_glob_reads_each_file_once(tmp_path):
+    from pipeline.corpus import resolve_files
+
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("one book")
+    (tmp_path / "books" / "again").symlink_to(tmp_path / "books")  # books/again/again/...
+    for pattern in (f"{tmp_path}/books/**/*.txt", f"{tmp_path}/books"):
+        assert resolve_files([pattern, f"{tmp_path}/books/a.txt"]) == [tmp_path / "books" / "a.txt"]
+
+
 def test_jsonl_and_parquet_stream_through_datasets_in_order(tmp_path):
     write_jsonl(tmp_path / "1.jsonl", [{"body": "one", "id": 1}, {"body": "two", "id": 2}])
     pq.write_table(pa.table({"body": ["three", "", "four"]}), tmp_path / "2.parquet")
