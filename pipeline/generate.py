@@ -189,12 +189,20 @@ class _CachedStep:
 # ----------------------------------------------------------------------------- text
 
 
-def prompt_ids(prompt: str, context_length: int) -> tuple[list[int], str | None]:
+def prompt_ids(prompt: str, context_length: int, vocab_size: int | None = None
+               ) -> tuple[list[int], str | None]:
     """Token ids of a prompt, cropped to the context; and a note when cropping happened.
 
     An empty prompt starts from <|endoftext|>, the token that precedes every document.
+    A prompt with a token the model's vocabulary lacks (a model trained with a smaller
+    vocab_size) is refused by name instead of failing inside the embedding.
     """
     ids = encode(prompt) or [EOT_ID]
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise PipelineError(
+            f"the prompt {prompt[:40]!r} has token {max(ids)}, and the model's vocabulary has "
+            f"{vocab_size} tokens (0 .. {vocab_size - 1}); give a prompt of tokens it knows, "
+            f"or a model with GPT-2's vocabulary of 50257")
     if len(ids) <= context_length:
         return ids, None
     note = (f"note: the prompt has {len(ids)} tokens, more than the model's context of "
@@ -212,7 +220,8 @@ def continue_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50,
                   **kwargs) -> tuple[str, str]:
     """(the prompt as the model saw it, cropped to the context; its continuation up to
     the first end-of-text). `kwargs` are generate()'s."""
-    ids, note = prompt_ids(prompt, base_model(model).cfg.context_length)
+    cfg = base_model(model).cfg
+    ids, note = prompt_ids(prompt, cfg.context_length, cfg.vocab_size)
     if note:
         print(note, file=sys.stderr)
     out = generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)[0].tolist()
@@ -295,7 +304,7 @@ def main(argv=None) -> None:
               "--temperature > 0 to sample", file=sys.stderr)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     for prompt in args.prompt or ["Every effort moves you"]:
-        ids, note = prompt_ids(prompt, model.cfg.context_length)
+        ids, note = prompt_ids(prompt, model.cfg.context_length, model.cfg.vocab_size)
         if note:
             print(note, file=sys.stderr)
         for _ in range(args.num_samples):

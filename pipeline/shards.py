@@ -165,12 +165,37 @@ def load_manifest(data_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest
             f"no prepared data in {data_dir} ({MANIFEST} is missing). Make it with "
             f"`python -m pipeline.prepare --config CONFIG` (or `make data CONFIG=...`).")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
         raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
-        return Manifest(**raw)
+        manifest = Manifest(**raw)
+        problem = manifest_problem(manifest)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise DataError(f"{path} is not a valid manifest ({e}); rerun prepare with --force "
-                        f"if this project wrote it") from None
+        problem = str(e)
+    if problem:
+        raise DataError(f"{path} is not a valid manifest ({problem}); rerun prepare with "
+                        f"--force if this project wrote it")
+    return manifest
+
+
+def manifest_problem(m: Manifest) -> str | None:
+    """What makes a parsed manifest unusable here, or None: only GPT-2's tokenizer is
+    read (ids of another would train and evaluate as if they were GPT-2's), the dtype
+    must fit the vocabulary, and shard names must stay inside the data directory."""
+    from pipeline.tokenizer import ENCODING_NAME
+    if m.tokenizer != ENCODING_NAME:
+        return (f"its tokenizer is {m.tokenizer!r}; this project reads data tokenized with "
+                f"{ENCODING_NAME!r} only")
+    if isinstance(m.vocab_size, bool) or not isinstance(m.vocab_size, int) \
+            or not 0 < m.vocab_size <= 2**32:
+        return f"vocab_size {m.vocab_size!r} is not a vocabulary size"
+    if m.dtype != token_dtype(m.vocab_size).name:
+        return f"dtype {m.dtype!r} does not hold a vocabulary of {m.vocab_size}"
+    names = [info.file for infos in m.splits.values() for info in infos]
+    outside = [n for n in names if not isinstance(n, str) or Path(n).is_absolute()
+               or ".." in Path(n).parts]
+    if outside:
+        return f"it names shard files outside its directory ({', '.join(map(str, outside[:3]))})"
+    return None
 
 
 def open_split(data_dir: str | os.PathLike, split: str,

@@ -244,7 +244,22 @@ class Training:
         return parts
 
 
+def check_vocabulary(config: Config) -> None:
+    """The data's token ids and the sample prompt must exist in the model's vocabulary,
+    checked before anything is built (an id past it fails deep inside the embedding)."""
+    from pipeline.generate import prompt_ids
+    from pipeline.shards import load_manifest
+    vocab = load_manifest(config.data_dir).vocab_size
+    if vocab > config.model.vocab_size:
+        raise PipelineError(
+            f"{config.data_dir} was tokenized with a vocabulary of {vocab} tokens, and "
+            f"model.vocab_size is {config.model.vocab_size}: its ids would not fit the "
+            f"embedding. Set model.vocab_size to {vocab} or more.")
+    prompt_ids(config.eval.prompt, config.model.context_length, config.model.vocab_size)
+
+
 def setup(config: Config, accelerator, initial_state: dict | None = None) -> Training:
+    check_vocabulary(config)
     torch.manual_seed(config.seed)  # same initial weights on every process
     model = new_model(config, initial_state)
     ctx, t = config.model.context_length, config.train

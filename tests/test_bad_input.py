@@ -444,3 +444,45 @@ def test_a_checkpoint_meta_json_gets_the_config_checks(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(PipelineError, match="meta.json: model.n_heads must be int, got 'four'"):
         load_state(run / "checkpoints" / "step_000100")
+
+
+# (manifest field, its value, words of the refusal)
+BAD_MANIFESTS = [
+    ("tokenizer", "cl100k_base", ["tokenizer is 'cl100k_base'", "'gpt2' only"]),
+    ("vocab_size", "50257", ["vocab_size '50257'"]),
+    ("dtype", "uint8", ["dtype 'uint8' does not hold a vocabulary of 50257"]),
+    ("splits", {"train": [{"file": "../../etc/passwd", "tokens": 3, "sha256": "0" * 64}]},
+     ["outside its directory", "../../etc/passwd"]),
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD_MANIFESTS, ids=[k for k, _, _ in BAD_MANIFESTS])
+def test_a_manifest_is_checked_before_its_data_is_read(tmp_path, key, value, words):
+    import json
+
+    from helpers import write_data_set
+    from pipeline.shards import DataError, load_manifest
+
+    write_data_set(tmp_path, {"train": [[1, 2, 3]], "val": [[4, 5, 6]]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+    with pytest.raises(DataError) as refused:
+        load_manifest(tmp_path)
+    assert all(w in str(refused.value) for w in words), refused.value
+
+
+def test_a_model_vocabulary_smaller_than_the_data_or_the_prompt_is_refused(tmp_path):
+    from helpers import write_data_set
+    from pipeline.errors import PipelineError
+    from pipeline.train import check_vocabulary
+
+    write_data_set(tmp_path / "data" / "d", {"train": [[1, 2, 3]], "val": [[4, 5, 6]]})
+    base = [f"data.root={tmp_path / 'data'}", "data.name=d"]
+    with pytest.raises(PipelineError, match="vocabulary of 50257 tokens, and model.vocab_size is 256"):
+        check_vocabulary(load_config(None, base + ["model.vocab_size=256"]))
+    write_data_set(tmp_path / "data" / "small", {"train": [[1, 2, 3]], "val": [[4, 5, 6]]},
+                   vocab_size=256)
+    small = [f"data.root={tmp_path / 'data'}", "data.name=small", "model.vocab_size=256"]
+    with pytest.raises(PipelineError, match="the prompt 'Every effort.* has token"):
+        check_vocabulary(load_config(None, small))
+    check_vocabulary(load_config(None, small + ["eval.prompt=a"]))  # 'a' is token 64
