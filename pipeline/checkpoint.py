@@ -55,11 +55,12 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     if not path.is_file():
         raise PipelineError(f"{ckpt_dir} is not a complete checkpoint ({META_FILE} is missing)")
     try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deeply
         raise PipelineError(f"{path} is damaged (not valid JSON: {e}); the checkpoint cannot "
                             f"be read. Use an earlier checkpoint of the run.") from None
-    if not isinstance(meta, dict) or not {"step", "model"} <= meta.keys():
+    if not isinstance(meta, dict) or not {"step", "model"} <= meta.keys() \
+            or isinstance(meta["step"], bool) or not isinstance(meta["step"], int):
         raise PipelineError(f"{path} is damaged (it lacks the step or the model config); "
                             f"use an earlier checkpoint of the run.")
     return meta

@@ -271,9 +271,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)")
         try:
-            raw = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is not a config: it nests deeper than any config "
+                              f"does") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     for item in overrides:

@@ -169,8 +169,8 @@ def load_manifest(data_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest
         raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
         manifest = Manifest(**raw)
         problem = manifest_problem(manifest)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        problem = str(e)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e)
     if problem:
         raise DataError(f"{path} is not a valid manifest ({problem}); rerun prepare with "
                         f"--force if this project wrote it")

@@ -48,14 +48,15 @@ def read_examples(path: str | Path, task: str) -> list[Example]:
     """The examples of a task file: `task` is "mc" (the general format) or "hellaswag"."""
     convert = {"mc": _from_mc, "hellaswag": _from_hellaswag}[task]
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                examples.append(convert(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as e:
-                raise TaskError(f"{path} line {number} is not a {task} example ({e}); "
+            try:  # bytes: a line that is not UTF-8 is named like any other bad line
+                examples.append(convert(json.loads(line.decode("utf-8"))))
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                why = "nested too deeply" if isinstance(e, RecursionError) else e
+                raise TaskError(f"{path} line {number} is not a {task} example ({why}); "
                                 f"{FORMATS[task]}") from None
     if not examples:
         raise TaskError(f"{path} holds no examples; {FORMATS[task]}")

@@ -128,12 +128,15 @@ class MetricsLog:
         line anywhere else means the file was damaged otherwise, and is an error."""
         if not self.path.is_file():
             return []
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_bytes().splitlines() if line.strip()]
         rows = []
         for number, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
+            try:  # bytes: a line that is not UTF-8 is as damaged as one that is not JSON
+                row = json.loads(line.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+                rows.append(row)
+            except (ValueError, RecursionError):
                 if number < len(lines):
                     raise PipelineError(
                         f"{self.path} line {number} is not JSON: the file is damaged. Move it "

@@ -250,8 +250,9 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise PipelineError(f"{path} cannot be read as JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise PipelineError(f"{path} cannot be read as JSON ({why})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path} holds a JSON {type(data).__name__}, not an object")
     return data

@@ -486,3 +486,37 @@ def test_a_model_vocabulary_smaller_than_the_data_or_the_prompt_is_refused(tmp_p
     with pytest.raises(PipelineError, match="the prompt 'Every effort.* has token"):
         check_vocabulary(load_config(None, small))
     check_vocabulary(load_config(None, small + ["eval.prompt=a"]))  # 'a' is token 64
+
+
+# (file, bytes written, how it is read, words of the refusal): one paragraph each
+UNREADABLE_FILES = {
+    "a config that is not UTF-8": ("c.yaml", b"train:\n  lr: \xff\n", "config", ["not valid YAML"]),
+    "a config nested 100,000 deep": ("c.yaml", b"[" * 100_000, "config", ["nests deeper"]),
+    "a task file that is not UTF-8": ("t.jsonl", b'{"context": "\xff"}\n', "task",
+                                      ["line 1 is not a mc example"]),
+    "a task line nested 100,000 deep": ("t.jsonl", b"[" * 100_000 + b"\n", "task",
+                                        ["line 1 is not a mc example (nested too deeply)"]),
+    "a metrics line that is not UTF-8": ("metrics.jsonl", b'{"step": 1}\n\xff\xfe\n{"step": 2}\n',
+                                         "metrics", ["line 2 is not JSON"]),
+    "a metrics line that is a list": ("metrics.jsonl", b'[1]\n{"step": 2}\n', "metrics",
+                                      ["line 1 is not JSON"]),
+    "a meta.json nested deeply": ("meta.json", b"[" * 100_000, "meta", ["is damaged"]),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE_FILES)
+def test_a_file_that_cannot_be_read_is_one_paragraph(tmp_path, case):
+    from pipeline.checkpoint import read_meta
+    from pipeline.errors import PipelineError
+    from pipeline.tasks import read_examples
+    from pipeline.tracking import MetricsLog
+
+    name, data, kind, words = UNREADABLE_FILES[case]
+    (tmp_path / name).write_bytes(data)
+    read = {"config": lambda: load_config(tmp_path / name),
+            "task": lambda: read_examples(tmp_path / name, "mc"),
+            "metrics": lambda: MetricsLog(tmp_path).rows(),
+            "meta": lambda: read_meta(tmp_path)}[kind]
+    with pytest.raises(PipelineError) as refused:
+        read()
+    assert all(w in " ".join(str(refused.value).split()) for w in words), refused.value
