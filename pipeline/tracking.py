@@ -26,13 +26,66 @@ WANDB_ID = "wandb_run_id"
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
-    """WANDB_MODE wins; else the config; else online when an API key is configured."""
+    """WANDB_MODE wins; else the config; else online when an API key is configured.
+    Online needs a key (else one paragraph) and a reachable server: on a compute node
+    without a network it is offline, said once, instead of wandb's ~90 s of retries and
+    a traceback while the other processes wait."""
+    mode = _requested_wandb_mode(cfg)
+    if mode != "online":
+        return mode
+    if not _wandb_key_configured():
+        raise PipelineError(
+            "W&B is set to log online (WANDB_MODE or tracking.wandb.mode), and no W&B API key "
+            "is configured here. Run `wandb login` (or set WANDB_API_KEY), or log offline "
+            "(tracking.wandb.mode=offline, uploaded later with `wandb sync`), or "
+            "tracking.wandb.mode=disabled.")
+    host = _wandb_host()
+    if not _reachable(host):
+        _say_once(f"W&B: {host} cannot be reached from this machine; logging offline into "
+                  f"the run directory instead (upload it later with `wandb sync "
+                  f"runs/<name>/wandb/offline-run-*`).")
+        return "offline"
+    return "online"
+
+
+def _requested_wandb_mode(cfg: WandbConfig) -> str:
     env = os.environ.get("WANDB_MODE")
     if env:
         return {"dryrun": "offline", "run": "online"}.get(env, env)
     if cfg.mode:
         return cfg.mode
     return "online" if _wandb_key_configured() else "offline"
+
+
+def _wandb_host() -> str:
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return f"{url.hostname or 'api.wandb.ai'}:{url.port or (80 if url.scheme == 'http' else 443)}"
+
+
+_reachability: dict[str, bool] = {}
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` (asked once per host)."""
+    import socket
+    if host not in _reachability:
+        name, port = host.rsplit(":", 1)
+        try:
+            socket.create_connection((name, int(port)), timeout=timeout).close()
+            _reachability[host] = True
+        except OSError:
+            _reachability[host] = False
+    return _reachability[host]
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _wandb_key_configured() -> bool:
@@ -191,5 +244,11 @@ def start_trackers(accelerator, config: Config, run_dir: Path, mode: str) -> Non
     names = [getattr(t, "value", t) for t in accelerator.log_with]  # LoggerType is a str enum
     if accelerator.is_main_process and "wandb" in names:
         init_kwargs["wandb"] = wandb_init_kwargs(config, run_dir, mode)
-    accelerator.init_trackers(wandb_project(config.tracking.wandb), config=flat_config(config),
-                              init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(wandb_project(config.tracking.wandb),
+                                  config=flat_config(config), init_kwargs=init_kwargs)
+    except Exception as e:  # each tracker's own errors: a store, a server, a login
+        raise PipelineError(
+            f"the trackers {', '.join(names)} could not start ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Fix that tracker's setup, "
+            f"or take it out of tracking.log_with; nothing was trained yet.") from None

@@ -4,6 +4,7 @@ hand."""
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 from accelerate import PartialState
@@ -79,7 +80,20 @@ def test_wandb_mode_environment_then_config_then_key(monkeypatch, tmp_path):
     assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"
     assert wandb_mode(WandbConfig()) == "offline"  # no key anywhere
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_mode(WandbConfig()) == "online"
+    monkeypatch.setattr("pipeline.tracking._reachability", {})
+    with socket.socket() as server:  # a W&B server that answers: online
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        assert wandb_mode(WandbConfig()) == "online"
+    monkeypatch.setattr("pipeline.tracking._reachability", {})
+    with pytest.warns(UserWarning, match="cannot be reached from this machine; logging offline"):
+        assert wandb_mode(WandbConfig()) == "offline"  # nobody listens there now
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(PipelineError, match="no W&B API key is configured"):
+        wandb_mode(WandbConfig())
 
 
 def test_truncate_after_drops_the_rows_a_resume_logs_again(tmp_path):
