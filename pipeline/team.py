@@ -26,6 +26,22 @@ class TeamError(PipelineError):
     """The machines could not meet, or one stopped while the others waited."""
 
 
+def check_master_address() -> None:
+    """MASTER_ADDR must resolve to an address: torch's rendezvous retries a failed lookup
+    until its timeout (30 minutes) with nothing but socket warnings."""
+    import socket
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT") or "29500"
+    if not address:
+        return
+    try:
+        socket.getaddrinfo(address, int(port) if port.isdigit() else None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise TeamError(
+            f"MASTER_ADDR={address} cannot be resolved to an address from this machine "
+            f"({e}); give the main machine's IP address or a host name every machine can "
+            f"resolve.") from None
+
+
 def _count(name: str, default: int) -> int:
     """A launcher variable as a whole number (unset or empty: the default)."""
     value = os.environ.get(name, "").strip()
@@ -70,6 +86,7 @@ class Team:
                 f"WORLD_SIZE={self.world} but {' and '.join(missing)} is not set: start the "
                 f"processes with torchrun, accelerate launch or launch/multinode.sh, or unset "
                 f"WORLD_SIZE to run on this machine alone.")
+        check_master_address()
         import torch.distributed as dist
         try:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world,

@@ -144,6 +144,10 @@ def make_accelerator(config: Config):
                             "feature); on a CPU use train.precision=bf16 or no")
     mode = wandb_mode(config.tracking.wandb)
     timeout = timedelta(minutes=config.train.collective_timeout_minutes)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # a name that never resolves: say so, not retry
+        from pipeline.team import check_master_address
+        check_master_address()
     try:
         accelerator = Accelerator(
             mixed_precision=precision,

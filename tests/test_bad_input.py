@@ -520,3 +520,17 @@ def test_a_file_that_cannot_be_read_is_one_paragraph(tmp_path, case):
     with pytest.raises(PipelineError) as refused:
         read()
     assert all(w in " ".join(str(refused.value).split()) for w in words), refused.value
+
+
+def test_an_unresolvable_master_addr_is_one_paragraph_at_once(monkeypatch):
+    import time
+
+    from pipeline.team import Team, TeamError
+
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no-such-host.invalid",
+                       "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    started = time.monotonic()
+    with pytest.raises(TeamError, match="MASTER_ADDR=no-such-host.invalid cannot be resolved"):
+        Team().meet()  # prepare's group; train calls the same check before Accelerate
+    assert time.monotonic() - started < 30  # was 30 minutes of retried lookups
