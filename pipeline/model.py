@@ -215,8 +215,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total += ((peak + norm.log() - target_logit) * keep).sum()
             if not (want_h or want_w):
                 continue
-            # d(mean loss)/d(logits) = (softmax - one_hot) / count, for kept rows
-            grad = probs.mul_(keep / (norm * count)).scatter_add_(1, tgt, -keep / count)
+            # d(mean loss)/d(logits) = (softmax - one_hot) / count, for kept rows. Kept
+            # here without the 1/count, in [-1, 1]: in fp16, (softmax - one_hot) / count
+            # for thousands of tokens is mostly below the smallest subnormal and became 0
+            # before the loss scale could reach it. Backward applies 1/count and the
+            # incoming gradient (the loss scale) in fp32.
+            grad = probs.mul_(keep / norm).scatter_add_(1, tgt, -keep)
             grad = grad if block32 is block else block[:m].copy_(grad)
             if want_h:
                 grad_h[start:end] = torch.mm(grad, w)
@@ -234,6 +238,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         # Kept on ctx, not saved for backward: backward scales them in place and hands
         # them over, and autograd then keeps grad_w as the weight's .grad without a copy.
         ctx.grads = (grad_h, grad_w)
+        ctx.count = count
         ctx.weight_dtype = weight.dtype
         return total / count
 
@@ -244,8 +249,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
                                "second backward through it (retain_graph=True) is not supported")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
-        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        scale = grad_loss.float() / ctx.count  # the mean's 1/count, and the loss scale
+        grad_h = grad_h.mul_(scale) if grad_h is not None else None
+        grad_w = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
 
 
