@@ -34,12 +34,18 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
     return [f for f in BF16_CPU_FLAGS if f in flags]
 
 
+def gpu_has_bf16() -> bool:
+    """bf16 in hardware on the current GPU (Ampere on). torch's own check counts the
+    emulated bf16 of a V100 or T4 unless told not to, and emulated bf16 is slow."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve(requested: str, device_type: str) -> tuple[str, str]:
     """(precision Accelerate gets: no | bf16 | fp16, the reason in a few words)."""
     if requested != "auto":
         return requested, "train.precision"
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if gpu_has_bf16():
             return "bf16", "auto: this GPU has bf16"
         return "fp16", "auto: this GPU has no bf16 (compute capability below 8.0), fp16 with loss scaling"
     if device_type == "cpu":

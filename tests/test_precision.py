@@ -33,6 +33,17 @@ def test_auto_on_a_gpu_picks_bf16_else_fp16(monkeypatch, bf16, expected):
     assert precision.resolve("auto", "cuda")[0] == expected
 
 
+def test_auto_on_a_gpu_with_only_emulated_bf16_picks_fp16(monkeypatch):
+    """A V100 or T4: torch.cuda.is_bf16_supported() says True by counting emulation."""
+    from pipeline.muon import fast_orthogonalize_dtype
+
+    def v100(including_emulation: bool = True) -> bool:
+        return including_emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", v100)
+    assert precision.resolve("auto", "cuda")[0] == "fp16"
+    assert fast_orthogonalize_dtype("cuda") == "float32"
+
+
 def test_an_explicit_choice_is_kept_and_bf16_on_a_slow_cpu_is_warned_about(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda cpuinfo=None: [])
     for chosen in ("no", "bf16", "fp16"):
