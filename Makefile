@@ -230,7 +230,7 @@ book-report: train
 
 ## test: run the test suite
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 ## faults: SIGKILL prepare and train at random moments, FAULT_TRIALS times each (not in CI)
 faults: install

@@ -320,16 +320,26 @@ def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, part
 
 
 def _rng_state() -> dict:
+    """This process's generators: the CPU's and its own GPU's only. (Every visible GPU's,
+    as get_rng_state_all saves them, cannot be restored where fewer are visible: an
+    8-GPU node's checkpoint on a 4-GPU node, or under Slurm's --gpus-per-task=1.)"""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or not torch.cuda.is_available():
+        return
+    if isinstance(saved, (list, tuple)):  # older checkpoints: one state per visible GPU
+        index = torch.cuda.current_device()
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved)
 
 
 def shape_mismatch(saved: dict, current: ModelConfig) -> list[str]:

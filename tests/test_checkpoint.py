@@ -226,3 +226,22 @@ def test_readers_of_a_run_skip_a_damaged_newest_checkpoint_and_refuse_it_by_name
     assert newest.is_dir()  # a reader moves nothing
     with pytest.raises(PipelineError, match="checkpoint .*step_000002 is damaged: model.safetensors"):
         load_state(newest)
+
+
+def test_a_process_keeps_and_restores_only_its_own_gpus_generator(monkeypatch):
+    """An 8-GPU checkpoint resumed where 4 are visible: each process restores its own
+    device's state (older checkpoints hold every visible device's), never all of them."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([3]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("all devices"))
+    state = ckpt._rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([3]))  # one device's, not a list
+    ckpt._set_rng_state(state)
+    old_format = {"cpu": torch.get_rng_state(), "cuda": [torch.tensor([i]) for i in range(8)]}
+    ckpt._set_rng_state(old_format)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 9)  # beyond what was saved
+    ckpt._set_rng_state(old_format)
+    assert [int(s) for s in restored] == [3, 3]
