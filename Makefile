@@ -62,8 +62,13 @@ CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
 # Processes for train and eval: one per GPU (NUM_GPUS=0 forces the CPU), one on a CPU.
+# The GPUs counted are the ones this job may use: CUDA_VISIBLE_DEVICES when it is set (as
+# Slurm sets it for an allocation, or a user on a shared node), else all nvidia-smi lists.
+VISIBLE_GPUS = $(shell if [ -n "$${CUDA_VISIBLE_DEVICES+set}" ]; then \
+	printf '%s' "$$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c '^[^-]'; \
+	else nvidia-smi -L | grep -c '^GPU'; fi)
 ifeq ($(origin NUM_GPUS),undefined)
-NUM_GPUS := $(if $(HAS_GPU),$(shell nvidia-smi -L | grep -c '^GPU'),0)
+NUM_GPUS := $(if $(HAS_GPU),$(VISIBLE_GPUS),0)
 endif
 NUM_PROCESSES ?= $(if $(filter 0,$(NUM_GPUS)),1,$(NUM_GPUS))
 $(if $(call whole,$(NUM_GPUS)),,$(error NUM_GPUS=$(NUM_GPUS) must be a whole number: the GPUs to use, 0 for the CPU))

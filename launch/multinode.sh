@@ -21,7 +21,8 @@
 #   NODE_RANK      this machine's rank, 0 .. NUM_NODES-1 [0]
 #   MASTER_ADDR    address of the rank-0 machine, reachable from all of them [127.0.0.1]
 #   MASTER_PORT    a free TCP port on it [29500]
-#   GPUS_PER_NODE  processes per machine [the GPUs nvidia-smi lists; 1 on a CPU-only machine]
+#   GPUS_PER_NODE  processes per machine [the GPUs this job may use: CUDA_VISIBLE_DEVICES when
+#                  set (Slurm sets it), else all nvidia-smi lists; 1 on a CPU-only machine]
 #   ACCEL_CONFIG   accelerate config [configs/accelerate/multi-node.yaml]
 #   ACCELERATE     the accelerate command [.venv/bin/accelerate, else accelerate on PATH]
 #   STAGE          train or prepare [train]
@@ -55,11 +56,13 @@ if [[ -z ${PYTHON:-} ]]; then  # the interpreter that accelerate runs in
     [[ -x $PYTHON ]] || PYTHON=python3
 fi
 
-gpu_count() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
+gpu_count() {  # the GPUs this job may use: CUDA_VISIBLE_DEVICES (Slurm's too) when set
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
         echo 0
+    elif [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+        printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c '^[^-]' || true
+    else
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
     fi
 }
 GPUS=$(gpu_count)

@@ -534,3 +534,19 @@ def test_an_unresolvable_master_addr_is_one_paragraph_at_once(monkeypatch):
     with pytest.raises(TeamError, match="MASTER_ADDR=no-such-host.invalid cannot be resolved"):
         Team().meet()  # prepare's group; train calls the same check before Accelerate
     assert time.monotonic() - started < 30  # was 30 minutes of retried lookups
+
+
+@pytest.mark.parametrize("visible,gpus", [(None, 8), ("2,5", 2), ("", 0), ("3", 1)])
+def test_make_counts_only_the_gpus_this_job_may_use(tmp_path, visible, gpus):
+    """A shared 8-GPU node: CUDA_VISIBLE_DEVICES (or Slurm's allocation) says which are
+    this job's; nvidia-smi -L lists them all."""
+    import os
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100\"; done\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    out = subprocess.run(["make", "help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert f"NUM_GPUS={gpus} NUM_PROCESSES={max(gpus, 1)}" in out.stdout, out.stdout + out.stderr
