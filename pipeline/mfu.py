@@ -24,6 +24,7 @@ from pipeline.fileio import atomic_write_json
 
 # Dense peak FLOP/s: (bf16/fp16 tensor cores, fp32 without TF32).
 GPU_PEAKS = {
+    "H200 NVL": (835e12, 60e12),
     "H200": (989e12, 67e12),
     "H100 NVL": (835e12, 60e12),
     "H100 PCIe": (756e12, 51e12),
@@ -32,6 +33,7 @@ GPU_PEAKS = {
     "A10G": (125e12, 31.2e12),
     "A10": (125e12, 31.2e12),
     "L40S": (362e12, 91.6e12),
+    "L40": (181e12, 90.5e12),
     "L4": (121e12, 30.3e12),
     "RTX 4090": (165e12, 82.6e12),
     "RTX 3090": (71e12, 35.6e12),
@@ -41,9 +43,12 @@ GPU_PEAKS = {
 
 
 def gpu_peak_flops(device_name: str, low_precision: bool) -> float | None:
-    """Peak of a known GPU by the name CUDA reports, or None."""
-    for key, (half, single) in GPU_PEAKS.items():  # longest names first in the table
-        if key in device_name:
+    """Peak of a known GPU by the name CUDA reports, or None. A key matches as whole
+    words ("L4" not inside "L40", "H200" not for "H200 NVL": the longest match wins)."""
+    import re
+    for key in sorted(GPU_PEAKS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
+            half, single = GPU_PEAKS[key]
             return half if low_precision else single
     return None
 

@@ -109,6 +109,11 @@ def test_gpu_peaks_by_the_name_cuda_reports():
     assert gpu_peak_flops("NVIDIA H100 PCIe", low_precision=False) == 51e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", low_precision=True) == 312e12
     assert gpu_peak_flops("Some Future GPU", low_precision=True) is None
+    assert gpu_peak_flops("NVIDIA H200 NVL", low_precision=True) == 835e12  # not the SXM H200
+    assert gpu_peak_flops("NVIDIA H200", low_precision=True) == 989e12
+    assert gpu_peak_flops("NVIDIA L40", low_precision=True) == 181e12  # not the L4
+    assert gpu_peak_flops("NVIDIA L4", low_precision=True) == 121e12
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", low_precision=False) == 15.7e12
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_path):
