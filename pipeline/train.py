@@ -136,7 +136,8 @@ def stop_with_launcher() -> None:
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
 
     precision, why = resolve_precision(config.train.precision, device_type())
     if precision == "fp16" and not torch.cuda.is_available():
@@ -155,7 +156,10 @@ def make_accelerator(config: Config):
             log_with=trackers(config) or None,
             project_config=ProjectConfiguration(project_dir=str(config.run_dir),
                                                 logging_dir=str(config.run_dir / "tensorboard")),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+            # gradient_as_bucket_view: DDP's gradients are views into its all-reduce
+            # buckets, one copy of every gradient less per step
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout),
+                             DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         )
     except (ValueError, RuntimeError) as e:  # the launch environment, e.g. no MASTER_ADDR
         if "torch.distributed" not in str(e) and "rendezvous" not in str(e):
@@ -165,11 +169,19 @@ def make_accelerator(config: Config):
             f"processes with `accelerate launch` or `torchrun`, which set WORLD_SIZE, RANK, "
             f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process.") from None
     check_launch(accelerator)
+    use_tf32(config.train.tf32)
     accelerator.print(f"precision: {precision} ({why})")
     for note in (launcher_precision_note(precision), slow_bf16_warning(precision, device_type())):
         if note:
             accelerator.print(note)
     return accelerator, mode
+
+
+def use_tf32(enabled: bool) -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores where the GPU has them
+    (train.tf32); torch's default is full fp32 for matmuls. CPUs ignore both flags."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def device_type() -> str:

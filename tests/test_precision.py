@@ -62,3 +62,16 @@ def test_auto_is_a_valid_value_and_the_shipped_configs_use_it():
         assert load_config(CONFIGS / f"{name}.yaml").train.precision == "auto", name
     # The book's run is fp32 on every machine, as the book's.
     assert load_config(CONFIGS / "verdict.yaml").train.precision == "no"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_train_tf32_sets_the_matmul_flags_torch_reads(enabled):
+    from pipeline.train import use_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        use_tf32(load_config(None, [f"train.tf32={str(enabled).lower()}"]).train.tf32)
+        assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.backends.cudnn.allow_tf32 is enabled
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
