@@ -154,11 +154,26 @@ def choice_losses(model: torch.nn.Module, rows: list[tuple[list[int], int]], dev
     return sums, sums / mask.sum(dim=1).to(device)
 
 
+def rows_per_forward(batch_examples: int) -> int:
+    return batch_examples * 4  # a forward's rows, however many choices an example has
+
+
+def forwards_needed(examples: list[Example], batch_examples: int) -> int:
+    """How many forwards score_examples makes for `examples`."""
+    most = rows_per_forward(batch_examples)
+    return sum(-(-sum(len(ex.choices) for ex in examples[i:i + batch_examples]) // most)
+               for i in range(0, len(examples), batch_examples))
+
+
 def score_examples(model, examples: list[Example], context_length: int, device,
-                   autocast=None, batch_examples: int = 8) -> torch.Tensor:
-    """[right by sum, right by mean, examples] (float64) over `examples`."""
+                   autocast=None, batch_examples: int = 8, forwards: int | None = None
+                   ) -> torch.Tensor:
+    """[right by sum, right by mean, examples] (float64) over `examples`. With `forwards`,
+    one-token forwards that count for nothing follow until that many were made: under
+    FSDP every forward is a collective, and a process with fewer would leave the others
+    waiting forever."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)
-    max_rows = batch_examples * 4  # a forward's rows, however many choices an example has
+    max_rows = rows_per_forward(batch_examples)
     for start in range(0, len(examples), batch_examples):
         chunk = examples[start:start + batch_examples]
         rows = [row for ex in chunk for row in choice_rows(ex, context_length)]
@@ -172,6 +187,9 @@ def score_examples(model, examples: list[Example], context_length: int, device,
             counts[1] += int(means[first:first + n].argmin()) == ex.label
             first += n
         counts[2] += len(chunk)
+    for _ in range((forwards or 0) - forwards_needed(examples, batch_examples)):
+        with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
     return counts
 
 
@@ -182,8 +200,12 @@ def evaluate_task(model, examples: list[Example], accelerator, batch_examples: i
     model.eval()
     share = examples[accelerator.process_index::accelerator.num_processes]
     context_length = accelerator.unwrap_model(model).cfg.context_length
+    forwards = None
+    if accelerator.num_processes > 1:  # every process makes as many forwards as the most
+        mine = torch.tensor([forwards_needed(share, batch_examples)], device=accelerator.device)
+        forwards = int(accelerator.gather(mine).max())
     counts = score_examples(model, share, context_length, accelerator.device,
-                            accelerator.autocast, batch_examples)
+                            accelerator.autocast, batch_examples, forwards)
     right, right_norm, n = accelerator.reduce(counts, reduction="sum").tolist()
     model.train(was_training)
     return {"acc": right / n, "acc_norm": right_norm / n, "examples": int(n)}

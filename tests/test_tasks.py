@@ -251,3 +251,25 @@ def test_two_processes_score_a_task_as_one(tmp_path, free_port):
     assert done.stdout.count("hellaswag: acc") == 1
     assert {k: double[k] for k in ("acc", "acc_norm", "examples")} == {
         k: single[k] for k in ("acc", "acc_norm", "examples")}
+
+
+def test_every_process_makes_as_many_forwards_as_the_busiest(tmp_path):
+    """500 examples over 8 processes at batch 2: shares of 63 and 62 examples need 32 and
+    31 forwards; under FSDP each forward is a collective, so the lighter one pads."""
+    from pipeline.tasks import Example, forwards_needed, score_examples
+    from pipeline.weights import load_model
+
+    examples = [Example("Once upon a time", (" a", " b", " c", " d"), i % 4) for i in range(500)]
+    shares = [examples[rank::8] for rank in range(8)]
+    needed = [forwards_needed(share, 2) for share in shares]
+    assert (min(needed), max(needed)) == (31, 32)
+    hf_model(tmp_path, True)
+    ours, _ = load_model(tmp_path / "hf")
+    seen = []
+    hook = ours.register_forward_hook(lambda m, i, o: seen.append(1))
+    light = shares[-1]
+    plain = score_examples(ours, light, 64, torch.device("cpu"), batch_examples=2)
+    seen.clear()
+    padded = score_examples(ours, light, 64, torch.device("cpu"), batch_examples=2, forwards=32)
+    hook.remove()
+    assert len(seen) == 32 and torch.equal(plain, padded)  # the padding counts for nothing
