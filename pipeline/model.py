@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
 
@@ -106,6 +107,10 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
+        # Activation checkpointing (train.activation_checkpointing): each block keeps only
+        # its input for backward and recomputes the rest there (same RNG, same values).
+        # A switch on the model, not in its config: it changes memory, never the weights.
+        self.recompute_blocks = False
         # "torch_default" keeps what each layer drew when it was built: the book's init.
         # The layers are built in the book's order and its three q, k, v matrices draw
         # from the generator one after the other, as the one qkv matrix here does, so
@@ -144,8 +149,10 @@ class GPTModel(nn.Module):
                              f"{self.cfg.context_length}")
         pos = torch.arange(start, start + t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        recompute = self.recompute_blocks and cache is None and torch.is_grad_enabled()
         for block in self.trf_blocks:
-            x = block(x, cache)
+            # the block module itself is checkpointed, so FSDP's hooks run in the recompute
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache)
         if cache is not None:
             cache.length += t
         if targets is not None:

@@ -295,6 +295,7 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
     optimizer = build_optimizer(model, t, accelerator.device.type)
     scheduler = build_scheduler(optimizer, t, plan.max_steps)
     parameters = count_parameters(model)
+    model.recompute_blocks = t.activation_checkpointing
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)

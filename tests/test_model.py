@@ -182,3 +182,29 @@ def test_the_fused_head_keeps_its_gradients_under_low_precision_and_loss_scaling
         worst[name] = max(float((got[k] - exact[k]).norm() / exact[k].norm()) for k in exact)
     assert worst["fused"] <= 2 * worst["plain"] + 1e-3, worst
     assert worst["fused"] < 0.05, worst
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout():
+    """Recomputed blocks replay the forward's RNG: with dropout on, the loss and every
+    gradient equal a normal step's; generation (no grad, KV cache) is untouched."""
+    cfg = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=3,
+                      drop_rate=0.2, qkv_bias=True)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    ids = torch.randint(0, 50257, (2, 17))
+    results, calls = [], []
+    for block in model.trf_blocks:
+        block.register_forward_pre_hook(lambda m, i: calls.append(1))
+    for recompute in (False, True):
+        calls.clear()
+        model.recompute_blocks = recompute
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        assert len(calls) == (6 if recompute else 3)  # each block ran again in backward
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert list(model.state_dict()) == list(GPTModel(cfg).state_dict())  # names unchanged
