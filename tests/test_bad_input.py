@@ -235,8 +235,9 @@ def test_a_config_path_with_a_space_reaches_the_config_loader(tmp_path, stand_in
     out = subprocess.run(["make", "-n", "train", f"VENV={stand_in_venv}",
                           f"CONFIG={tmp_path}/my configs/x.yaml"],
                          cwd=ROOT, capture_output=True, text=True)
-    assert "No rule to make target" not in out.stderr
-    assert f"config file {tmp_path}/my configs/x.yaml not found" in out.stderr
+    message = " ".join(out.stderr.split())  # the paragraph is wrapped at 100 columns
+    assert "No rule to make target" not in message
+    assert f"config file {tmp_path}/my configs/x.yaml not found" in message
 
 
 def _run_dir(path: Path) -> Path:

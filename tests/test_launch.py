@@ -146,7 +146,7 @@ def test_makefile_resolves_the_experiment_paths_from_config_and_args(stand_in_ve
     assert ("ARGS='name=probe data.name=probe-data'; set -f; " in out
             and "pipeline.prepare --config 'configs/tiny.yaml' $ARGS" in out)
     assert "touch 'data/probe-data/manifest.json'" in out
-    assert "ACCELERATE_USE_CPU=1" in out and "--config_file configs/accelerate/cpu.yaml" in out
+    assert "ACCELERATE_USE_CPU=1" in out and "--config_file 'configs/accelerate/cpu.yaml'" in out
     assert "-m pipeline.evaluate --model 'runs/probe'" in out
     bad = subprocess.run(make + ["train", "ARGS=nope=1"], cwd=ROOT, capture_output=True,
                          text=True)
