@@ -17,6 +17,7 @@ STUBS = {
     # srun: runs its command once, as node 0, and notes that it was called
     "srun": """#!/usr/bin/env bash
 echo srun >> "$RECORD/calls"
+echo "${SRUN_CPUS_PER_TASK:-unset}" >> "$RECORD/srun_cpus"
 while [[ $1 == -* ]]; do shift; done
 SLURM_NODEID=0 exec "$@"
 """,
@@ -85,3 +86,10 @@ def test_config_path_and_overrides_reach_the_launcher_as_plain_arguments(tmp_pat
         "--num_machines", "3", "--num_processes", "6", "--main_process_ip", "127.0.0.1",
         "--main_process_port", "1234", "--rdzv_backend", "c10d",
         "-m", "pipeline.train", "--config", config, *overrides]
+
+
+def test_every_srun_gets_the_jobs_cpus_per_task(tmp_path):
+    """Slurm >= 22.05: srun does not inherit --cpus-per-task; SRUN_CPUS_PER_TASK carries it."""
+    result = run_script(tmp_path, ["configs/tiny.yaml"], SLURM_CPUS_PER_TASK="64")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "record" / "srun_cpus").read_text().split() == ["64", "64"]
