@@ -432,6 +432,7 @@ class TrainLoop:
                 self.write_metrics(with_eval=due_eval)
             if due_ckpt or stopping:
                 self.save()
+                self.interval = Interval()  # checkpoint time is not step time either
             if stopping:
                 return "signal"
         return "done"
