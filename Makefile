@@ -186,7 +186,7 @@ test-latest: install
 		"torch==$(TORCH_VERSION)$(if $(HAS_GPU),,+cpu)" $(if $(HAS_GPU),,$(TORCH_CPU_SOURCE))
 	$(UV) pip install -q --python $(LATEST)/bin/python --no-deps --require-hashes -r requirements/book.txt
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
-	GPT_PIPELINE_UNLOCKED=1 $(LATEST)/bin/python -m pytest -q
+	GPT_PIPELINE_UNLOCKED=1 $(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 ## data: tokenize the corpus into data/<data.name>/ (a no-op when up to date)
 data: install
@@ -234,8 +234,12 @@ book-report: train
 	$(WITH_ARGS) $(PY) -m pipeline.book --config $(QCONFIG) $$ARGS
 
 ## test: run the test suite
+# One pytest worker per core (pytest-xdist), each test file whole on one worker so its
+# module fixtures (a prepared data set, a trained run) are built once; the 25 slowest
+# tests are listed at the end, so the suite's cost is visible in every run.
+PYTEST_ARGS = -q -n auto --dist loadfile --durations=25
 test: install
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## faults: SIGKILL prepare and train at random moments, FAULT_TRIALS times each (not in CI)
 faults: install

@@ -7,6 +7,16 @@ import sys
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test: one worker per core), each worker's in-process torch
+    gets its share of the cores instead of all of them, so workers do not oversubscribe
+    the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def free_port():
     """A function returning a TCP port free on 127.0.0.1 now: multi-process tests that
