@@ -1,0 +1,146 @@
+"""The train stage stopped from outside: signals, dead launchers, closed pipes, groups that
+do not form, a second training, a non-finite loss. Real processes, since signals, exit
+codes and process counts are what is under test; the run's own behaviour is in
+test_train.py (the two files run on different pytest workers)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train_runs import ROOT, env, prepare_stdlib, run_train, train_args
+
+pytestmark = pytest.mark.slow  # every test here runs real training processes
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return prepare_stdlib(tmp_path_factory.mktemp("data"))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(data_root, tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.train"] + train_args(
+        data_root, tmp_path, "term", "train.max_steps=100000", "train.log_every_steps=1",
+        "eval.every_steps=100000", "checkpoint.every_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Resume" in stdout
+    saved = list((tmp_path / "term" / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "meta.json").is_file()
+    assert 3 <= json.loads((saved[0] / "meta.json").read_text())["step"] < 100000
+
+
+def test_non_finite_loss_stops_naming_the_step(data_root, tmp_path):
+    out = run_train(train_args(data_root, tmp_path, "nan", "train.max_steps=20",
+                               "train.lr=1e30", "train.grad_clip=null",
+                               "train.log_every_steps=1", "eval.every_steps=1000",
+                               "checkpoint.every_steps=1000"))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "at step" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("after", [0.3, 3.0])
+def test_sigterm_during_startup_is_a_clean_stop(data_root, tmp_path, after):
+    """While torch loads (0.3 s) and while the stage sets up (3 s): exit 0, no traceback."""
+    cmd = [sys.executable, "-m", "pipeline.train"] + train_args(
+        data_root, tmp_path, "early", "train.max_steps=100000", "eval.every_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "Stopped by SIGTERM" in stdout
+
+
+# Launchers the README names, each started as a user would; the harness SIGKILLs it while
+# its worker writes its progress to stderr (log_every_steps=1), then reaps the orphans.
+KILLED_LAUNCHERS = {
+    # accelerate's simple launcher tees the worker's stderr through a pipe (1.16 on): the
+    # worker's next write after the kill meets a broken pipe.
+    "accelerate": lambda port: [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "pipeline.train"],
+    # accelerate's multi-process path (torch elastic inside the launcher), two workers.
+    "multinode.sh": lambda port: [
+        "env", f"MASTER_PORT={port}", "GPUS_PER_NODE=2",
+        f"ACCELERATE={Path(sys.executable).parent / 'accelerate'}",
+        str(ROOT / "launch" / "multinode.sh"), str(ROOT / "configs" / "tiny.yaml")],
+    "torchrun": lambda port: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        "--master_port", str(port), "-m", "pipeline.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", KILLED_LAUNCHERS)
+def test_workers_of_a_killed_launcher_checkpoint_and_exit_0(data_root, tmp_path, free_port,
+                                                             launcher):
+    command = KILLED_LAUNCHERS[launcher](free_port()) + train_args(
+        data_root, tmp_path, "orphan", "train.max_steps=100000", "train.log_every_steps=1",
+        "eval.every_steps=100000", "checkpoint.every_steps=100000")
+    harness = [sys.executable, str(ROOT / "tests" / "launcher_harness.py"),
+               str(tmp_path / "orphan"), "300", "--", *command]
+    out = subprocess.run(harness, cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr
+    workers = json.loads(out.stdout)["workers"]
+    assert workers and set(workers.values()) == {0}, workers  # a clean stop, every one
+    saved = list((tmp_path / "orphan" / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "meta.json").is_file()
+    if launcher == "accelerate":  # the piped stderr broke: its text went on to the run's log
+        assert "stderr went away (Broken pipe)" in (tmp_path / "orphan" / "console.log").read_text()
+
+
+def test_a_run_piped_into_head_finishes_and_exits_0(data_root, tmp_path):
+    """`python -m pipeline.train ... | head -1`: head reads one line and exits."""
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train",
+         *train_args(data_root, tmp_path, "head", "train.max_steps=12", "train.log_every_steps=1")],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    head = subprocess.run(["head", "-1"], stdin=train.stdout, capture_output=True, timeout=300)
+    train.stdout.close()  # only head holds the pipe's reading end, and head is gone
+    assert train.wait(timeout=300) == 0 and head.stdout
+    meta = json.loads((tmp_path / "head" / "checkpoints" / "step_000012" / "meta.json").read_text())
+    assert meta["step"] == 12
+    assert "went away (Broken pipe)" in (tmp_path / "head" / "console.log").read_text()
+
+
+def test_processes_that_form_no_group_are_stopped_with_the_fix(data_root, tmp_path, free_port):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs and
+    without ACCELERATE_USE_CPU=1: Accelerate makes no group of the two processes."""
+    e = env()
+    e.pop("ACCELERATE_USE_CPU", None)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+                str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    out = run_train(train_args(data_root, tmp_path, "split", "train.max_steps=2"), launcher, env=e)
+    assert out.returncode != 0
+    message = " ".join(out.stderr.split())
+    assert "launched as one of WORLD_SIZE=2, but Accelerate formed no process group" in message
+    assert "ACCELERATE_USE_CPU=1" in message
+    assert not (tmp_path / "split" / "metrics.jsonl").exists()
+
+
+def test_a_second_training_on_the_same_run_is_refused(data_root, tmp_path):
+    from pipeline.locking import exclusive
+
+    with exclusive(tmp_path / "busy", "training"):
+        out = run_train(train_args(data_root, tmp_path, "busy", "train.max_steps=2"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is in use: process" in " ".join(out.stderr.split())
+    assert not (tmp_path / "busy" / "metrics.jsonl").exists()
