@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -25,7 +25,7 @@ def machine() -> dict:
     """CPU model, cores, library versions and device of this run."""
     import transformers
 
-    from pipeline.mfu import processor_name
+    from pipeline.training.mfu import processor_name
 
     return {
         "cpu": processor_name(),
@@ -44,7 +44,7 @@ def machine() -> dict:
 def bf16_meaningful() -> bool:
     """bf16 rows are timed only where bf16 is a choice a user would make: on a GPU, or a
     CPU with bf16 matrix units (elsewhere it is ~40x slower than fp32 and only costs time)."""
-    from pipeline.precision import cpu_bf16_flags
+    from pipeline.training.precision import cpu_bf16_flags
     return torch.cuda.is_available() or bool(cpu_bf16_flags())
 
 
@@ -52,7 +52,7 @@ def transformers_gpt2(cfg):
     """transformers' GPT2LMHeadModel of a ModelConfig's shape, with its own GPT-2 init."""
     import transformers
 
-    from pipeline.gpt2 import hf_config
+    from pipeline.model.gpt2 import hf_config
 
     settings = {k: v for k, v in hf_config(cfg).items()
                 if k not in ("architectures", "model_type")}

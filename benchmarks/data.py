@@ -31,16 +31,16 @@ import torch
 
 from benchmarks import train
 from benchmarks.common import interleave, machine, median, table
-from pipeline.shards import Manifest, ShardInfo, load_manifest, write_shard
+from pipeline.data.shards import Manifest, ShardInfo, load_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepare_vs_tiktoken(max_bytes: int | None, workers: int, repeats: int) -> dict:
-    from pipeline import parts
+    from pipeline.data import parts
     from pipeline.config import load_config
     from pipeline.prepare import prepare
-    from pipeline.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import get_tokenizer
 
     source = ["data.source.kind=python-stdlib"]
     if max_bytes is not None:  # None: the whole built-in corpus (~31 MB, ~15M tokens)
@@ -80,7 +80,7 @@ def write_dataset(directory: Path, tokens: int, val_tokens: int = 0, seed: int =
 
 LOADER_SCRIPT = """
 import json, resource, sys, time
-from pipeline.loader import TokenWindows, TrainBatches
+from pipeline.data.loader import TokenWindows, TrainBatches
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key):
@@ -163,7 +163,7 @@ def stdlib_texts() -> Iterator[bytes]:
     """The standard library's .py sources as UTF-8 bytes, one file at a time, in
     `stdlib_files` order and then again, forever. The 4 files that are not UTF-8 get
     U+FFFD for their undecodable bytes, so every yielded byte string is valid UTF-8."""
-    from pipeline.corpus import stdlib_files
+    from pipeline.data.corpus import stdlib_files
 
     files = stdlib_files()
     while True:

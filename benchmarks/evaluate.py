@@ -23,7 +23,7 @@ def run(quick: bool = False) -> dict:
     from accelerate import Accelerator
 
     from pipeline.evaluate import evaluate
-    from pipeline.loader import TokenWindows, fixed_batches
+    from pipeline.data.loader import TokenWindows, fixed_batches
 
     shape = train.QUICK[0] if quick else train.FULL[0]
     cfg, batch = shape.cfg, shape.batch

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from pipeline.errors import cli_main
+from pipeline.core.errors import cli_main
 
 
 class Windows(torch.utils.data.Dataset):
@@ -97,9 +97,9 @@ def main(argv=None) -> None:
     from transformers import Trainer
 
     from pipeline.config import load_config
-    from pipeline.fileio import atomic_write_json
-    from pipeline.loader import TokenWindows
-    from pipeline.precision import resolve
+    from pipeline.core.fileio import atomic_write_json
+    from pipeline.data.loader import TokenWindows
+    from pipeline.training.precision import resolve
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_trainer",
                                      description=__doc__.split("\n\n")[0])

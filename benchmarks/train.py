@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from benchmarks.common import (bf16_meaningful, interleave, machine, median, table,
                                transformers_gpt2)
 from pipeline.config import ModelConfig
-from pipeline.gpt2 import to_hf
-from pipeline.mfu import measure_matmul_peak
-from pipeline.model import GPTModel, flops_per_token
+from pipeline.model.gpt2 import to_hf
+from pipeline.training.mfu import measure_matmul_peak
+from pipeline.model.gpt import GPTModel, flops_per_token
 
-# AdamW as the train stage configures it (pipeline/config.py TrainConfig defaults).
+# AdamW as the train stage configures it (pipeline/config/ TrainConfig defaults).
 ADAMW = dict(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import PipelineError, cli_main
+from pipeline.core.errors import PipelineError, cli_main
 from pipeline.keys import add_config_arguments, parse_stage_args
 
 # Chapter 5, section 5.2, as printed: (global_step, train loss, val loss) of
@@ -49,7 +49,7 @@ FIGURE = "book.png"
 
 def evaluations(run_dir: Path) -> list[dict]:
     """The run's evaluation rows (those with a val loss), oldest first."""
-    from pipeline.tracking import MetricsLog
+    from pipeline.training.tracking import MetricsLog
 
     rows = [r for r in MetricsLog(run_dir).rows() if "val_loss" in r]
     if not rows:
@@ -81,7 +81,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.fileio import atomic_open
+    from pipeline.core.fileio import atomic_open
 
     fig, ax = plt.subplots(figsize=(6, 4))
     tokens = [r["tokens"] for r in rows]
@@ -103,7 +103,7 @@ def topk_sample(run_dir: Path) -> str:
     """The book's section 5.3 on the run's latest checkpoint: seed 123, top_k=25,
     temperature=1.4, 15 new tokens, drawn from torch's global generator as the book does."""
     from pipeline.generate import text_sample
-    from pipeline.weights import load_model
+    from pipeline.model.weights import load_model
 
     model, _ = load_model(run_dir)
     torch.manual_seed(123)

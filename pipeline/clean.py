@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline.errors import PipelineError, cli_main
+from pipeline.core.errors import PipelineError, cli_main
 
 # What the stages write into a run directory: train (config, metrics, plot, checkpoints
 # with damaged ones set aside, its lock, the console's fallback log, trackers' files),
@@ -54,7 +54,7 @@ def foreign_in_data(path: Path) -> list[str]:
     """What in `path` is not a data set's: its manifest must load, and every other entry
     be a file it lists or one prepare leaves (an interrupted first build has no manifest
     yet, and only prepare's own files)."""
-    from pipeline.shards import DataError, load_manifest
+    from pipeline.data.shards import DataError, load_manifest
     names = sorted(p.name for p in path.iterdir())
     listed: set[str] = set()
     if (path / "manifest.json").exists():

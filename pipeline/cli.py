@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.console import keep_going_without_console
+from pipeline.core.console import keep_going_without_console
 
 # stage -> what it does, in pipeline order (the modules' own first lines say more)
 STAGES = {
@@ -23,6 +23,10 @@ STAGES = {
     "config": "print the resolved config, or one value of it (--get KEY)",
     "clean": "delete a config's run and data directories (only what the project wrote)",
 }
+
+
+# where a stage's main lives when it is not pipeline/<stage>.py
+STAGE_MODULES = {"config": "pipeline.config.__main__"}
 
 
 def usage() -> str:
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (did you mean {near[0]}?)" if near else ""
         print(f"error: unknown stage '{stage}'{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    importlib.import_module(f"pipeline.{stage}").main(rest)
+    importlib.import_module(STAGE_MODULES.get(stage, f"pipeline.{stage}")).main(rest)
 
 
 if __name__ == "__main__":

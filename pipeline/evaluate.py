@@ -4,7 +4,7 @@
     python -m pipeline.evaluate --model gpt2 --data data/<name> --context-length 256 --out gpt2-eval.json
     accelerate launch -m pipeline.evaluate --model runs/<name>      # several processes
 
-`--model` takes every source pipeline.weights reads. The data set is `--data`, else the
+`--model` takes every source pipeline.model.weights reads. The data set is `--data`, else the
 one of `--config`, else the one of the run (its config.yaml) or checkpoint (its meta.json).
 Every val window (context_length inputs, next-token targets, non-overlapping) is scored
 once: under `accelerate launch` each process takes its disjoint share (loader.fixed_batches)
@@ -15,7 +15,7 @@ line. Evaluating OpenAI's GPT-2 on your own val split at your context length is 
 is compared with it.
 
 Knows Accelerate, the loader's interface and a run's config.yaml (through the schema);
-checkpoints and exports only as pipeline.weights reads them.
+checkpoints and exports only as pipeline.model.weights reads them.
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ import torch
 from accelerate.utils import DistributedType
 
 from pipeline.config import Config, from_dict, load_config
-from pipeline.errors import PipelineError, cli_main
-from pipeline.fileio import atomic_write_json
-from pipeline.loader import TokenWindows, fixed_batches
-from pipeline.model import IGNORE_INDEX
-from pipeline.shards import load_manifest
+from pipeline.core.errors import PipelineError, cli_main
+from pipeline.core.fileio import atomic_write_json
+from pipeline.data.loader import TokenWindows, fixed_batches
+from pipeline.model.head_loss import IGNORE_INDEX
+from pipeline.data.shards import load_manifest
 
 EVAL_FILE = "eval.json"
 
@@ -129,8 +129,8 @@ def text_ids(paths: list[str]) -> list[int]:
     """The documents of text files (txt, jsonl, parquet: the corpus readers) as one token
     sequence, each document preceded by <|endoftext|> as prepare lays them out."""
     from pipeline.config import SourceConfig
-    from pipeline.parts import documents
-    from pipeline.tokenizer import EOT_ID, encode
+    from pipeline.data.parts import documents
+    from pipeline.data.tokenizer import EOT_ID, encode
 
     ids: list[int] = []
     for doc in documents(SourceConfig(kind="files", paths=list(paths)), Path(".")):
@@ -170,7 +170,7 @@ def _out_path(args, info) -> Path | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pipeline.weights import add_model_argument, positive_int
+    from pipeline.model.weights import add_model_argument, positive_int
 
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
                                 description="Val loss and perplexity of a model.")
@@ -208,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args) -> None:
     """The files a run will read, before the model is loaded."""
-    from pipeline.corpus import resolve_files
+    from pipeline.data.corpus import resolve_files
 
     if args.text:
         resolve_files(args.text)  # names an entry that matches no file
@@ -243,9 +243,9 @@ def run_text(args, model, info, accelerator) -> dict:
 
 
 def run_task(args, model, info, accelerator) -> dict:
-    from pipeline.tasks import evaluate_task
+    from pipeline.training.tasks import evaluate_task
 
-    from pipeline.tasks import load_task
+    from pipeline.training.tasks import load_task
     examples = load_task(args.task, args.task_file, args.task_url, args.task_sha256)
     if args.max_batches is not None:  # a quick look: that many batches of examples
         examples = examples[:args.max_batches * (args.batch_size or 8) * accelerator.num_processes]
@@ -268,7 +268,7 @@ def run_task(args, model, info, accelerator) -> dict:
 def main(argv=None) -> dict:
     from accelerate import Accelerator
 
-    from pipeline.weights import load_model
+    from pipeline.model.weights import load_model
 
     args = parse_args(argv)
     for flag, value in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches),
@@ -337,7 +337,7 @@ def earlier_results(out: Path, info) -> dict | None:
 
 def _precision(args, config) -> str:
     """--precision, else the run's train.precision (auto resolved for this machine)."""
-    from pipeline.precision import resolve
+    from pipeline.training.precision import resolve
     requested = args.precision or (config.train.precision if config else "no")
     return resolve(requested, "cuda" if torch.cuda.is_available() else "cpu")[0]
 

@@ -3,7 +3,7 @@
     python -m pipeline.export --model runs/<name> [--out DIR] [--dtype float32|bfloat16|float16]
 
 writes
-    config.json              GPT2Config (pipeline.gpt2.hf_config) plus torch_dtype
+    config.json              GPT2Config (pipeline.model.gpt2.hf_config) plus torch_dtype
     model.safetensors        HF names, Conv1D weights transposed to (in, out); a tied head
                              is stored once as wte (transformers ties it on load)
     generation_config.json   <|endoftext|> as bos/eos
@@ -12,14 +12,14 @@ writes
                              exactly as this project does)
     tokenizer_config.json,   GPT2Tokenizer, <|endoftext|> as bos/eos/unk, no prefix space,
     special_tokens_map.json  model_max_length = the context length
-    README.md                the model card (pipeline/model_card.py)
+    README.md                the model card (pipeline/model/card.py)
 
 every file readable as the umask allows (safetensors alone would write 0600), so an export
 on a shared filesystem is readable by the user's group.
 
 so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it with the same logits,
 and so does this project (`--model DIR` for evaluate and generate, `model.init_from: DIR`).
-Any source pipeline.weights reads can be exported: a run (its latest checkpoint, default
+Any source pipeline.model.weights reads can be exported: a run (its latest checkpoint, default
 destination runs/<name>/export/), one checkpoint, OpenAI GPT-2 by name, or the book's
 model.pth (both need --out): exporting those is how they are imported into the HF layout.
 
@@ -27,7 +27,7 @@ The directory is written under a temporary name, re-read through the same loader
 stage uses and compared tensor by tensor with the source, and only then renamed into place;
 a previous export there is replaced, anything else is refused.
 
-Knows the HF directory layout; the name mapping is pipeline/gpt2.py's.
+Knows the HF directory layout; the name mapping is pipeline/model/gpt2.py's.
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pipeline import gpt2
+from pipeline.model import gpt2
 from pipeline.config import SHAPE_KEYS, ModelConfig
-from pipeline.errors import PipelineError, cli_main
-from pipeline.fileio import atomic_write_json, atomic_write_text
-from pipeline.model_card import model_card
-from pipeline.tokenizer import EOT_ID, EOT_TEXT, bpe_file
-from pipeline.weights import ModelInfo, add_model_argument, load_state
+from pipeline.core.errors import PipelineError, cli_main
+from pipeline.core.fileio import atomic_write_json, atomic_write_text
+from pipeline.model.card import model_card
+from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file
+from pipeline.model.weights import ModelInfo, add_model_argument, load_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What an export directory may hold; a destination with anything else is not replaced.

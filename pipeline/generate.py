@@ -29,9 +29,9 @@ import sys
 
 import torch
 
-from pipeline.errors import PipelineError, cli_main
-from pipeline.model import GPTModel, KVCache
-from pipeline.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
+from pipeline.core.errors import PipelineError, cli_main
+from pipeline.model.gpt import GPTModel, KVCache
+from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -262,7 +262,7 @@ class TextStream:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pipeline.weights import add_model_argument
+    from pipeline.model.weights import add_model_argument
 
     p = argparse.ArgumentParser(prog="python -m pipeline.generate",
                                 description="Generate text from a trained or imported model.")
@@ -286,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @cli_main
 def main(argv=None) -> None:
-    from pipeline.weights import load_model  # the CLI reads files; generate() does not
+    from pipeline.model.weights import load_model  # the CLI reads files; generate() does not
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise PipelineError("--max-new-tokens and --num-samples must be at least 1")

@@ -3,7 +3,7 @@ defaults and comments (for `--help`), suggested when mistyped, and accepted in t
 spellings other tools taught (`train.lr=3e-3`, nanoGPT's `--train.lr=3e-3`, litgpt's
 `--train.lr 3e-3`).
 
-The reference is read from the schema itself (pipeline/config.py): each dataclass field's
+The reference is read from the schema itself (pipeline/config/): each dataclass field's
 annotation and default, and the comment on its line or on the lines just above it, so
 the help text can never drift from the code.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import inspect
 import re
@@ -20,6 +19,7 @@ import textwrap
 from dataclasses import dataclass
 
 from pipeline import config as schema
+from pipeline.config import nearest_keys  # noqa: F401 (the did-you-mean the schema owns)
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,6 @@ def help_text(width: int = 100) -> str:
             lines += textwrap.wrap(doc.comment, width=width, initial_indent=" " * 8,
                                    subsequent_indent=" " * 8)
     return "\n".join(lines)
-
-
-def nearest_keys(key: str, limit: int = 3) -> list[str]:
-    """The valid keys most like `key` (a typo's likely meaning), best first."""
-    keys = [doc.key for doc in key_reference()]
-    close = difflib.get_close_matches(key, keys, n=limit, cutoff=0.6)
-    if not close:  # a right leaf under a wrong section: train.temperature -> eval.temperature
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:limit]
-    return close
 
 
 def normalize_overrides(argv: list[str]) -> list[str]:

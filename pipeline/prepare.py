@@ -17,7 +17,7 @@ Owns the layout of the token stream:
   tokens. This mode reads the corpus twice (once to count characters), and the
   document the cut divides counts as a document of both splits.
 
-The work (pipeline/parts.py, pipeline/streams.py): the corpus is cut into parts, each
+The work (pipeline/data/parts.py, pipeline/data/streams.py): the corpus is cut into parts, each
 read, laid out and tokenized by one worker (`data.num_workers` processes, default all
 cores; under a launcher, on every machine) into its own token files and committed with
 a record. This module plans the parts, hands them out, then cuts the shards of at most
@@ -46,18 +46,21 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from pipeline import corpus, locking, parts, streams
+from pipeline.data import corpus
+from pipeline.core import locking
+from pipeline.data import parts
+from pipeline.data import streams
 from pipeline.config import Config, SourceConfig, load_config
-from pipeline.errors import PipelineError, cli_main, describe_os_error
-from pipeline.fileio import atomic_write_json, fsync_dir
+from pipeline.core.errors import PipelineError, cli_main, describe_os_error
+from pipeline.core.fileio import atomic_write_json, fsync_dir
 from pipeline.keys import add_config_arguments, parse_stage_args
-from pipeline.parts import Part, document_limit
-from pipeline.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, check_shards,
+from pipeline.data.parts import Part, document_limit
+from pipeline.data.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, check_shards,
                              load_manifest, manifest_path, remember_verified, shard_name,
                              windows_per_shard)
-from pipeline.streams import DTYPE, LAYOUT
-from pipeline.team import Team
-from pipeline.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_tokenizer
+from pipeline.data.streams import DTYPE, LAYOUT
+from pipeline.data.team import Team
+from pipeline.data.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_tokenizer
 
 
 class PrepareError(PipelineError):

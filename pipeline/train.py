@@ -13,7 +13,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     # Before the imports below (torch takes seconds): a SIGTERM or Ctrl-C that arrives
     # while they load is then a clean stop too. main() takes this request over.
-    from pipeline.stopping import StopRequest
+    from pipeline.training.stopping import StopRequest
     EARLY_STOP = StopRequest()
 
 import argparse
@@ -30,21 +30,21 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline import console
-from pipeline import locking
+from pipeline.training import checkpoint as ckpt
+from pipeline.core import console
+from pipeline.core import locking
 from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
-from pipeline.errors import PipelineError, cli_main
+from pipeline.core.errors import PipelineError, cli_main
 from pipeline.evaluate import evaluate
 from pipeline.keys import add_config_arguments, parse_stage_args
-from pipeline.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
-from pipeline.mfu import mfu, peak_flops
-from pipeline.model import GPTModel, count_parameters, flops_per_token
-from pipeline.optim import build_optimizer, build_scheduler, total_steps
-from pipeline.precision import resolve as resolve_precision
-from pipeline.precision import slow_bf16_warning
-from pipeline.stopping import StopRequest
-from pipeline.tracking import MetricsLog, SampleTable, start_trackers, trackers, wandb_mode
+from pipeline.data.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
+from pipeline.training.mfu import mfu, peak_flops
+from pipeline.model.gpt import GPTModel, count_parameters, flops_per_token
+from pipeline.training.optim import build_optimizer, build_scheduler, total_steps
+from pipeline.training.precision import resolve as resolve_precision
+from pipeline.training.precision import slow_bf16_warning
+from pipeline.training.stopping import StopRequest
+from pipeline.training.tracking import MetricsLog, SampleTable, start_trackers, trackers, wandb_mode
 
 
 @dataclass
@@ -147,7 +147,7 @@ def make_accelerator(config: Config):
     timeout = timedelta(minutes=config.train.collective_timeout_minutes)
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:  # a name that never resolves: say so, not retry
-        from pipeline.team import check_master_address
+        from pipeline.data.team import check_master_address
         check_master_address()
     try:
         accelerator = Accelerator(
@@ -221,7 +221,7 @@ def resolve_initial_weights(config: Config) -> tuple[Config, dict | None]:
     shape, say), and those weights; for `scratch` the config unchanged and None."""
     if config.model.init_from == "scratch":
         return config, None
-    from pipeline.weights import init_from_weights
+    from pipeline.model.weights import init_from_weights
     model_cfg, state = init_from_weights(config.model, config.model.init_from)
     return replace(config, model=model_cfg), state
 
@@ -230,7 +230,7 @@ def new_model(config: Config, initial_state: dict | None) -> GPTModel:
     """Fresh weights (model.init), or the ones resolve_initial_weights read."""
     if initial_state is None:
         return GPTModel(config.model)
-    from pipeline.weights import build_model
+    from pipeline.model.weights import build_model
     return build_model(config.model, initial_state)
 
 
@@ -248,7 +248,7 @@ class Training:
     plan: BatchPlan
     parameters: int
     progress: Progress = field(default_factory=Progress)
-    tasks: dict = field(default_factory=dict)  # eval.tasks: name -> examples (pipeline.tasks)
+    tasks: dict = field(default_factory=dict)  # eval.tasks: name -> examples (pipeline.training.tasks)
 
     def stateful_parts(self) -> dict:
         """Everything a checkpoint saves besides the model and the optimizer, by name;
@@ -264,7 +264,7 @@ def check_vocabulary(config: Config) -> None:
     """The data's token ids and the sample prompt must exist in the model's vocabulary,
     checked before anything is built (an id past it fails deep inside the embedding)."""
     from pipeline.generate import prompt_ids
-    from pipeline.shards import load_manifest
+    from pipeline.data.shards import load_manifest
     vocab = load_manifest(config.data_dir).vocab_size
     if vocab > config.model.vocab_size:
         raise PipelineError(
@@ -317,7 +317,7 @@ def check_optimizer_fits(train, accelerator) -> None:
 
 def task_examples(config: Config) -> dict:
     """The examples of eval.tasks, read (or downloaded) before training starts."""
-    from pipeline.tasks import load_task
+    from pipeline.training.tasks import load_task
     e = config.eval
     return {task: load_task(task, e.task_file)[:e.task_examples] for task in e.tasks}
 
@@ -510,7 +510,7 @@ class TrainLoop:
 
     def score_tasks(self) -> dict:
         """<task>_acc and <task>_acc_norm of eval.tasks, when due at this evaluation."""
-        from pipeline.tasks import evaluate_task
+        from pipeline.training.tasks import evaluate_task
 
         tr, e = self.tr, self.tr.config.eval
         step, last = tr.progress.step, tr.plan.max_steps

@@ -5,7 +5,7 @@
 Trains the tiny GPT for a few steps on fixed random batches with the project's optimizer,
 wrapped in DDP or sharded with FSDP2 (`fully_shard` per TransformerBlock, then the root,
 as configs/accelerate/fsdp.yaml asks Accelerate to do on GPUs), saves a checkpoint with
-pipeline.checkpoint, loads it into a freshly wrapped model and trains on. Writes the
+pipeline.training.checkpoint, loads it into a freshly wrapped model and trains on. Writes the
 per-step losses to OUT_DIR/losses.json.
 """
 import json
@@ -19,10 +19,10 @@ from accelerate import PartialState
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import ModelConfig, TrainConfig, to_dict
-from pipeline.model import GPTModel
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.model.gpt import GPTModel
+from pipeline.training.optim import build_optimizer, build_scheduler
 
 CFG = ModelConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
                   tie_embeddings=True)

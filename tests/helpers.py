@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shards import Manifest, ShardInfo, shard_name, token_dtype, write_shard
+from pipeline.data.shards import Manifest, ShardInfo, shard_name, token_dtype, write_shard
 
 
 def write_data_set(directory: Path, splits: dict[str, list], vocab_size: int = 50257,

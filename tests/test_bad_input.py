@@ -275,7 +275,7 @@ CLEAN_LOOK_ALIKES = {
 @pytest.mark.parametrize("case", CLEAN_LOOK_ALIKES)
 def test_clean_deletes_only_what_reads_back_as_the_projects_own(tmp_path, case):
     from pipeline.clean import clean
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     is_data = "manifest" in case or "data set" in case
     target = tmp_path / "dir"
@@ -319,7 +319,7 @@ EXPORT_LOOK_ALIKES = {
 
 @pytest.mark.parametrize("case", EXPORT_LOOK_ALIKES)
 def test_export_replaces_only_an_earlier_export(exported_run, tmp_path, case):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.export import export
 
     out = tmp_path / "out"
@@ -335,7 +335,7 @@ def test_export_replaces_only_an_earlier_export(exported_run, tmp_path, case):
 
 
 def test_export_into_the_directory_you_are_in_is_refused(exported_run, tmp_path, monkeypatch):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.export import export
 
     monkeypatch.chdir(tmp_path)
@@ -415,8 +415,8 @@ def test_a_hostile_model_directory_is_one_paragraph_naming_what_is_wrong(hf_dir,
     import shutil
     import time
 
-    from pipeline.errors import PipelineError
-    from pipeline.weights import load_state
+    from pipeline.core.errors import PipelineError
+    from pipeline.model.weights import load_state
 
     model = tmp_path / "model"
     shutil.copytree(hf_dir, model)
@@ -433,8 +433,8 @@ def test_a_hostile_model_directory_is_one_paragraph_naming_what_is_wrong(hf_dir,
 def test_a_checkpoint_meta_json_gets_the_config_checks(tmp_path):
     import json
 
-    from pipeline.errors import PipelineError
-    from pipeline.weights import load_state
+    from pipeline.core.errors import PipelineError
+    from pipeline.model.weights import load_state
     from test_export import TINY, trained_model, write_checkpoint
 
     run = tmp_path / "run"
@@ -462,7 +462,7 @@ def test_a_manifest_is_checked_before_its_data_is_read(tmp_path, key, value, wor
     import json
 
     from helpers import write_data_set
-    from pipeline.shards import DataError, load_manifest
+    from pipeline.data.shards import DataError, load_manifest
 
     write_data_set(tmp_path, {"train": [[1, 2, 3]], "val": [[4, 5, 6]]})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -474,7 +474,7 @@ def test_a_manifest_is_checked_before_its_data_is_read(tmp_path, key, value, wor
 
 def test_a_model_vocabulary_smaller_than_the_data_or_the_prompt_is_refused(tmp_path):
     from helpers import write_data_set
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.train import check_vocabulary
 
     write_data_set(tmp_path / "data" / "d", {"train": [[1, 2, 3]], "val": [[4, 5, 6]]})
@@ -507,10 +507,10 @@ UNREADABLE_FILES = {
 
 @pytest.mark.parametrize("case", UNREADABLE_FILES)
 def test_a_file_that_cannot_be_read_is_one_paragraph(tmp_path, case):
-    from pipeline.checkpoint import read_meta
-    from pipeline.errors import PipelineError
-    from pipeline.tasks import read_examples
-    from pipeline.tracking import MetricsLog
+    from pipeline.training.checkpoint import read_meta
+    from pipeline.core.errors import PipelineError
+    from pipeline.training.tasks import read_examples
+    from pipeline.training.tracking import MetricsLog
 
     name, data, kind, words = UNREADABLE_FILES[case]
     (tmp_path / name).write_bytes(data)
@@ -526,7 +526,7 @@ def test_a_file_that_cannot_be_read_is_one_paragraph(tmp_path, case):
 def test_an_unresolvable_master_addr_is_one_paragraph_at_once(monkeypatch):
     import time
 
-    from pipeline.team import Team, TeamError
+    from pipeline.data.team import Team, TeamError
 
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no-such-host.invalid",
                        "MASTER_PORT": "29999"}.items():

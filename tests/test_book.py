@@ -25,11 +25,11 @@ from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from llms_from_scratch.ch05 import train_model_simple
 from pipeline import book
 from pipeline.config import EvalConfig, ModelConfig, TrainConfig, load_config
-from pipeline.errors import PipelineError
-from pipeline.gpt2 import from_book
-from pipeline.loader import TrainBatches
-from pipeline.model import GPTModel
-from pipeline.optim import build_optimizer
+from pipeline.core.errors import PipelineError
+from pipeline.model.gpt2 import from_book
+from pipeline.data.loader import TrainBatches
+from pipeline.model.gpt import GPTModel
+from pipeline.training.optim import build_optimizer
 from pipeline.train import eval_due
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_the_shipped_verdict_config_is_the_books_recipe():
 
 def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[float], list[float]]:
     """The book's own train_model_simple on `text`, as its chapter 5 runs it."""
-    from pipeline.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import get_tokenizer
 
     split = int(0.9 * len(text))
     common = dict(batch_size=2, max_length=cfg["context_length"],

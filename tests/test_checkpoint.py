@@ -13,11 +13,11 @@ import pytest
 import torch
 from accelerate import PartialState
 
-from pipeline import checkpoint as ckpt
+from pipeline.training import checkpoint as ckpt
 from pipeline.config import ModelConfig, TrainConfig, to_dict
-from pipeline.errors import PipelineError
-from pipeline.model import GPTModel
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.core.errors import PipelineError
+from pipeline.model.gpt import GPTModel
+from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.train import Progress
 
 CFG = ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1)
@@ -216,7 +216,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk):
 
 
 def test_readers_of_a_run_skip_a_damaged_newest_checkpoint_and_refuse_it_by_name(tmp_path, capsys):
-    from pipeline.weights import load_state, resolve
+    from pipeline.model.weights import load_state, resolve
 
     older, newest = saved_run(tmp_path)
     (tmp_path / "config.yaml").write_text("name: r\n")  # what makes tmp_path a run directory

@@ -1,4 +1,4 @@
-"""pipeline.console: a standard stream whose reader goes away never raises, and its text
+"""pipeline.core.console: a standard stream whose reader goes away never raises, and its text
 goes on to the fallback file. In-process, on real pipes and /dev/full."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from pipeline import console
+from pipeline.core import console
 
 
 @pytest.fixture

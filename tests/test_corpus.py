@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, SourceConfig, load_config
-from pipeline.corpus import CorpusError, decode, describe, stdlib_files
-from pipeline.parts import documents
+from pipeline.data.corpus import CorpusError, decode, describe, stdlib_files
+from pipeline.data.parts import documents
 
 
 def read(source: SourceConfig, tmp_path: Path, warnings: list | None = None) -> list[str]:
@@ -45,7 +45,7 @@ def test_txt_files_directory_and_glob_are_sorted_one_document_per_file(tmp_path)
 
 
 def test_a_symlink_loop_under_a_glob_reads_each_file_once(tmp_path):
-    from pipeline.corpus import resolve_files
+    from pipeline.data.corpus import resolve_files
 
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("one book")

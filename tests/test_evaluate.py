@@ -17,10 +17,10 @@ from helpers import write_data_set
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.evaluate import main
-from pipeline.model import GPTModel
-from pipeline.shards import shard_name
+from pipeline.model.gpt import GPTModel
+from pipeline.data.shards import shard_name
 
 CFG = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
@@ -122,7 +122,7 @@ def test_two_processes_give_the_numbers_of_one(run, tmp_path, free_port):
 
 def test_unknown_source_is_a_clean_error():
     with pytest.raises(PipelineError, match="neither an existing path nor a GPT-2 name"):
-        from pipeline.weights import resolve
+        from pipeline.model.weights import resolve
         resolve("no/such/model")
 
 
@@ -130,7 +130,7 @@ def test_a_filler_batch_of_ignored_targets_counts_for_nothing():
     # Under FSDP a process whose share of the val split ran out runs such a batch, so that
     # it joins every forward; the sums must be those of the real batches alone.
     from pipeline.evaluate import _padded, loss_sums
-    from pipeline.model import IGNORE_INDEX
+    from pipeline.model.head_loss import IGNORE_INDEX
 
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(context_length=16, emb_dim=32, n_heads=2, n_layers=1)).eval()

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.export import export, main
-from pipeline.model import GPTModel
-from pipeline.weights import load_model
+from pipeline.model.gpt import GPTModel
+from pipeline.model.weights import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,7 +125,7 @@ def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
     """AutoTokenizer gives this project's token ids, and pipeline("text-generation") the
     same greedy continuation as this project's generate; files are readable by the group."""
     from pipeline.generate import continue_text
-    from pipeline.tokenizer import encode
+    from pipeline.data.tokenizer import encode
 
     model = trained_model(TINY)
     write_checkpoint(tmp_path / "run", model)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.shards import load_manifest, verify
+from pipeline.data.shards import load_manifest, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = int(os.environ.get("FAULT_TRIALS", "2"))

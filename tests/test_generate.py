@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.generate import generate, main, next_token, text_sample
-from pipeline.gpt2 import hf_config, to_hf
-from pipeline.model import GPTModel
-from pipeline.tokenizer import decode, encode
+from pipeline.model.gpt2 import hf_config, to_hf
+from pipeline.model.gpt import GPTModel
+from pipeline.data.tokenizer import decode, encode
 
 transformers = pytest.importorskip("transformers")
 

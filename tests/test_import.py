@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
-from pipeline.weights import init_from_weights, load_model, load_state
+from pipeline.core.errors import PipelineError
+from pipeline.model.weights import init_from_weights, load_model, load_state
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.checkpoint import latest_checkpoint, read_meta
+from pipeline.training.checkpoint import latest_checkpoint, read_meta
 from pipeline.config import from_dict, load_config, parse_yaml, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_every_accelerate_config_parses_as_accelerate_reads_it(path):
 
 
 def test_fsdp_config_wraps_the_models_transformer_block():
-    from pipeline import model
+    from pipeline.model import gpt as model
 
     fsdp = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline import loader
-from pipeline.loader import TokenWindows, TrainBatches, permute, fixed_batches
+from pipeline.core.errors import PipelineError
+from pipeline.data import loader
+from pipeline.data.loader import TokenWindows, TrainBatches, permute, fixed_batches
 from helpers import write_data_set
 
 VOCAB = 50257

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from pipeline import mfu
+from pipeline.training import mfu
 
 CPU = torch.device("cpu")
 MEASURED = 1.0e11  # what the stubbed measurement "finds" now

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import PipelineError
-from pipeline.loader import Mixture, TokenWindows, TrainBatches, mixed_train_windows
+from pipeline.core.errors import PipelineError
+from pipeline.data.loader import Mixture, TokenWindows, TrainBatches, mixed_train_windows
 from pipeline.prepare import PrepareError, prepare
-from pipeline.shards import Manifest, ShardInfo, load_manifest, shard_name, write_shard
+from pipeline.data.shards import Manifest, ShardInfo, load_manifest, shard_name, write_shard
 
 VOCAB = 50257
 CTX = 8
@@ -397,7 +397,7 @@ def test_evaluate_reports_each_sources_val_loss(synthetic, tmp_path):
 
     from pipeline.config import ModelConfig
     from pipeline.evaluate import evaluate, main
-    from pipeline.model import GPTModel
+    from pipeline.model.gpt import GPTModel
 
     cfg = ModelConfig(context_length=CTX, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
     torch.manual_seed(0)

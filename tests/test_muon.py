@@ -9,13 +9,13 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
-from pipeline import checkpoint as ckpt
+from pipeline.training import checkpoint as ckpt
 from pipeline.config import ModelConfig, TrainConfig, to_dict
-from pipeline.errors import PipelineError
-from pipeline.model import GPTModel
-from pipeline.muon import Muon, Optimizers, fast_orthogonalize_dtype, orthogonalize
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.precision import cpu_bf16_flags
+from pipeline.core.errors import PipelineError
+from pipeline.model.gpt import GPTModel
+from pipeline.training.muon import Muon, Optimizers, fast_orthogonalize_dtype, orthogonalize
+from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.precision import cpu_bf16_flags
 from pipeline.train import check_optimizer_fits
 
 CFG = ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=2,

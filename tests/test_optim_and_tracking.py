@@ -9,13 +9,13 @@ import socket
 import pytest
 from accelerate import PartialState
 
-from pipeline import checkpoint as ckpt
+from pipeline.training import checkpoint as ckpt
 from pipeline.config import ModelConfig, TrainConfig, WandbConfig, load_config, to_dict
-from pipeline.errors import PipelineError
-from pipeline.mfu import gpu_peak_flops
-from pipeline.model import GPTModel
-from pipeline.optim import build_optimizer, build_scheduler, lr_factor, total_steps
-from pipeline.tracking import MetricsLog, wandb_mode
+from pipeline.core.errors import PipelineError
+from pipeline.training.mfu import gpu_peak_flops
+from pipeline.model.gpt import GPTModel
+from pipeline.training.optim import build_optimizer, build_scheduler, lr_factor, total_steps
+from pipeline.training.tracking import MetricsLog, wandb_mode
 
 
 def test_warmup_then_cosine_hits_its_endpoints():
@@ -80,14 +80,14 @@ def test_wandb_mode_environment_then_config_then_key(monkeypatch, tmp_path):
     assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"
     assert wandb_mode(WandbConfig()) == "offline"  # no key anywhere
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setattr("pipeline.tracking._reachability", {})
+    monkeypatch.setattr("pipeline.training.tracking._reachability", {})
     with socket.socket() as server:  # a W&B server that answers: online
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
         assert wandb_mode(WandbConfig()) == "online"
-    monkeypatch.setattr("pipeline.tracking._reachability", {})
+    monkeypatch.setattr("pipeline.training.tracking._reachability", {})
     with pytest.warns(UserWarning, match="cannot be reached from this machine; logging offline"):
         assert wandb_mode(WandbConfig()) == "offline"  # nobody listens there now
     monkeypatch.delenv("WANDB_API_KEY")
@@ -131,7 +131,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_pa
 
 def test_trackers_are_checked_and_wandb_settings_fall_back_to_its_environment(monkeypatch, tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.tracking import trackers, wandb_init_kwargs, wandb_project
+    from pipeline.training.tracking import trackers, wandb_init_kwargs, wandb_project
 
     with pytest.raises(ConfigError, match=r"tracking.log_with=\['neptune'\] is not allowed"):
         load_config(None, ["tracking.log_with=[neptune]"])

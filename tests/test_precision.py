@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import precision
+from pipeline.training import precision
 from pipeline.config import load_config
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2\n"
@@ -35,7 +35,7 @@ def test_auto_on_a_gpu_picks_bf16_else_fp16(monkeypatch, bf16, expected):
 
 def test_auto_on_a_gpu_with_only_emulated_bf16_picks_fp16(monkeypatch):
     """A V100 or T4: torch.cuda.is_bf16_supported() says True by counting emulation."""
-    from pipeline.muon import fast_orthogonalize_dtype
+    from pipeline.training.muon import fast_orthogonalize_dtype
 
     def v100(including_emulation: bool = True) -> bool:
         return including_emulation

@@ -16,8 +16,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.prepare import PrepareError, main, prepare
-from pipeline.streams import split_of
-from pipeline.tokenizer import EOT_ID, get_tokenizer
+from pipeline.data.streams import split_of
+from pipeline.data.tokenizer import EOT_ID, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("every effort moves you toward the picture that Jack Gisburn painted at the "
@@ -199,7 +199,7 @@ def test_a_flipped_shard_byte_is_found_and_the_shard_rebuilt(tmp_path, capsys):
 
 
 def test_a_failed_force_rebuild_leaves_the_old_data_set_usable(tmp_path, capsys):
-    from pipeline.shards import open_split
+    from pipeline.data.shards import open_split
 
     main(stdlib_args(tmp_path))
     data_dir = tmp_path / "data" / "std"
@@ -211,7 +211,7 @@ def test_a_failed_force_rebuild_leaves_the_old_data_set_usable(tmp_path, capsys)
 
 
 def test_two_prepares_into_one_directory_are_refused(tmp_path, capsys):
-    from pipeline.locking import exclusive
+    from pipeline.core.locking import exclusive
 
     with exclusive(tmp_path / "data" / "std", "prepare"):
         out = run_cli(*stdlib_args(tmp_path), cwd=ROOT)
@@ -231,7 +231,7 @@ def test_a_larger_context_is_checked_even_when_up_to_date(tmp_path):
 def test_shards_too_short_for_a_window_are_refused_by_prepare_not_later_by_train(tmp_path):
     """Plenty of tokens in all, but no shard holds context_length + 1 of them: the loader
     (windows never cross a shard) would refuse the data set, so prepare does."""
-    from pipeline.loader import TokenWindows
+    from pipeline.data.loader import TokenWindows
 
     cfg = config(tmp_path, "data.source.kind=python-stdlib", "data.source.max_bytes=20000",
                  "data.split_by=text", "data.shard_tokens=8")

@@ -5,7 +5,7 @@ streams, and the same bytes whatever data.num_workers, data.part_bytes,
 data.segment_bytes or the number of machines.
 
 The expected tokens are computed here from the spec alone (docs/ARCHITECTURE.md and
-pipeline/prepare.py's docstring), never through pipeline.parts or pipeline.streams:
+pipeline/prepare.py's docstring), never through pipeline.data.parts or pipeline.data.streams:
 documents in corpus order (a directory's files sorted by path; a .txt file is one
 document decoded as utf-8-sig with undecodable bytes replaced by U+FFFD; a jsonl or parquet
 row with a string 'text' is one document; empty documents are skipped), each tokenized
@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import parts
+from pipeline.data import parts
 from pipeline.config import save_config
 from pipeline.prepare import prepare
-from pipeline.shards import load_manifest
-from pipeline.tokenizer import EOT_ID, get_tokenizer
+from pipeline.data.shards import load_manifest
+from pipeline.data.tokenizer import EOT_ID, get_tokenizer
 from test_prepare import config, read_split, spec_is_val, text_of
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import write_data_set
 
-from pipeline.shards import (HEADER_BYTES, DataError, load_manifest,
+from pipeline.data.shards import (HEADER_BYTES, DataError, load_manifest,
                              open_split, read_shard, token_dtype, verify, write_shard)
 
 
@@ -73,7 +73,7 @@ def test_damage_is_detected(tmp_path):
 
 
 def test_opening_a_split_checks_sha256_once_per_change_of_the_file(tmp_path, monkeypatch):
-    import pipeline.shards as shards
+    import pipeline.data.shards as shards
 
     make_data_set(tmp_path)
     scans = []

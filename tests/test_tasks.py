@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.evaluate import main
-from pipeline.tasks import read_examples
-from pipeline.tokenizer import encode
+from pipeline.training.tasks import read_examples
+from pipeline.data.tokenizer import encode
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,8 +75,8 @@ def test_hellaswag_scores_equal_an_independent_transformers_computation(tmp_path
     write_hellaswag(task)
     per_choice = []
     expected = reference(model, task, per_choice)
-    from pipeline.tasks import choice_losses, choice_rows
-    from pipeline.weights import load_model
+    from pipeline.training.tasks import choice_losses, choice_rows
+    from pipeline.model.weights import load_model
     ours, _ = load_model(tmp_path / "hf")
     for example, (sums, means) in zip(read_examples(task, "hellaswag"), per_choice):
         got_sums, got_means = choice_losses(ours, choice_rows(example, 64), torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_the_downloaded_task_file_is_refused_when_its_sha256_differs(tmp_path, c
     err = " ".join(capsys.readouterr().err.split())
     assert "HellaSwag's val file" in err and "sha256" in err and "Traceback" not in err
     assert not list((tmp_path / "cache").rglob("*.jsonl"))  # nothing kept
-    from pipeline.fileio import file_sha256
+    from pipeline.core.fileio import file_sha256
     got = main([*args, "--task-sha256", file_sha256(served)])
     assert got["examples"] == 5 and list((tmp_path / "cache").rglob("*.jsonl"))
 
@@ -144,7 +144,7 @@ def test_task_examples_that_cannot_be_scored_honestly_are_refused(tmp_path, caps
 
 
 def test_a_task_file_is_held_to_its_pinned_sha256(tmp_path, capsys):
-    from pipeline.fileio import file_sha256
+    from pipeline.core.fileio import file_sha256
 
     hf_model(tmp_path, True)
     task = tmp_path / "hellaswag_val.jsonl"
@@ -157,8 +157,8 @@ def test_a_task_file_is_held_to_its_pinned_sha256(tmp_path, capsys):
 
 
 def test_many_choices_are_scored_in_bounded_forwards_with_the_same_result(tmp_path):
-    from pipeline.tasks import Example, score_examples
-    from pipeline.weights import load_model
+    from pipeline.training.tasks import Example, score_examples
+    from pipeline.model.weights import load_model
 
     hf_model(tmp_path, True)
     ours, _ = load_model(tmp_path / "hf")
@@ -168,13 +168,13 @@ def test_many_choices_are_scored_in_bounded_forwards_with_the_same_result(tmp_pa
     counts = score_examples(ours, [example], 64, torch.device("cpu"), batch_examples=2)
     hook.remove()
     assert max(seen) == 8 and sum(seen) == 100  # rows per forward stay bounded
-    from pipeline.tasks import choice_losses, choice_rows
+    from pipeline.training.tasks import choice_losses, choice_rows
     sums, _ = choice_losses(ours, choice_rows(example, 64), torch.device("cpu"))
     assert counts[0].item() == float(int(sums.argmin()) == 7)
 
 
 def test_a_second_evaluate_keeps_the_task_results_of_the_same_weights(tmp_path):
-    from pipeline.weights import resolve
+    from pipeline.model.weights import resolve
     hf_model(tmp_path, True)
     task = tmp_path / "hellaswag_val.jsonl"
     write_hellaswag(task)
@@ -199,7 +199,7 @@ def test_text_perplexity_equals_the_hugging_face_guides_sliding_window(tmp_path,
     sentences = 8 if stride == 1 else 20  # stride 1: a forward per token, so a shorter text
     text.write_text(" ".join(f"Sentence {i} is about the number {i * 7 % 13}."
                              for i in range(sentences)))
-    from pipeline.tokenizer import EOT_ID
+    from pipeline.data.tokenizer import EOT_ID
     ids = torch.tensor([[EOT_ID, *encode(text.read_text())]])
     max_length, nll_sum, n_tokens, prev_end = 64, 0.0, 0, 0  # the guide's loop, verbatim rules
     for begin in range(0, ids.size(1), stride):
@@ -256,8 +256,8 @@ def test_two_processes_score_a_task_as_one(tmp_path, free_port):
 def test_every_process_makes_as_many_forwards_as_the_busiest(tmp_path):
     """500 examples over 8 processes at batch 2: shares of 63 and 62 examples need 32 and
     31 forwards; under FSDP each forward is a collective, so the lighter one pads."""
-    from pipeline.tasks import Example, forwards_needed, score_examples
-    from pipeline.weights import load_model
+    from pipeline.training.tasks import Example, forwards_needed, score_examples
+    from pipeline.model.weights import load_model
 
     examples = [Example("Once upon a time", (" a", " b", " c", " d"), i % 4) for i in range(500)]
     shares = [examples[rank::8] for rank in range(8)]

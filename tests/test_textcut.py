@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.textcut import PRETOKENIZER_PATTERN, first_safe_cut, last_safe_cut, safe_cuts
-from pipeline.tokenizer import get_tokenizer
+from pipeline.data.textcut import PRETOKENIZER_PATTERN, first_safe_cut, last_safe_cut, safe_cuts
+from pipeline.data.tokenizer import get_tokenizer
 
 FRAGMENTS = [s.encode() if isinstance(s, str) else s for s in (
     "a", "Z", "hello", "The", "x", "7", "2024", ".", ",", "!", "(", ")", "-", '"', "...", "$",

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.tokenizer import (BPE_FILES, EOT_ID, _BASE_URL, _local_bpe_dir, decode, encode,
+from pipeline.data.tokenizer import (BPE_FILES, EOT_ID, _BASE_URL, _local_bpe_dir, decode, encode,
                                 get_tokenizer, seed_tiktoken_cache)
 
 
@@ -22,7 +22,7 @@ def test_endoftext_is_50256_and_text_roundtrips():
 
 def test_resolves_offline_into_an_empty_cache(tmp_path):
     # A fresh cache directory and no network: the files come from the local copy.
-    code = ("from pipeline.tokenizer import encode; print(encode('Every effort moves you'))")
+    code = ("from pipeline.data.tokenizer import encode; print(encode('Every effort moves you'))")
     env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

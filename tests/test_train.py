@@ -81,7 +81,7 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert "done: 60 steps" in out.stdout
     # auto says what it chose and why: bf16 only where this CPU has bf16 units.
-    from pipeline.precision import cpu_bf16_flags
+    from pipeline.training.precision import cpu_bf16_flags
     chosen = "bf16" if cpu_bf16_flags() else "no"
     assert f"precision: {chosen} (auto: this CPU has" in out.stdout
 
@@ -206,7 +206,7 @@ def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_
         trained_run, tmp_path):
     import sys as _sys
 
-    from pipeline.tokenizer import encode
+    from pipeline.data.tokenizer import encode
 
     run_dir, trained = trained_run
     assert trained.returncode == 0, trained.stderr[-3000:]

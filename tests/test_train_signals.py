@@ -137,7 +137,7 @@ def test_processes_that_form_no_group_are_stopped_with_the_fix(data_root, tmp_pa
 
 
 def test_a_second_training_on_the_same_run_is_refused(data_root, tmp_path):
-    from pipeline.locking import exclusive
+    from pipeline.core.locking import exclusive
 
     with exclusive(tmp_path / "busy", "training"):
         out = run_train(train_args(data_root, tmp_path, "busy", "train.max_steps=2"))

@@ -6,7 +6,7 @@ A plan lists a source's parts in corpus order; it depends on the source and on
 
 - text files (`.txt` and the built-in sample's `.py` files): consecutive files grouped
   until they reach `part_bytes`; a file larger than that is cut into byte ranges of about
-  `part_bytes`, each starting at a *token-safe* byte (pipeline/textcut.py), so the pieces'
+  `part_bytes`, each starting at a *token-safe* byte (pipeline/data/textcut.py), so the pieces'
   tokens, joined, are the whole file's tokens;
 - `.jsonl`: byte ranges of about `part_bytes` that start after a newline (rows are never cut);
 - `.parquet`: row groups, consecutive ones grouped until `part_bytes` (uncompressed);
@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline import corpus, textcut
+from pipeline.data import corpus
+from pipeline.data import textcut
 from pipeline.config import SourceConfig
-from pipeline.corpus import CorpusError, Warn, print_warning
+from pipeline.data.corpus import CorpusError, Warn, print_warning
 
 # How far past a nominal cut of a large file to look for a token-safe byte before cutting
 # anyway (counted, and reported: text with no space, newline or change between letters,

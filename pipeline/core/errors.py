@@ -5,7 +5,7 @@ wrong and what to do next. `cli_main` prints it as one paragraph, without a trac
 and exits nonzero. So it does for an OSError (a full disk, a permission, a path that is
 not a directory: the environment, not the code) and for Ctrl-C. Any other exception is
 a bug and keeps its traceback. Before the stage runs, it makes the standard streams ones
-whose reader may go away (pipeline.console): output is never a reason for a stage to die.
+whose reader may go away (pipeline.core.console): output is never a reason for a stage to die.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import functools
 import sys
 import textwrap
 
-from pipeline.console import keep_going_without_console
+from pipeline.core.console import keep_going_without_console
 
 
 class PipelineError(Exception):

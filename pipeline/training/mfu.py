@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json
 
 # Dense peak FLOP/s: (bf16/fp16 tensor cores, fp32 without TF32).
 GPU_PEAKS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ModelConfig
-from pipeline.weights import ModelInfo
+from pipeline.model.weights import ModelInfo
 
 EVAL_FILE = "eval.json"  # the evaluate stage's result, beside the model it measured
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

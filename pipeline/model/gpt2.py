@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ModelConfig, model_config_from_file
-from pipeline.model import state_shapes
+from pipeline.model.gpt import state_shapes
 
 # OpenAI's released sizes: (emb_dim, n_layers, n_heads). All have context 1024,
 # vocabulary 50257, biases on q/k/v, and the head tied to the token embedding.

@@ -22,7 +22,7 @@ Decisions:
 - Pickles are never trusted: .pth/.bin files load with torch.load(weights_only=True).
 
 Owns source resolution and the file formats of *other* tools. The checkpoint layout is
-pipeline/checkpoint.py's and the name mapping pipeline/gpt2.py's.
+pipeline/model/checkpoints.py's and the name mapping pipeline/model/gpt2.py's.
 """
 from __future__ import annotations
 
@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, gpt2
+from pipeline.model import checkpoints as checkpoint
+from pipeline.model import gpt2
 from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
-from pipeline.tensorfile import read_tensors
-from pipeline.model import GPTModel, state_shapes
+from pipeline.core.errors import PipelineError
+from pipeline.model.tensorfile import read_tensors
+from pipeline.model.gpt import GPTModel, state_shapes
 
 HUB_ORG = "openai-community"
 HF_CONFIG = "config.json"

@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 
 from pipeline.config import Config, WandbConfig, to_dict
-from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open, atomic_write_text
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import atomic_open, atomic_write_text
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"

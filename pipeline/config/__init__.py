@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pipeline.errors import PipelineError, cli_main
+from pipeline.core.errors import PipelineError
 
 
 class ConfigError(PipelineError):
@@ -147,7 +147,7 @@ class TrainConfig:
     order: Literal["shuffle", "book"] = "shuffle"
     # adamw: AdamW for every parameter. muon: Muon for the transformer blocks' matrices
     # (lr scaled to AdamW's update size, so the same lr and weight_decay apply), AdamW for
-    # embeddings, head, biases and norms (pipeline/muon.py).
+    # embeddings, head, biases and norms (pipeline/training/muon.py).
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 4e-4  # peak learning rate
     min_lr: Optional[float] = None  # end of the cosine decay (null: lr / 10)
@@ -160,7 +160,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max global grad norm (null: no clipping)
     # Mixed precision through Accelerate. auto: bf16 where the hardware has bf16 units
     # (GPUs from Ampere on, CPUs with AVX512_BF16 or AMX), fp16 on older GPUs, else no
-    # (fp32): on a CPU without bf16 units bf16 is ~40x slower (pipeline/precision.py).
+    # (fp32): on a CPU without bf16 units bf16 is ~40x slower (pipeline/training/precision.py).
     precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     compile: bool = False  # torch.compile the model
     # Recompute each transformer block's activations in backward instead of keeping
@@ -327,7 +327,7 @@ def to_dict(config: Any) -> dict:
 
 
 def save_config(config: Config, path: Path) -> None:
-    from pipeline.fileio import atomic_write_text
+    from pipeline.core.fileio import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
@@ -339,7 +339,6 @@ def _build(cls, raw: Any, where: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            from pipeline.keys import nearest_keys  # here: keys reads this module's schema
             near = nearest_keys(f"{where}{key}")
             hint = f"did you mean {' or '.join(near)}? " if near else ""
             raise ConfigError(
@@ -574,31 +573,27 @@ def get_value(config: Config, key: str) -> Any:
     return node
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.config --config CONFIG [key=value ...] --get KEY` prints one
-    resolved value (the Makefile asks it where a config's data and run live); without
-    --get it prints the whole resolved config as YAML."""
-    import argparse
-
-    from pipeline.keys import add_config_arguments, parse_stage_args  # keys reads this schema
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
-    parser.add_argument("--get", metavar="KEY", help="data_dir | run_dir | name | a dotted key")
-    add_config_arguments(parser)
-    args = parse_stage_args(parser, argv)
-    config = load_config(args.config, args.overrides)
-    if args.get is None:
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
-        return
-    value = get_value(config, args.get)
-    if dataclasses.is_dataclass(value):
-        value = to_dict(value)
-    if isinstance(value, (list, tuple, dict)):
-        value = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
-                               default_flow_style=True).strip()
-    print(value)
+# ----------------------------------------------------------------------------- key names
 
 
-if __name__ == "__main__":
-    main()
+def schema_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted, in schema order."""
+    keys = []
+    for f in dataclasses.fields(cls or Config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += schema_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def nearest_keys(key: str, limit: int = 3) -> list[str]:
+    """The valid keys most like `key` (a typo's likely meaning), best first."""
+    import difflib
+    keys = schema_keys()
+    close = difflib.get_close_matches(key, keys, n=limit, cutoff=0.6)
+    if not close:  # a right leaf under a wrong section: train.temperature -> eval.temperature
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:limit]
+    return close

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tiktoken
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 ENCODING_NAME = "gpt2"
 EOT_ID = 50256

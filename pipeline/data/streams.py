@@ -1,7 +1,7 @@
 """The token stream: its layout, built part by part, and cut into shards.
 
 Owns the layout of the token stream (documented in prepare.py): which split a document
-goes to and where <|endoftext|> goes. A worker turns one part (pipeline/parts.py) into one
+goes to and where <|endoftext|> goes. A worker turns one part (pipeline/data/parts.py) into one
 raw token file per split, `parts/NNNNNN.<split>.tok` (little-endian token ids, no header),
 and commits it with a record `parts/NNNNNN.json` written last: a part with a record is
 done, whatever happens to the process later. The data set's shards are then the
@@ -20,12 +20,12 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import parts
+from pipeline.data import parts
 from pipeline.config import SourceConfig
-from pipeline.fileio import atomic_write_json, fsync_dir
-from pipeline.parts import Notes, Part, Segment
-from pipeline.shards import SPLITS, ShardInfo, token_dtype, write_shard_from
-from pipeline.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from pipeline.core.fileio import atomic_write_json, fsync_dir
+from pipeline.data.parts import Notes, Part, Segment
+from pipeline.data.shards import SPLITS, ShardInfo, token_dtype, write_shard_from
+from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 
 TRAIN, VAL = 0, 1  # indices into SPLITS
 DTYPE = token_dtype(VOCAB_SIZE)

@@ -12,7 +12,7 @@ rank k % world_size. A position in it is a count of global samples, which is the
 number whatever the process count, so a run can resume on a different number of processes.
 
 This module owns window numbering and sample order. It knows the shard layout only through
-`pipeline.shards.open_split`, and nothing of models, devices or Accelerate: callers move the
+`pipeline.data.shards.open_split`, and nothing of models, devices or Accelerate: callers move the
 CPU tensors it returns.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.shards import open_split, windows_per_shard
+from pipeline.core.errors import PipelineError
+from pipeline.data.shards import open_split, windows_per_shard
 
 _MASK64 = (1 << 64) - 1
 # Positions of one epoch whose window indices are computed together and cached: permute() costs

@@ -19,7 +19,7 @@ through `warn`, never dropped silently. So are rows without text in `text_field`
 are skipped and counted in one warning per source. Empty documents are skipped; a source
 with no files or no text at all raises `CorpusError` saying what to change.
 
-How a source is cut into parts and read part by part is pipeline/parts.py's. Knows
+How a source is cut into parts and read part by part is pipeline/data/parts.py's. Knows
 nothing about tokens, splits or shards.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from pipeline.config import SOURCE_KEYS, SourceConfig
-from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open, file_sha256
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import atomic_open, file_sha256
 
 TEXT_EXTS = (".txt",)
 JSON_EXTS = (".jsonl", ".json")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # How long the machines wait for each other: to meet (all must be started within it) and
 # at the end of the work (the slowest machine's share may take hours longer than the

@@ -43,7 +43,7 @@ def orthogonalize(update: torch.Tensor, dtype: torch.dtype, steps: int = NS_STEP
 def fast_orthogonalize_dtype(device_type: str) -> str:
     """bfloat16 where its matmuls are fast (a GPU with bf16, a CPU with bf16 units),
     else float32. A name, not a torch.dtype: it is saved in checkpoints' param groups."""
-    from pipeline.precision import cpu_bf16_flags, gpu_has_bf16
+    from pipeline.training.precision import cpu_bf16_flags, gpu_has_bf16
 
     if device_type == "cuda" and gpu_has_bf16():
         return "bfloat16"

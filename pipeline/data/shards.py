@@ -29,8 +29,8 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open, atomic_write_json, file_sha256
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import atomic_open, atomic_write_json, file_sha256
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -181,7 +181,7 @@ def manifest_problem(m: Manifest) -> str | None:
     """What makes a parsed manifest unusable here, or None: only GPT-2's tokenizer is
     read (ids of another would train and evaluate as if they were GPT-2's), the dtype
     must fit the vocabulary, and shard names must stay inside the data directory."""
-    from pipeline.tokenizer import ENCODING_NAME
+    from pipeline.data.tokenizer import ENCODING_NAME
     if m.tokenizer != ENCODING_NAME:
         return (f"its tokenizer is {m.tokenizer!r}; this project reads data tokenized with "
                 f"{ENCODING_NAME!r} only")

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
-from pipeline.tokenizer import encode
+from pipeline.core.errors import PipelineError
+from pipeline.data.tokenizer import encode
 
 # The file llm.c and build-nanogpt download. Its sha256 is not recorded here: this
 # project's machines have no network to read it from. Pin it with --task-sha256.
@@ -94,13 +94,13 @@ def load_task(task: str, task_file: str | None = None, url: str | None = None,
               sha256: str | None = None) -> list[Example]:
     """The examples of `task`: from `task_file`, or for hellaswag the val jsonl downloaded
     once into ~/.cache/gpt-pipeline (size limited; its sha256 checked when given)."""
-    from pipeline.corpus import CorpusError, download
+    from pipeline.data.corpus import CorpusError, download
 
     if task_file:
         if not Path(task_file).is_file():
             raise TaskError(f"the task file {task_file} does not exist")
         if sha256 is not None:  # pinned: the file must be that one, wherever it came from
-            from pipeline.fileio import file_sha256
+            from pipeline.core.fileio import file_sha256
             found = file_sha256(Path(task_file))
             if found != sha256.lower():
                 raise TaskError(f"the task file {task_file} has sha256 {found}, not the "
