@@ -590,23 +590,29 @@ def resume(tr: Training) -> None:
     path = choose_checkpoint(config, accelerator)
     if path is None:
         return
+    check_resumable(path, config)
+    ckpt.load_checkpoint(path, accelerator=accelerator, model=tr.model, optimizer=tr.optimizer,
+                         parts=tr.stateful_parts())
+    accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
+                      f"{tr.progress.tokens:,} tokens)")
+
+
+def check_resumable(path: Path, config: Config) -> None:
+    """PipelineError unless the checkpoint at `path` can continue under `config`: the same
+    optimizer (their states differ) and the same model shape."""
     meta = ckpt.read_meta(path)
-    mismatch = ckpt.shape_mismatch(meta["model"], config.model)
-    saved_optimizer = meta.get("config", {}).get("train", {}).get("optimizer", "adamw")
+    saved_optimizer = (meta.get("config") or {}).get("train", {}).get("optimizer", "adamw")
     if saved_optimizer != config.train.optimizer:
         raise PipelineError(
             f"cannot resume from {path}: it was trained with train.optimizer: "
             f"{saved_optimizer}, and the config asks for {config.train.optimizer}; their "
             f"states differ. Set train.optimizer={saved_optimizer} to continue it, or start a "
             f"new run (another name, or checkpoint.resume=never).")
+    mismatch = ckpt.shape_mismatch(meta["model"], config.model)
     if mismatch:
         raise PipelineError(
             f"cannot resume from {path}: the model differs from the config ({'; '.join(mismatch)}). "
             f"Use another run name (or delete this run with make clean) to start over.")
-    ckpt.load_checkpoint(path, accelerator=accelerator, model=tr.model, optimizer=tr.optimizer,
-                         parts=tr.stateful_parts())
-    accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
-                      f"{tr.progress.tokens:,} tokens)")
 
 
 def choose_checkpoint(config: Config, accelerator) -> Path | None:

@@ -14,7 +14,7 @@ import torch
 from accelerate import PartialState
 
 from pipeline.training import checkpoint as ckpt
-from pipeline.config import ModelConfig, TrainConfig, to_dict
+from pipeline.config import SHAPE_KEYS, ModelConfig, TrainConfig, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.model.gpt import GPTModel
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -245,3 +245,24 @@ def test_a_process_keeps_and_restores_only_its_own_gpus_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 9)  # beyond what was saved
     ckpt._set_rng_state(old_format)
     assert [int(s) for s in restored] == [3, 3]
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.n_layers=3", ["the model differs from the config", "model.n_layers: checkpoint 1, config 3"]),
+    ("train.optimizer=muon", ["trained with train.optimizer: adamw", "Set train.optimizer=adamw"]),
+])
+def test_resume_refuses_another_model_shape_or_optimizer_naming_it(tmp_path, override, words):
+    """(The run is refused before anything is loaded; the checkpoint stays as it was.)"""
+    from pipeline.config import load_config
+    from pipeline.train import check_resumable
+
+    (newest,) = saved_run(tmp_path / "runs" / "r", steps=(1,))
+    same = [f"model.{k}={v}" for k, v in to_dict(CFG).items() if k in SHAPE_KEYS]
+    config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r", *same])
+    check_resumable(newest, config)  # the same shape and optimizer: resumable
+    with pytest.raises(PipelineError) as refused:
+        check_resumable(newest, load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
+                                                   *same, override]))
+    message = " ".join(str(refused.value).split())
+    assert all(w in message for w in words), message
+    assert ckpt.damage(newest, 1) is None

@@ -131,25 +131,11 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
         assert last["tokens/py"] == pytest.approx(3 * last["tokens/prose"], abs=2 * 64)
 
 
-def test_resume_with_another_model_shape_is_refused_naming_the_keys(data_root, tmp_path):
-    args = ["train.max_steps=2", "eval.every_steps=1000", "checkpoint.every_steps=2"]
-    assert run_train(train_args(data_root, tmp_path, "shape", *args)).returncode == 0
-    out = run_train(train_args(data_root, tmp_path, "shape", *args, "train.max_steps=4",
-                               "model.n_layers=3"))
-    assert out.returncode == 2
-    assert "model.n_layers" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_a_muon_run_trains_and_resumes_only_with_muon(data_root, tmp_path):
+def test_a_muon_run_trains_and_resumes(data_root, tmp_path):
     args = ["train.optimizer=muon", "train.max_steps=2", "eval.every_steps=1000",
             "checkpoint.every_steps=2"]
     done = run_train(train_args(data_root, tmp_path, "muon", *args))
     assert done.returncode == 0, done.stderr[-3000:]
-    out = run_train(train_args(data_root, tmp_path, "muon", *args, "train.max_steps=4",
-                               "train.optimizer=adamw"))
-    assert out.returncode == 2
-    assert "train.optimizer: muon" in out.stderr and "Traceback" not in out.stderr
-    assert (tmp_path / "muon" / "checkpoints" / "step_000002").is_dir()  # left as it was
     again = run_train(train_args(data_root, tmp_path, "muon", *args, "train.max_steps=4"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resumed from" in again.stdout + again.stderr
