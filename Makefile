@@ -233,12 +233,13 @@ book:
 book-report: train
 	$(WITH_ARGS) $(PY) -m pipeline.book --config $(QCONFIG) $$ARGS
 
-## test: run the test suite
+## test: lint (ruff), then run the test suite
 # One pytest worker per core (pytest-xdist), each test file whole on one worker so its
 # module fixtures (a prepared data set, a trained run) are built once; the 25 slowest
 # tests are listed at the end, so the suite's cost is visible in every run.
 PYTEST_ARGS = -q -n auto --dist loadfile --durations=25
 test: install
+	$(PY) -m ruff check --quiet pipeline tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## faults: SIGKILL prepare and train at random moments, FAULT_TRIALS times each (not in CI)

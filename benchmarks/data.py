@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepare_vs_tiktoken(max_bytes: int | None, workers: int, repeats: int) -> dict:
-    from pipeline.data import parts
     from pipeline.config import load_config
-    from pipeline.prepare import prepare
+    from pipeline.data import parts
     from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.prepare import prepare
 
     source = ["data.source.kind=python-stdlib"]
     if max_bytes is not None:  # None: the whole built-in corpus (~31 MB, ~15M tokens)

@@ -22,8 +22,8 @@ from benchmarks.data import write_dataset
 def run(quick: bool = False) -> dict:
     from accelerate import Accelerator
 
-    from pipeline.evaluate import evaluate
     from pipeline.data.loader import TokenWindows, fixed_batches
+    from pipeline.evaluate import evaluate
 
     shape = train.QUICK[0] if quick else train.FULL[0]
     cfg, batch = shape.cfg, shape.batch

@@ -17,8 +17,8 @@ import torch
 from benchmarks.common import interleave, machine, median, table, transformers_gpt2
 from pipeline.config import ModelConfig
 from pipeline.generate import generate, lay_out_for_decoding
-from pipeline.model.gpt2 import to_hf
 from pipeline.model.gpt import GPTModel
+from pipeline.model.gpt2 import to_hf
 
 PROMPT = 10
 

@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (bf16_meaningful, interleave, machine, median, table,
-                               transformers_gpt2)
+from benchmarks.common import bf16_meaningful, interleave, machine, median, table, transformers_gpt2
 from pipeline.config import ModelConfig
+from pipeline.model.gpt import GPTModel, flops_per_token
 from pipeline.model.gpt2 import to_hf
 from pipeline.training.mfu import measure_matmul_peak
-from pipeline.model.gpt import GPTModel, flops_per_token
 
 # AdamW as the train stage configures it (pipeline/config/ TrainConfig defaults).
 ADAMW = dict(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1)

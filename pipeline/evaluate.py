@@ -33,8 +33,8 @@ from pipeline.config import Config, from_dict, load_config
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json
 from pipeline.data.loader import TokenWindows, fixed_batches
-from pipeline.model.head_loss import IGNORE_INDEX
 from pipeline.data.shards import load_manifest
+from pipeline.model.head_loss import IGNORE_INDEX
 
 EVAL_FILE = "eval.json"
 
@@ -243,9 +243,7 @@ def run_text(args, model, info, accelerator) -> dict:
 
 
 def run_task(args, model, info, accelerator) -> dict:
-    from pipeline.training.tasks import evaluate_task
-
-    from pipeline.training.tasks import load_task
+    from pipeline.training.tasks import evaluate_task, load_task
     examples = load_task(args.task, args.task_file, args.task_url, args.task_sha256)
     if args.max_batches is not None:  # a quick look: that many batches of examples
         examples = examples[:args.max_batches * (args.batch_size or 8) * accelerator.num_processes]

@@ -42,12 +42,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pipeline.model import gpt2
 from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
-from pipeline.model.card import model_card
 from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file
+from pipeline.model import gpt2
+from pipeline.model.card import model_card
 from pipeline.model.weights import ModelInfo, add_model_argument, load_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -30,8 +30,8 @@ import sys
 import torch
 
 from pipeline.core.errors import PipelineError, cli_main
-from pipeline.model.gpt import GPTModel, KVCache
 from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
+from pipeline.model.gpt import GPTModel, KVCache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -46,21 +46,29 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from pipeline.data import corpus
-from pipeline.core import locking
-from pipeline.data import parts
-from pipeline.data import streams
 from pipeline.config import Config, SourceConfig, load_config
+from pipeline.core import locking
 from pipeline.core.errors import PipelineError, cli_main, describe_os_error
 from pipeline.core.fileio import atomic_write_json, fsync_dir
-from pipeline.keys import add_config_arguments, parse_stage_args
+from pipeline.data import corpus, parts, streams
 from pipeline.data.parts import Part, document_limit
-from pipeline.data.shards import (MANIFEST, SPLITS, DataError, Manifest, ShardInfo, check_shards,
-                             load_manifest, manifest_path, remember_verified, shard_name,
-                             windows_per_shard)
+from pipeline.data.shards import (
+    MANIFEST,
+    SPLITS,
+    DataError,
+    Manifest,
+    ShardInfo,
+    check_shards,
+    load_manifest,
+    manifest_path,
+    remember_verified,
+    shard_name,
+    windows_per_shard,
+)
 from pipeline.data.streams import DTYPE, LAYOUT
 from pipeline.data.team import Team
 from pipeline.data.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_tokenizer
+from pipeline.keys import add_config_arguments, parse_stage_args
 
 
 class PrepareError(PipelineError):

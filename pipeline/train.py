@@ -30,16 +30,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.training import checkpoint as ckpt
-from pipeline.core import console
-from pipeline.core import locking
 from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
+from pipeline.core import console, locking
 from pipeline.core.errors import PipelineError, cli_main
+from pipeline.data.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
 from pipeline.evaluate import evaluate
 from pipeline.keys import add_config_arguments, parse_stage_args
-from pipeline.data.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
-from pipeline.training.mfu import mfu, peak_flops
 from pipeline.model.gpt import GPTModel, count_parameters, flops_per_token
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.mfu import mfu, peak_flops
 from pipeline.training.optim import build_optimizer, build_scheduler, total_steps
 from pipeline.training.precision import resolve as resolve_precision
 from pipeline.training.precision import slow_bf16_warning
@@ -136,8 +135,11 @@ def stop_with_launcher() -> None:
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs,
-                                  ProjectConfiguration)
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     precision, why = resolve_precision(config.train.precision, device_type())
     if precision == "fp16" and not torch.cuda.is_available():
@@ -263,8 +265,8 @@ class Training:
 def check_vocabulary(config: Config) -> None:
     """The data's token ids and the sample prompt must exist in the model's vocabulary,
     checked before anything is built (an id past it fails deep inside the embedding)."""
-    from pipeline.generate import prompt_ids
     from pipeline.data.shards import load_manifest
+    from pipeline.generate import prompt_ids
     vocab = load_manifest(config.data_dir).vocab_size
     if vocab > config.model.vocab_size:
         raise PipelineError(

@@ -19,9 +19,9 @@ from accelerate import PartialState
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import ModelConfig, TrainConfig, to_dict
 from pipeline.model.gpt import GPTModel
+from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 CFG = ModelConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,

@@ -433,9 +433,10 @@ def test_a_hostile_model_directory_is_one_paragraph_naming_what_is_wrong(hf_dir,
 def test_a_checkpoint_meta_json_gets_the_config_checks(tmp_path):
     import json
 
+    from test_export import TINY, trained_model, write_checkpoint
+
     from pipeline.core.errors import PipelineError
     from pipeline.model.weights import load_state
-    from test_export import TINY, trained_model, write_checkpoint
 
     run = tmp_path / "run"
     write_checkpoint(run, trained_model(TINY), step=100)
@@ -462,6 +463,7 @@ def test_a_manifest_is_checked_before_its_data_is_read(tmp_path, key, value, wor
     import json
 
     from helpers import write_data_set
+
     from pipeline.data.shards import DataError, load_manifest
 
     write_data_set(tmp_path, {"train": [[1, 2, 3]], "val": [[4, 5, 6]]})
@@ -474,6 +476,7 @@ def test_a_manifest_is_checked_before_its_data_is_read(tmp_path, key, value, wor
 
 def test_a_model_vocabulary_smaller_than_the_data_or_the_prompt_is_refused(tmp_path):
     from helpers import write_data_set
+
     from pipeline.core.errors import PipelineError
     from pipeline.train import check_vocabulary
 
@@ -507,8 +510,8 @@ UNREADABLE_FILES = {
 
 @pytest.mark.parametrize("case", UNREADABLE_FILES)
 def test_a_file_that_cannot_be_read_is_one_paragraph(tmp_path, case):
-    from pipeline.training.checkpoint import read_meta
     from pipeline.core.errors import PipelineError
+    from pipeline.training.checkpoint import read_meta
     from pipeline.training.tasks import read_examples
     from pipeline.training.tracking import MetricsLog
 

@@ -126,9 +126,9 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
 
     from benchmarks.hf_trainer import Windows, gpt2_model, training_arguments
     from pipeline.config import load_config
-    from pipeline.model.gpt2 import to_hf
     from pipeline.data.loader import TokenWindows
     from pipeline.model.gpt import GPTModel
+    from pipeline.model.gpt2 import to_hf
 
     rng = np.random.default_rng(0)
     write_data_set(tmp_path / "data" / "d", {"train": [rng.integers(0, 50257, 700)],

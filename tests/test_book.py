@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from llms_from_scratch.ch02 import create_dataloader_v1
 from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from llms_from_scratch.ch05 import train_model_simple
+
 from pipeline import book
 from pipeline.config import EvalConfig, ModelConfig, TrainConfig, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.model.gpt2 import from_book
 from pipeline.data.loader import TrainBatches
 from pipeline.model.gpt import GPTModel
-from pipeline.training.optim import build_optimizer
+from pipeline.model.gpt2 import from_book
 from pipeline.train import eval_due
+from pipeline.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2,

@@ -13,12 +13,12 @@ import pytest
 import torch
 from accelerate import PartialState
 
-from pipeline.training import checkpoint as ckpt
 from pipeline.config import SHAPE_KEYS, ModelConfig, TrainConfig, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.model.gpt import GPTModel
-from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.train import Progress
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.optim import build_optimizer, build_scheduler
 
 CFG = ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1)
 

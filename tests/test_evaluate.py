@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
 from pipeline.core.errors import PipelineError
+from pipeline.data.shards import shard_name
 from pipeline.evaluate import main
 from pipeline.model.gpt import GPTModel
-from pipeline.data.shards import shard_name
 
 CFG = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)

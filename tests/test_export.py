@@ -124,8 +124,8 @@ def test_cli_reports_the_export_and_fails_cleanly(tmp_path, capsys):
 def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
     """AutoTokenizer gives this project's token ids, and pipeline("text-generation") the
     same greedy continuation as this project's generate; files are readable by the group."""
-    from pipeline.generate import continue_text
     from pipeline.data.tokenizer import encode
+    from pipeline.generate import continue_text
 
     model = trained_model(TINY)
     write_checkpoint(tmp_path / "run", model)

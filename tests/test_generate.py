@@ -5,10 +5,10 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.core.errors import PipelineError
-from pipeline.generate import generate, main, next_token, text_sample
-from pipeline.model.gpt2 import hf_config, to_hf
-from pipeline.model.gpt import GPTModel
 from pipeline.data.tokenizer import decode, encode
+from pipeline.generate import generate, main, next_token, text_sample
+from pipeline.model.gpt import GPTModel
+from pipeline.model.gpt2 import hf_config, to_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.training.checkpoint import latest_checkpoint, read_meta
 from pipeline.config import from_dict, load_config, parse_yaml, save_config
+from pipeline.training.checkpoint import latest_checkpoint, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_data_set
 
 from pipeline.core.errors import PipelineError
 from pipeline.data import loader
-from pipeline.data.loader import TokenWindows, TrainBatches, permute, fixed_batches
-from helpers import write_data_set
+from pipeline.data.loader import TokenWindows, TrainBatches, fixed_batches, permute
 
 VOCAB = 50257
 

@@ -16,8 +16,8 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.loader import Mixture, TokenWindows, TrainBatches, mixed_train_windows
-from pipeline.prepare import PrepareError, prepare
 from pipeline.data.shards import Manifest, ShardInfo, load_manifest, shard_name, write_shard
+from pipeline.prepare import PrepareError, prepare
 
 VOCAB = 50257
 CTX = 8

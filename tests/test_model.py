@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.model.gpt2 import from_hf, hf_config, to_hf
 from pipeline.model.gpt import GPTModel, KVCache, count_parameters, model_size
+from pipeline.model.gpt2 import from_hf, hf_config, to_hf
 from pipeline.model.head_loss import head_cross_entropy
 
 transformers = pytest.importorskip("transformers")

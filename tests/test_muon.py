@@ -9,14 +9,14 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
-from pipeline.training import checkpoint as ckpt
 from pipeline.config import ModelConfig, TrainConfig, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.model.gpt import GPTModel
+from pipeline.train import check_optimizer_fits
+from pipeline.training import checkpoint as ckpt
 from pipeline.training.muon import Muon, Optimizers, fast_orthogonalize_dtype, orthogonalize
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.precision import cpu_bf16_flags
-from pipeline.train import check_optimizer_fits
 
 CFG = ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=2,
                   drop_rate=0.0, tie_embeddings=False)

@@ -9,11 +9,11 @@ import socket
 import pytest
 from accelerate import PartialState
 
-from pipeline.training import checkpoint as ckpt
 from pipeline.config import ModelConfig, TrainConfig, WandbConfig, load_config, to_dict
 from pipeline.core.errors import PipelineError
-from pipeline.training.mfu import gpu_peak_flops
 from pipeline.model.gpt import GPTModel
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.mfu import gpu_peak_flops
 from pipeline.training.optim import build_optimizer, build_scheduler, lr_factor, total_steps
 from pipeline.training.tracking import MetricsLog, wandb_mode
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.training import precision
 from pipeline.config import load_config
+from pipeline.training import precision
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2\n"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.prepare import PrepareError, main, prepare
 from pipeline.data.streams import split_of
 from pipeline.data.tokenizer import EOT_ID, get_tokenizer
+from pipeline.prepare import PrepareError, main, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("every effort moves you toward the picture that Jack Gisburn painted at the "

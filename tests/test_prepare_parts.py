@@ -27,13 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_prepare import config, read_split, spec_is_val, text_of
 
-from pipeline.data import parts
 from pipeline.config import save_config
-from pipeline.prepare import prepare
+from pipeline.data import parts
 from pipeline.data.shards import load_manifest
 from pipeline.data.tokenizer import EOT_ID, get_tokenizer
-from test_prepare import config, read_split, spec_is_val, text_of
+from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 from helpers import write_data_set
 
-from pipeline.data.shards import (HEADER_BYTES, DataError, load_manifest,
-                             open_split, read_shard, token_dtype, verify, write_shard)
+from pipeline.data.shards import (
+    HEADER_BYTES,
+    DataError,
+    load_manifest,
+    open_split,
+    read_shard,
+    token_dtype,
+    verify,
+    write_shard,
+)
 
 
 def test_write_shard_is_the_llmc_layout(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.tokenizer import encode
 from pipeline.evaluate import main
 from pipeline.training.tasks import read_examples
-from pipeline.data.tokenizer import encode
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,8 +75,8 @@ def test_hellaswag_scores_equal_an_independent_transformers_computation(tmp_path
     write_hellaswag(task)
     per_choice = []
     expected = reference(model, task, per_choice)
-    from pipeline.training.tasks import choice_losses, choice_rows
     from pipeline.model.weights import load_model
+    from pipeline.training.tasks import choice_losses, choice_rows
     ours, _ = load_model(tmp_path / "hf")
     for example, (sums, means) in zip(read_examples(task, "hellaswag"), per_choice):
         got_sums, got_means = choice_losses(ours, choice_rows(example, 64), torch.device("cpu"))
@@ -157,8 +157,8 @@ def test_a_task_file_is_held_to_its_pinned_sha256(tmp_path, capsys):
 
 
 def test_many_choices_are_scored_in_bounded_forwards_with_the_same_result(tmp_path):
-    from pipeline.training.tasks import Example, score_examples
     from pipeline.model.weights import load_model
+    from pipeline.training.tasks import Example, score_examples
 
     hf_model(tmp_path, True)
     ours, _ = load_model(tmp_path / "hf")
@@ -256,8 +256,8 @@ def test_two_processes_score_a_task_as_one(tmp_path, free_port):
 def test_every_process_makes_as_many_forwards_as_the_busiest(tmp_path):
     """500 examples over 8 processes at batch 2: shares of 63 and 62 examples need 32 and
     31 forwards; under FSDP each forward is a collective, so the lighter one pads."""
-    from pipeline.training.tasks import Example, forwards_needed, score_examples
     from pipeline.model.weights import load_model
+    from pipeline.training.tasks import Example, forwards_needed, score_examples
 
     examples = [Example("Once upon a time", (" a", " b", " c", " d"), i % 4) for i in range(500)]
     shares = [examples[rank::8] for rank in range(8)]

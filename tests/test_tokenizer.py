@@ -4,8 +4,16 @@ import os
 import subprocess
 import sys
 
-from pipeline.data.tokenizer import (BPE_FILES, EOT_ID, _BASE_URL, _local_bpe_dir, decode, encode,
-                                get_tokenizer, seed_tiktoken_cache)
+from pipeline.data.tokenizer import (
+    _BASE_URL,
+    BPE_FILES,
+    EOT_ID,
+    _local_bpe_dir,
+    decode,
+    encode,
+    get_tokenizer,
+    seed_tiktoken_cache,
+)
 
 
 def test_book_sentence_ids():

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from train_runs import ROOT, env, prepare_stdlib, run_train, train_args
 
 pytestmark = pytest.mark.slow  # every test here runs real training processes

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from train_runs import ROOT, env, prepare_stdlib, run_train, train_args
 
 pytestmark = pytest.mark.slow  # every test here runs real training processes

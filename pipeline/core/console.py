@@ -10,8 +10,9 @@ before it saves its checkpoint. The answer is decided once, here, not per print:
 that fails points that file descriptor at /dev/null (so C-level writes, torch's and
 gloo's, stop failing too) and sends the stream's later text to a fallback file, when the
 stage named one with `fall_back_to(path)` (train: the run directory's console.log), or
-nowhere. (What the stream had buffered when it failed is lost with it: a line or so.) The run carries on: it finishes its step, writes its checkpoint and exits with
-its usual code. A failed stream never raises.
+nowhere. (What the stream had buffered when it failed is lost with it: a line or so.)
+The run carries on: it finishes its step, writes its checkpoint and exits with its usual
+code. A failed stream never raises.
 
 This module knows nothing of stages; cli_main installs it before a stage's main runs.
 """

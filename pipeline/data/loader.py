@@ -52,7 +52,8 @@ class TokenWindows:
         if self._first[-1] == 0:
             largest = max((len(s) for s in shards), default=0)
             raise PipelineError(
-                f"the {split} split{f' of source {source}' if source else ''} of {data_dir} is too small for one window: it has "
+                f"the {split} split{f' of source {source}' if source else ''} of {data_dir} is "
+                f"too small for one window: it has "
                 f"{self.tokens} tokens in {len(shards)} shard(s) (largest {largest}), and a "
                 f"window needs context_length + 1 = {context_length + 1} tokens inside one "
                 f"shard. Use a larger corpus, a larger data.val_fraction (for val) or "

@@ -23,7 +23,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import file_sha256
 from pipeline.model.tensorfile import read_tensors
 
-
 CHECKPOINTS = "checkpoints"
 
 

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import checkpoints as checkpoint
-from pipeline.model import gpt2
 from pipeline.config import ModelConfig
 from pipeline.core.errors import PipelineError
-from pipeline.model.tensorfile import read_tensors
+from pipeline.model import checkpoints as checkpoint
+from pipeline.model import gpt2
 from pipeline.model.gpt import GPTModel, state_shapes
+from pipeline.model.tensorfile import read_tensors
 
 HUB_ORG = "openai-community"
 HF_CONFIG = "config.json"

@@ -26,11 +26,24 @@ from safetensors.torch import save_file
 
 from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.core.fileio import atomic_open, atomic_write_text, file_sha256, fsync_dir, fsync_file
+
 # The reading half (layout, integrity, weights) is the model side's; re-exported here so that
 # the training side has one module for its checkpoints.
 from pipeline.model.checkpoints import (  # noqa: F401
-    _STEP_DIR, CHECKPOINTS, META_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, checkpoint_dirs,
-    damage, latest_checkpoint, load_model_state, newest_readable, read_meta, shape_mismatch)
+    _STEP_DIR,
+    CHECKPOINTS,
+    META_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    TRAINER_FILE,
+    checkpoint_dirs,
+    damage,
+    latest_checkpoint,
+    load_model_state,
+    newest_readable,
+    read_meta,
+    shape_mismatch,
+)
 
 
 def newest_intact(run_dir: str | Path, num_processes: int, warn) -> Path | None:
