@@ -217,6 +217,24 @@ def check_inputs(args) -> None:
     if args.task == "mc" and not args.task_file:
         raise PipelineError("--task mc needs --task-file FILE (one JSON object per line: "
                             "context, choices, label)")
+    if args.out:
+        check_out_file(Path(args.out))
+
+
+def check_out_file(out: Path) -> None:
+    """--out may name a new file or an earlier result of evaluate (a JSON object with its
+    "model" key), never a file of the user's, which atomic_write_json would replace."""
+    if not out.exists() and not out.is_symlink():
+        return
+    try:
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        earlier = None
+    if not (out.is_file() and not out.is_symlink() and isinstance(earlier, dict)
+            and "model" in earlier):
+        raise PipelineError(f"--out {out} exists and is not an earlier evaluate result, so it "
+                            f"is left as it is; choose another --out FILE, or move that file "
+                            f"away yourself.")
 
 
 def run_text(args, model, info, accelerator) -> dict:

@@ -554,3 +554,15 @@ def test_make_counts_only_the_gpus_this_job_may_use(tmp_path, visible, gpus):
         env["CUDA_VISIBLE_DEVICES"] = visible
     out = subprocess.run(["make", "help"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert f"NUM_GPUS={gpus} NUM_PROCESSES={max(gpus, 1)}" in out.stdout, out.stdout + out.stderr
+
+
+def test_evaluate_out_never_replaces_a_file_it_did_not_write(tiny_book_model, tmp_path, capsys):
+    from pipeline.evaluate import main
+
+    mine = tmp_path / "notes.txt"
+    mine.write_text("years of work")
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", str(tiny_book_model), "--n-heads", "12", "--text", str(mine),
+              "--out", str(mine)])
+    assert exit.value.code == 2 and mine.read_text() == "years of work"
+    assert "is not an earlier evaluate result" in " ".join(capsys.readouterr().err.split())
