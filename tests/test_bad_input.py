@@ -55,6 +55,8 @@ BAD_VALUES = [
     ("train.order=random", ["train.order='random'", "shuffle, book"]),
     ("train.weight_decay_on=some", ["train.weight_decay_on='some'", "matrices, all"]),
     ("train.optimizer=sgd", ["train.optimizer='sgd'", "adamw, muon"]),
+    ("train.tf32=maybe", ["train.tf32 must be bool", "'maybe'"]),
+    ("train.activation_checkpointing=2", ["train.activation_checkpointing must be bool"]),
     ("train.collective_timeout_minutes=0", ["train.collective_timeout_minutes=0.0",
                                             "positive number of minutes"]),
     ("tracking.log_with=[wandb,wandb]", ["tracking.log_with=['wandb', 'wandb']", "distinct"]),

@@ -184,3 +184,6 @@ def test_push_to_hub_offline_fails_cleanly_after_a_complete_export(tmp_path, cap
     with pytest.raises(SystemExit):  # a bad repo id is refused before any work
         main(["--model", str(tmp_path / "run"), "--push-to-hub", "not a repo id"])
     assert "is not a Hub repo id" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an empty name is refused too, not a silently skipped push
+        main(["--model", str(tmp_path / "run"), "--push-to-hub", ""])
+    assert "is not a Hub repo id" in capsys.readouterr().err
