@@ -242,6 +242,13 @@ test: install
 	$(PY) -m ruff check --quiet pipeline tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## golden: retrain the reference runs behind tests/golden/losses.json on this machine
+# Parity tests compare against the losses of a one-process, one-thread reference run kept
+# in that file (keyed by CPU kind, torch version and data); this retrains each reference
+# and rewrites this machine's entries. Run it after a change that moves the numbers.
+golden: install
+	GOLDEN_WRITE=1 $(PY) -m pytest -q -p no:xdist -m golden
+
 ## faults: SIGKILL prepare and train at random moments, FAULT_TRIALS times each (not in CI)
 faults: install
 	FAULT_TRIALS=$(call shq,$(FAULT_TRIALS)) $(PY) -m pytest -q -s tests/test_faults.py
@@ -265,4 +272,4 @@ distclean:
 
 FORCE:
 
-.PHONY: help install lock test-latest data train eval export sample all book book-report test faults bench clean distclean FORCE
+.PHONY: help install lock test-latest data train eval export sample all book book-report test golden faults bench clean distclean FORCE

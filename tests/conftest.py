@@ -56,3 +56,11 @@ def small_disk(tmp_path):
         pytest.skip(f"mounting a tmpfs needs root ({done.stderr.decode().strip()})")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory):
+    """About 300k tokens of the standard library, prepared by the prepare stage once for
+    the whole run of the suite (tests/train_runs.py): the root holding data.name=stdlib."""
+    from train_runs import shared_stdlib
+    return shared_stdlib(tmp_path_factory)

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,16 +189,19 @@ def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[flo
 
 
 def _our_evaluations(tmp_path: Path, text: str, cfg: dict, *overrides: str) -> list[dict]:
-    """configs/verdict.yaml through the real prepare and train stages, on `text`."""
+    """configs/verdict.yaml through the real prepare and train stages (their own entry
+    points, in this process), on `text`."""
+    from train_runs import train_here
+
+    from pipeline.prepare import prepare
+
     (tmp_path / "story.txt").write_text(text)
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     shape = [f"model.{k}={cfg[k]}" for k in ("context_length", "emb_dim", "n_heads", "n_layers")]
-    args = ["--config", "configs/verdict.yaml", f"data.root={tmp_path}/data",
-            f"data.source.url=file://{tmp_path}/story.txt", f"runs_root={tmp_path}/runs",
-            *shape, "eval.max_new_tokens=4", "checkpoint.every_steps=1000", *overrides]
-    for stage in ("pipeline.prepare", "pipeline.train"):
-        subprocess.run([sys.executable, "-m", stage, *args], cwd=ROOT, env=env, check=True,
-                       capture_output=True, timeout=600)
+    args = [f"data.root={tmp_path}/data", f"data.source.url=file://{tmp_path}/story.txt",
+            f"runs_root={tmp_path}/runs", *shape, "eval.max_new_tokens=4",
+            "checkpoint.every_steps=1000", *overrides]
+    prepare(load_config(ROOT / "configs" / "verdict.yaml", args))
+    train_here(args, ROOT / "configs" / "verdict.yaml")
     rows = [json.loads(line) for line in (tmp_path / "runs/verdict/metrics.jsonl").open()]
     return [r for r in rows if "val_loss" in r]
 

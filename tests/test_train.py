@@ -1,26 +1,31 @@
-"""The train stage on real text through the real stages: prepare -> train, in real processes.
+"""The train stage on real text through the real stages: prepare -> train.
 
-One tiny model and one prepared slice of the built-in corpus serve every test. Runs go
-through `python -m pipeline.train` (and `accelerate launch` for two processes), because
-process counts and what a real run writes are under test. Signals, dead launchers and
-exit codes are test_train_signals.py's, SIGKILL and resume test_faults.py's.
+One tiny model and one prepared slice of the built-in corpus serve every test. Runs whose
+process is under test (process counts, launchers, what a fresh interpreter reads back) go
+through `python -m pipeline.train` and `accelerate launch`; runs that test what training
+computes and writes call the stage's own `run` in this process (train_runs.train_here).
+Signals, dead launchers and exit codes are test_train_signals.py's, SIGKILL and resume
+test_faults.py's.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_runs import ROOT, env, prepare_stdlib, run_train, train_args
+from golden_losses import reference_losses
+from train_runs import ROOT, env, run_train, train_args, train_here
 
-pytestmark = pytest.mark.slow  # every test here runs real training processes
+pytestmark = pytest.mark.slow  # every test here trains
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return prepare_stdlib(tmp_path_factory.mktemp("data"))
+def data_root(stdlib_data) -> Path:
+    return stdlib_data
 
 
 MIXTURE = ("data.sources=[{name: py, weight: 3, source: {kind: python-stdlib, max_bytes: "
@@ -51,20 +56,23 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained_run(data_root, tmp_path_factory):
-    """One 60-step run (offline W&B) that several tests read: (its directory, its output)."""
+    """One 60-step run (offline W&B) that several tests read: (its directory, what it
+    printed)."""
     runs = tmp_path_factory.mktemp("runs")
     args = train_args(data_root, runs, "falls", "train.max_steps=60", "eval.every_steps=30",
                       "train.log_every_steps=1", "train.warmup_steps=5",
                       "checkpoint.every_steps=60", "tracking.wandb.mode=offline",
                       "train.precision=auto")
-    e = env()
-    e.pop("WANDB_MODE")
-    return runs / "falls", run_train(args, env=e)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.delenv("WANDB_MODE", raising=False)  # the config's offline decides
+        patch.delenv("WANDB_API_KEY", raising=False)
+        train_here(args, wandb_mode=None)
+    return runs / "falls", printed.getvalue()
 
 
 def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained_run):
-    run_dir, out = trained_run
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir, printed = trained_run
     rows = metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [30, 60]
@@ -78,16 +86,17 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert (run_dir / "config.yaml").is_file()
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert "done: 60 steps" in out.stdout
+    assert "done: 60 steps" in printed
     # auto says what it chose and why: bf16 only where this CPU has bf16 units.
     from pipeline.training.precision import cpu_bf16_flags
     chosen = "bf16" if cpu_bf16_flags() else "no"
-    assert f"precision: {chosen} (auto: this CPU has" in out.stdout
+    assert f"precision: {chosen} (auto: this CPU has" in printed
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("data", ["one source", "mixture"])
 def test_two_processes_match_one_with_accumulation_and_resume_across_process_counts(
-        data_root, mixture_root, tmp_path, free_port, data, request):
+        data_root, mixture_root, tmp_path, free_port, data):
     # Constant lr, so that runs of different lengths share one schedule.
     common = ["train.log_every_steps=1", "eval.every_steps=1000", "train.lr=1e-3",
               "train.min_lr=1e-3", "checkpoint.every_steps=3"]
@@ -98,10 +107,15 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
     def train_args(*args):
         return globals()["train_args"](*args, data_name="mix" if data == "mixture" else "stdlib")
 
-    one = run_train(train_args(data_root, tmp_path, "one", *common,
-                               f"train.max_steps={3 if data == 'mixture' else 6}",
-                               "train.grad_accum_steps=2"))
-    assert one.returncode == 0, one.stderr[-3000:]
+    def one_process() -> list[float]:  # the reference, unless tests/golden has it
+        train_here(train_args(data_root, tmp_path, "one", *common,
+                              f"train.max_steps={3 if data == 'mixture' else 6}",
+                              "train.grad_accum_steps=2"))
+        return [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
+
+    data_dir = data_root / ("mix" if data == "mixture" else "stdlib")
+    expected = reference_losses(f"accumulation-2-{data.replace(' ', '-')}", data_dir,
+                                one_process)
     # Two processes with micro batch 4 = one process with micro batch 4 and 2 accumulation
     # steps: the same global batch, so the same samples in each step.
     two_env = {**env(), "ACCELERATE_USE_CPU": "1"}
@@ -120,7 +134,7 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
                                        "train.grad_accum_steps=2"))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "Resumed from" in resumed.stdout
-    expected = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r][:steps]
+    expected = expected[:steps]
     actual = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert len(expected) == len(actual) == steps
     assert actual == pytest.approx(expected, abs=1e-5)
@@ -130,29 +144,30 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
         assert last["tokens/py"] == pytest.approx(3 * last["tokens/prose"], abs=2 * 64)
 
 
-def test_a_muon_run_trains_and_resumes(data_root, tmp_path):
+def test_a_muon_run_trains_and_resumes(data_root, tmp_path, capsys):
     args = ["train.optimizer=muon", "train.max_steps=2", "eval.every_steps=1000",
             "checkpoint.every_steps=2"]
-    done = run_train(train_args(data_root, tmp_path, "muon", *args))
-    assert done.returncode == 0, done.stderr[-3000:]
-    again = run_train(train_args(data_root, tmp_path, "muon", *args, "train.max_steps=4"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Resumed from" in again.stdout + again.stderr
+    assert train_here(train_args(data_root, tmp_path, "muon", *args))["steps"] == 2
+    assert train_here(train_args(data_root, tmp_path, "muon", *args, "train.max_steps=4"))[
+        "steps"] == 4
+    assert "Resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path / "muon")] == [2, 4]
 
 
 def test_tensorboard_and_offline_wandb_get_the_metrics_and_the_environment_is_honoured(
-        data_root, tmp_path):
+        data_root, tmp_path, monkeypatch):
     """TensorBoard's event files, read back with TensorBoard's own reader, hold the loss of
     every logged step; the offline W&B run takes WANDB_PROJECT / WANDB_RUN_GROUP (the config
     leaves them null) and holds the samples table."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    e = {**env(), "WANDB_MODE": "offline", "WANDB_PROJECT": "project-from-env",
-         "WANDB_RUN_GROUP": "group-from-env"}
-    out = run_train(train_args(data_root, tmp_path, "tracked", "train.max_steps=4",
-                               "train.log_every_steps=1", "eval.every_steps=2",
-                               "tracking.log_with=[wandb, tensorboard]"), env=e)
-    assert out.returncode == 0, out.stderr[-3000:]
+    for name, value in {"WANDB_MODE": "offline", "WANDB_PROJECT": "project-from-env",
+                        "WANDB_RUN_GROUP": "group-from-env"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train_here(train_args(data_root, tmp_path, "tracked", "train.max_steps=4",
+                          "train.log_every_steps=1", "eval.every_steps=2",
+                          "tracking.log_with=[wandb, tensorboard]"))
     rows = metrics(tmp_path / "tracked")
     (event_file,) = (tmp_path / "tracked" / "tensorboard").glob("*/events.out.tfevents.*")
     events = EventAccumulator(str(event_file.parent)).Reload()
@@ -188,26 +203,22 @@ print(json.dumps({
 
 
 def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_generates(
-        trained_run, tmp_path):
-    import sys as _sys
-
+        trained_run, tmp_path, capsys):
+    """Exported and sampled through gpt-pipeline's own dispatch (in this process), then read
+    by transformers in a fresh interpreter, which must know nothing of this project."""
+    from pipeline.cli import main as gpt_pipeline
     from pipeline.data.tokenizer import encode
 
-    run_dir, trained = trained_run
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    command = str(Path(_sys.executable).parent / "gpt-pipeline")
+    run_dir, _ = trained_run
     export = tmp_path / "export"
-    done = subprocess.run([command, "export", "--model", str(run_dir), "--out", str(export)],
-                          env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    gpt_pipeline(["export", "--model", str(run_dir), "--out", str(export)])
     prompts = ["Every effort moves you", "def main():", "naïve café — 東京"]
     texts = prompts + ["tabs\tand  spaces, emoji 😀", "end<|endoftext|>start"]
-    out = subprocess.run([command, "generate", "--model", str(export), "--max-new-tokens", "10",
-                          *[arg for p in prompts for arg in ("--prompt", p)]],
-                         env=env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    ours = out.stdout.split("\n" + "-" * 40 + "\n")[:len(prompts)]
-    hf = subprocess.run([_sys.executable, "-c", HF_SIDE, str(export), json.dumps(prompts),
+    capsys.readouterr()
+    gpt_pipeline(["generate", "--model", str(export), "--max-new-tokens", "10",
+                  *[arg for p in prompts for arg in ("--prompt", p)]])
+    ours = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")[:len(prompts)]
+    hf = subprocess.run([sys.executable, "-c", HF_SIDE, str(export), json.dumps(prompts),
                          json.dumps(texts)], env=env(), capture_output=True, text=True,
                         timeout=300)
     assert hf.returncode == 0, hf.stderr[-3000:]
@@ -217,20 +228,20 @@ def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_
     assert got["model"] == got["pipeline"] == ours
 
 
-def test_a_task_scored_during_training_is_logged_beside_the_val_loss(data_root, tmp_path):
+def test_a_task_scored_during_training_is_logged_beside_the_val_loss(data_root, tmp_path,
+                                                                     capsys):
     """eval.tasks: acc and acc_norm at the evaluations, equal to what the evaluate stage
     gives the same checkpoint, and a second panel in loss.png."""
     task = tmp_path / "mine.jsonl"
     task.write_text("".join(json.dumps({"context": f"Line {i} of the file says", "choices": [
         " hello", " def main():", " import os", " the end"], "label": i % 4}) + "\n"
         for i in range(12)))
-    out = run_train(train_args(data_root, tmp_path, "tasks", "train.max_steps=4",
-                               "eval.every_steps=2", "eval.tasks=[mc]", f"eval.task_file={task}",
-                               "eval.task_every_steps=4", "checkpoint.every_steps=4"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_here(train_args(data_root, tmp_path, "tasks", "train.max_steps=4",
+                          "eval.every_steps=2", "eval.tasks=[mc]", f"eval.task_file={task}",
+                          "eval.task_every_steps=4", "checkpoint.every_steps=4"))
     rows = [r for r in metrics(tmp_path / "tasks") if "val_loss" in r]
     assert [("mc_acc_norm" in r) for r in rows] == [False, True]  # step 2: not due
-    assert "mc_acc_norm" in out.stdout
+    assert "mc_acc_norm" in capsys.readouterr().out
     from pipeline.evaluate import main as evaluate_main
     got = evaluate_main(["--model", str(tmp_path / "tasks"), "--task", "mc", "--task-file",
                          str(task), "--out", str(tmp_path / "eval.json")])

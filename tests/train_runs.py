@@ -1,7 +1,10 @@
 """What the train-stage tests share: the tiny model, the environment of a training
-process, the prepared slice of the standard library, and the command that trains."""
+process, the prepared slice of the standard library (prepared once per run of the suite),
+the command that trains, and training in the test's own process where the process is not
+what is under test."""
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -32,6 +35,22 @@ def prepare_stdlib(root: Path) -> Path:
     return root
 
 
+def shared_stdlib(tmp_path_factory) -> Path:
+    """prepare_stdlib's data set, prepared once for the whole run of the suite: under
+    pytest-xdist the workers' temporary roots share a parent, and the first worker to
+    arrive prepares it there while the others wait on the lock."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / "shared-stdlib"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "stdlib" / "manifest.json").is_file():
+            prepare_stdlib(root)
+    return root
+
+
 def train_args(data_root: Path, runs: Path, name: str, *extra: str,
                data_name: str = "stdlib") -> list[str]:
     return [f"data.root={data_root}", f"data.name={data_name}", f"runs_root={runs}", f"name={name}",
@@ -43,3 +62,27 @@ def run_train(args: list[str], launcher: list[str] | None = None, **kw):
     cmd = (launcher or [sys.executable, "-m"]) + ["pipeline.train"] + args
     return subprocess.run(cmd, cwd=ROOT, env=kw.pop("env", env()), capture_output=True,
                           text=True, timeout=600, **kw)
+
+
+def train_here(args: list[str], config_file: Path | None = None,
+               wandb_mode: str | None = "disabled") -> dict:
+    """Train in this process through the stage's own `run` (what `python -m
+    pipeline.train` calls after parsing): for tests of what a run computes and writes,
+    which need no interpreter of their own. Accelerate's process state is a singleton, so
+    it is reset around each run, as a fresh process would have it. WANDB_MODE is
+    `wandb_mode` unless the test set it (None: unset, so the config decides)."""
+    from accelerate.state import AcceleratorState
+
+    from pipeline.config import load_config
+    from pipeline.train import run
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    before = os.environ.get("WANDB_MODE")
+    if before is None and wandb_mode is not None:
+        os.environ["WANDB_MODE"] = wandb_mode
+    try:
+        return run(load_config(config_file, args))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if before is None:
+            os.environ.pop("WANDB_MODE", None)
