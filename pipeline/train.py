@@ -26,18 +26,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, EvalConfig, load_config, save_config, to_dict
+from pipeline.config import Config, EvalConfig, load_config, save_config
 from pipeline.core import console, locking
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.data.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
 from pipeline.evaluate import evaluate
 from pipeline.keys import add_config_arguments, parse_stage_args
 from pipeline.model.gpt import GPTModel, count_parameters, flops_per_token
-from pipeline.training import checkpoint as ckpt
+from pipeline.training.checkpoint_manager import CheckpointManager
 from pipeline.training.mfu import mfu, peak_flops
 from pipeline.training.optim import build_optimizer, build_scheduler, total_steps
 from pipeline.training.precision import resolve as resolve_precision
@@ -251,6 +250,11 @@ class Training:
     parameters: int
     progress: Progress = field(default_factory=Progress)
     tasks: dict = field(default_factory=dict)  # eval.tasks: name -> examples (pipeline.training.tasks)
+    checkpoints: CheckpointManager = field(init=False)  # resume() and save(step, tokens)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = CheckpointManager(self.config, self.accelerator, self.model,
+                                             self.optimizer, self.stateful_parts)
 
     def stateful_parts(self) -> dict:
         """Everything a checkpoint saves besides the model and the optimizer, by name;
@@ -542,15 +546,7 @@ class TrainLoop:
     def save(self) -> None:
         tr, p = self.tr, self.tr.progress
         p.elapsed = time.perf_counter() - self.started
-        # meta.json is for readers of the checkpoint (evaluate, export, people); the
-        # training state itself is in the stateful parts.
-        meta = {"step": p.step, "tokens": p.tokens, "num_processes": tr.accelerator.num_processes,
-                "model": to_dict(tr.config.model), "config": to_dict(tr.config)}
-        path = ckpt.save_checkpoint(tr.config.run_dir, p.step, accelerator=tr.accelerator,
-                                    model=tr.model, optimizer=tr.optimizer,
-                                    parts=tr.stateful_parts(), meta=meta,
-                                    keep_last=tr.config.checkpoint.keep_last)
-        self.say(f"checkpoint: {path}")
+        self.say(f"checkpoint: {tr.checkpoints.save(p.step, p.tokens)}")
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -585,102 +581,11 @@ def check_finite(losses: torch.Tensor, first_step: int, accum: int) -> None:
 
 
 def resume(tr: Training) -> None:
-    """Restore the run from the checkpoint that checkpoint.resume names (if any): model,
-    optimizer, RNG and every stateful part of `tr`, which check their own consistency
-    (the loader refuses other data, seed or window shape)."""
-    config, accelerator = tr.config, tr.accelerator
-    path = choose_checkpoint(config, accelerator)
-    if path is None:
-        return
-    check_resumable(path, config)
-    ckpt.load_checkpoint(path, accelerator=accelerator, model=tr.model, optimizer=tr.optimizer,
-                         parts=tr.stateful_parts())
-    accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
-                      f"{tr.progress.tokens:,} tokens)")
-
-
-def check_resumable(path: Path, config: Config) -> None:
-    """PipelineError unless the checkpoint at `path` can continue under `config`: the same
-    optimizer (their states differ) and the same model shape."""
-    meta = ckpt.read_meta(path)
-    saved_optimizer = (meta.get("config") or {}).get("train", {}).get("optimizer", "adamw")
-    if saved_optimizer != config.train.optimizer:
-        raise PipelineError(
-            f"cannot resume from {path}: it was trained with train.optimizer: "
-            f"{saved_optimizer}, and the config asks for {config.train.optimizer}; their "
-            f"states differ. Set train.optimizer={saved_optimizer} to continue it, or start a "
-            f"new run (another name, or checkpoint.resume=never).")
-    mismatch = ckpt.shape_mismatch(meta["model"], config.model)
-    if mismatch:
-        raise PipelineError(
-            f"cannot resume from {path}: the model differs from the config ({'; '.join(mismatch)}). "
-            f"Use another run name (or delete this run with make clean) to start over.")
-
-
-def choose_checkpoint(config: Config, accelerator) -> Path | None:
-    """The checkpoint to resume from, decided on the main process (which sweeps what
-    interrupted writes left and checks checksums) and told to the others; every process
-    raises the same error when there is none acceptable."""
-    from accelerate.utils import broadcast_object_list
-
-    answer: list = [None, None]  # path, error message
-    if accelerator.is_main_process:
-        try:
-            answer[0] = _checkpoint_to_resume(config, accelerator.num_processes)
-        except PipelineError as e:
-            answer[1] = str(e)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(answer)
-    if answer[1]:
-        raise PipelineError(answer[1])
-    return None if answer[0] is None else Path(answer[0])
-
-
-def _checkpoint_to_resume(config: Config, processes: int) -> str | None:
-    run_dir, choice = config.run_dir, config.checkpoint.resume
-    for stale in ckpt.sweep_incomplete(run_dir):
-        print(f"removed {stale.name}, left by an interrupted checkpoint write")
-    if choice == "never":
-        existing = ckpt.latest_checkpoint(run_dir)
-        if existing is not None:
-            raise PipelineError(
-                f"{run_dir} already holds checkpoints (latest {existing.name}) and "
-                f"checkpoint.resume=never would start a new run among them (pruning and a "
-                f"later resume would mix the two). Use another name, resume with "
-                f"checkpoint.resume=auto, or delete the old run first (make clean).")
-        return None
-    if choice == "auto":
-        had_checkpoints = bool(ckpt.checkpoint_dirs(run_dir))
-        path = ckpt.newest_intact(run_dir, processes, warn=print)
-        if path is None and had_checkpoints:
-            raise PipelineError(
-                f"every checkpoint of {run_dir} is damaged (each was moved aside as "
-                f"checkpoints/damaged_step_*, nothing deleted), so there is nothing to resume "
-                f"from, and training on would start the run over from step 0 unnoticed. To "
-                f"start it over, run again with checkpoint.resume=never (its metrics.jsonl is "
-                f"rewritten); to keep this run as it is, train under another name.")
-        return None if path is None else str(path)
-    problem = ckpt.damage(choice, processes)
-    if problem:
-        raise PipelineError(f"cannot resume from checkpoint.resume={choice}: {problem}. "
-                            f"Name another checkpoint, or use checkpoint.resume=auto.")
-    refuse_rewind(run_dir, Path(choice))
-    return choice
-
-
-def refuse_rewind(run_dir: Path, chosen: Path) -> None:
-    """Resuming from a step older than the run's newest checkpoint would train a second
-    timeline into the same run: its new checkpoints prune the later ones' neighbours, and
-    the old timeline's newest stays "latest" for export, evaluate and the next resume."""
-    step = ckpt.read_meta(chosen)["step"]
-    later = [p.name for p in ckpt.checkpoint_dirs(run_dir) if ckpt.read_meta(p)["step"] > step]
-    if later:
-        raise PipelineError(
-            f"checkpoint.resume={chosen} is step {step}, and {run_dir} holds later checkpoints "
-            f"({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}); training on from it "
-            f"would mix two timelines in one run. Move those later checkpoints out of "
-            f"{run_dir / 'checkpoints'} if you mean to rewind, or train the older state under "
-            f"another name (name=... checkpoint.resume={chosen}).")
+    """Continue from the checkpoint checkpoint.resume names, if any."""
+    path = tr.checkpoints.resume()
+    if path is not None:
+        tr.accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
+                             f"{tr.progress.tokens:,} tokens)")
 
 
 def announce(tr: Training) -> None:

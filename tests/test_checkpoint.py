@@ -152,51 +152,51 @@ def test_interrupted_writes_are_swept(tmp_path):
 
 def test_resume_never_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
     from pipeline.config import load_config
-    from pipeline.train import _checkpoint_to_resume
+    from pipeline.training.checkpoint_manager import checkpoint_to_resume
 
     saved_run(tmp_path / "runs" / "r", steps=(1,))
     config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
                                 "checkpoint.resume=never"])
     with pytest.raises(PipelineError, match="already holds checkpoints .latest step_000001."):
-        _checkpoint_to_resume(config, 1)
+        checkpoint_to_resume(config, 1)
     assert ckpt.checkpoint_dirs(tmp_path / "runs" / "r")  # nothing deleted
 
 
 def test_a_run_whose_checkpoints_are_all_damaged_stops_instead_of_starting_over(tmp_path):
     from pipeline.config import load_config
-    from pipeline.train import _checkpoint_to_resume
+    from pipeline.training.checkpoint_manager import checkpoint_to_resume
 
     run = tmp_path / "runs" / "r"
     for path in saved_run(run, steps=(1, 2)):
         flip_byte(path / "model.safetensors")
     config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r"])
     with pytest.raises(PipelineError, match="every checkpoint of .* is damaged") as stop:
-        _checkpoint_to_resume(config, 1)
+        checkpoint_to_resume(config, 1)
     assert "checkpoint.resume=never" in str(stop.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "damaged_step_000001", "damaged_step_000002"]  # set aside, nothing deleted
     never = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
                                "checkpoint.resume=never"])
-    assert _checkpoint_to_resume(never, 1) is None  # the remedy it names works
+    assert checkpoint_to_resume(never, 1) is None  # the remedy it names works
 
 
 def test_resuming_from_an_older_checkpoint_among_later_ones_is_refused(tmp_path):
     from pipeline.config import load_config
-    from pipeline.train import _checkpoint_to_resume
+    from pipeline.training.checkpoint_manager import checkpoint_to_resume
 
     run = tmp_path / "runs" / "r"
     older, newest = saved_run(run)
     rewind = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
                                 f"checkpoint.resume={older}"])
     with pytest.raises(PipelineError, match="holds later checkpoints .step_000002.") as stop:
-        _checkpoint_to_resume(rewind, 1)
+        checkpoint_to_resume(rewind, 1)
     assert "another name" in str(stop.value) and newest.is_dir()
     branch = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=branch",
                                 f"checkpoint.resume={older}"])
-    assert _checkpoint_to_resume(branch, 1) == str(older)  # the same state under a new name
+    assert checkpoint_to_resume(branch, 1) == str(older)  # the same state under a new name
     latest = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
                                 f"checkpoint.resume={newest}"])
-    assert _checkpoint_to_resume(latest, 1) == str(newest)
+    assert checkpoint_to_resume(latest, 1) == str(newest)
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk):
@@ -254,7 +254,7 @@ def test_a_process_keeps_and_restores_only_its_own_gpus_generator(monkeypatch):
 def test_resume_refuses_another_model_shape_or_optimizer_naming_it(tmp_path, override, words):
     """(The run is refused before anything is loaded; the checkpoint stays as it was.)"""
     from pipeline.config import load_config
-    from pipeline.train import check_resumable
+    from pipeline.training.checkpoint_manager import check_resumable
 
     (newest,) = saved_run(tmp_path / "runs" / "r", steps=(1,))
     same = [f"model.{k}={v}" for k, v in to_dict(CFG).items() if k in SHAPE_KEYS]
