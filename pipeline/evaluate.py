@@ -1,6 +1,7 @@
 """Stage 3: loss and perplexity of a model over a prepared data set's whole val split.
 
     python -m pipeline.evaluate --model runs/<name> [--max-batches N] [--batch-size B]
+    python -m pipeline.evaluate model=runs/<name> task=mc task_file=my-task.jsonl
     python -m pipeline.evaluate --model gpt2 --data data/<name> --context-length 256 --out gpt2-eval.json
     accelerate launch -m pipeline.evaluate --model runs/<name>      # several processes
 
@@ -19,22 +20,25 @@ checkpoints and exports only as pipeline.model.weights reads them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from pipeline.config import Config, from_dict, load_config
+from pipeline.config import Config, from_dict, load_config, require
+from pipeline.config.options import Usage, option, parse_options
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json
 from pipeline.data.loader import TokenWindows, fixed_batches
 from pipeline.data.shards import load_manifest
 from pipeline.model.head_loss import IGNORE_INDEX
+from pipeline.model.weights import ModelSource
 
 EVAL_FILE = "eval.json"
 
@@ -169,41 +173,57 @@ def _out_path(args, info) -> Path | None:
     return info.home / EVAL_FILE if info.home is not None else None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from pipeline.model.weights import add_model_argument, positive_int
+@dataclass
+class EvaluateOptions(ModelSource):
+    data: Optional[str] = option(None, "the prepared data set to score (default: the run's, "
+                                       "or --config's)", metavar="DIR")
+    config: Optional[str] = option(None, "an experiment YAML: its data set and micro batch "
+                                         "size are used", metavar="CONFIG")
+    max_batches: Optional[int] = option(None, "micro batches per process (default: the whole "
+                                              "val split)")
+    batch_size: Optional[int] = option(None, "sequences per micro batch (default: the run's "
+                                             "train.micro_batch_size, or 8)")
+    context_length: Optional[int] = option(None, "crop the model to this context (default: "
+                                                 "the model's own)")
+    precision: Optional[Literal["auto", "fp32", "no", "bf16", "fp16"]] = option(
+        None, "autocast: fp32 (also `no`), bf16 or fp16; auto: bf16 where the hardware has "
+              "bf16 units (default: the run's train.precision, else fp32)")
+    out: Optional[str] = option(None, f"where to write the results (default: {EVAL_FILE} "
+                                      f"beside the model)", metavar="FILE")
+    task: Literal["val", "hellaswag", "mc"] = option(
+        "val", "val: loss and perplexity of the val split; hellaswag: accuracy on HellaSwag's "
+               "val set as llm.c scores it; mc: your own multiple-choice jsonl (--task-file)")
+    task_file: Optional[str] = option(None, "the task's examples (hellaswag: default, "
+                                            "downloaded once)", metavar="JSONL")
+    task_url: Optional[str] = option(None, "where HellaSwag's val jsonl is downloaded from "
+                                           "(default: llm.c's URL)", metavar="URL")
+    task_sha256: Optional[str] = option(None, "the sha256 the downloaded task file must have",
+                                        metavar="HEX")
+    text: list[str] = option(help="instead of a data set: perplexity of these files (txt, "
+                                  "jsonl, parquet); repeat for several",
+                             default_factory=list, metavar="FILE")
+    stride: Optional[int] = option(None, "with --text: tokens between window starts (default: "
+                                         "the context length; smaller gives each token more "
+                                         "context, as HF's guide)")
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
-                                description="Val loss and perplexity of a model.")
-    add_model_argument(p)
-    p.add_argument("--data", metavar="DIR", help="prepared data set (default: the run's)")
-    p.add_argument("--config", metavar="CONFIG", help="take the data set and batch size from it")
-    p.add_argument("--max-batches", type=int, default=None,
-                   help="micro batches per process (default: the whole val split)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per micro batch (default: the config's train.micro_batch_size, or 8)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="crop the model to this context (default: the model's own)")
-    p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default=None,
-                   help="autocast (default: the run's train.precision, else no; auto: bf16 "
-                        "where the hardware has bf16 units)")
-    p.add_argument("--out", metavar="FILE", help=f"where to write the results (default: "
-                                                 f"{EVAL_FILE} beside the model)")
-    p.add_argument("--task", choices=["val", "hellaswag", "mc"], default="val",
-                   help="val: loss and perplexity of the val split (default); hellaswag: "
-                        "accuracy on HellaSwag's val set as llm.c scores it; mc: your own "
-                        "multiple-choice jsonl (--task-file)")
-    p.add_argument("--task-file", metavar="JSONL",
-                   help="the task's examples (hellaswag: default, downloaded once)")
-    p.add_argument("--task-url", default=None, metavar="URL",
-                   help="where HellaSwag's val jsonl is downloaded from (default: llm.c's URL)")
-    p.add_argument("--task-sha256", default=None, metavar="HEX",
-                   help="the sha256 the downloaded task file must have")
-    p.add_argument("--text", nargs="+", metavar="FILE",
-                   help="instead of a data set: perplexity of these files (txt, jsonl, parquet)")
-    p.add_argument("--stride", type=positive_int, default=None,
-                   help="with --text: tokens between window starts (default: the context "
-                        "length; smaller gives each token more context, as HF's guide)")
-    return p.parse_args(argv)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("max_batches", "batch_size", "context_length", "stride"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, "--" + key.replace("_", "-"), value,
+                    "a positive count")
+
+
+USAGE = Usage("python -m pipeline.evaluate", "Val loss and perplexity of a model, its accuracy "
+              "on a multiple-choice task, or the perplexity of text files.",
+              "examples:\n  python -m pipeline.evaluate --model runs/tiny\n"
+              "  python -m pipeline.evaluate model=gpt2 data=data/python-stdlib-1mb "
+              "context_length=128\n  python -m pipeline.evaluate --model runs/tiny --task mc "
+              "--task-file my-task.jsonl")
+
+
+def parse_args(argv=None) -> EvaluateOptions:
+    return parse_options(EvaluateOptions, argv, USAGE)
 
 
 def check_inputs(args) -> None:
@@ -287,10 +307,6 @@ def main(argv=None) -> dict:
     from pipeline.model.weights import load_model
 
     args = parse_args(argv)
-    for flag, value in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches),
-                        ("--context-length", args.context_length)):
-        if value is not None and value < 1:
-            raise PipelineError(f"{flag} {value}: it must be a positive count")
     check_inputs(args)
     model, info = load_model(args.model, context_length=args.context_length,
                              n_heads=args.n_heads)

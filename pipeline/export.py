@@ -1,6 +1,6 @@
 """Stage 4: a model to a directory in the Hugging Face GPT-2 layout.
 
-    python -m pipeline.export --model runs/<name> [--out DIR] [--dtype float32|bfloat16|float16]
+    python -m pipeline.export --model runs/<name> [--out DIR] [--dtype fp32|bf16|fp16]
 
 writes
     config.json              GPT2Config (pipeline.model.gpt2.hf_config) plus torch_dtype
@@ -31,26 +31,26 @@ Knows the HF directory layout; the name mapping is pipeline/model/gpt2.py's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
+from pipeline.config.options import Usage, option, parse_options
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file
 from pipeline.model import gpt2
 from pipeline.model.card import model_card
-from pipeline.model.weights import ModelInfo, add_model_argument, load_state
+from pipeline.model.weights import DTYPES, ModelInfo, ModelSource, dtype_name, load_state
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What an export directory may hold; a destination with anything else is not replaced.
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "eval.json",
@@ -58,12 +58,12 @@ EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "e
                 *TOKENIZER_FILES}
 
 
-def export(source: str | Path, out: str | Path | None = None, dtype: str = "float32",
+def export(source: str | Path, out: str | Path | None = None, dtype: str = "fp32",
            n_heads: int | None = None) -> tuple[Path, ModelInfo]:
     """Write `source` as an HF GPT-2 directory at `out`, verified; return (out, info).
-    `n_heads`: the head count of a book-format source (its shapes do not record it)."""
-    if dtype not in DTYPES:
-        raise PipelineError(f"--dtype {dtype} is not one of: {', '.join(DTYPES)}")
+    `dtype`: fp32 | bf16 | fp16 (or torch's names). `n_heads`: the head count of a
+    book-format source (its shapes do not record it)."""
+    dtype = dtype_name(dtype)
     cfg, state, info = load_state(source, n_heads=n_heads)
     out = Path(out) if out is not None else default_destination(info)
     _check_destination(out, info)
@@ -86,7 +86,8 @@ def export(source: str | Path, out: str | Path | None = None, dtype: str = "floa
 def write_hf_dir(path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype: str) -> None:
     # transformers refuses safetensors files without format metadata
     save_file(hf_state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_json(path / "config.json", {**gpt2.hf_config(cfg), "torch_dtype": dtype})
+    torch_name = str(DTYPES[dtype]).removeprefix("torch.")  # transformers' spelling
+    atomic_write_json(path / "config.json", {**gpt2.hf_config(cfg), "torch_dtype": torch_name})
     atomic_write_json(path / "generation_config.json",
                       {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
     write_tokenizer_files(path, cfg.context_length)
@@ -196,19 +197,30 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_argument(p)
-    p.add_argument("--out", metavar="DIR",
-                   help="destination (default for a run or checkpoint: runs/<name>/export)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="dtype of the stored weights (default: float32, as trained)")
-    p.add_argument("--push-to-hub", metavar="REPO",
-                   help="then upload the directory to this Hugging Face Hub model repo "
-                        "(user/name; created if missing; token from `hf auth login` or HF_TOKEN)")
-    return p.parse_args(argv)
+@dataclass
+class ExportOptions(ModelSource):
+    out: Optional[str] = option(None, "destination directory (default for a run or "
+                                      "checkpoint: runs/<name>/export)", metavar="DIR")
+    dtype: str = option("fp32", "dtype of the stored weights: fp32 (as trained), bf16 or fp16 "
+                                "(torch's float32, bfloat16, float16 also accepted)")
+    push_to_hub: Optional[str] = option(
+        None, "then upload the directory to this Hugging Face Hub model repo (user/name; "
+              "created if missing; token from `hf auth login` or HF_TOKEN)", metavar="REPO")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dtype = dtype_name(self.dtype)
+        if self.push_to_hub is not None:  # "" too: an empty name is refused, not skipped
+            check_repo_id(self.push_to_hub)  # before the work, not after it
+
+
+USAGE = Usage("python -m pipeline.export", __doc__.split("\n\n")[0].strip(),
+              "examples:\n  python -m pipeline.export --model runs/tiny\n"
+              "  python -m pipeline.export model=gpt2 out=exports/gpt2 dtype=bf16")
+
+
+def parse_args(argv=None) -> ExportOptions:
+    return parse_options(ExportOptions, argv, USAGE)
 
 
 def check_repo_id(repo: str) -> None:
@@ -239,8 +251,6 @@ def push_to_hub(folder: Path, repo: str) -> str:
 @cli_main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.push_to_hub is not None:  # "" too: an empty name is refused, not skipped
-        check_repo_id(args.push_to_hub)  # before the work, not after it
     out, info = export(args.model, args.out, args.dtype, args.n_heads)
     cfg = info.config
     step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""

@@ -2,7 +2,10 @@
 
     python -m pipeline.generate --model runs/<name> --prompt "Every effort moves you" \\
         [--max-new-tokens 100] [--temperature 0.8] [--top-k 50] [--top-p 0.95] \\
-        [--seed 1337] [--num-samples 3] [--no-cache]
+        [--seed 1337] [--num-samples 3] [--no-cache] [--dtype fp32|bf16|fp16]
+    python -m pipeline.generate model=gpt2 prompt="Every effort moves you" temperature=0.8
+
+(every option also as key=value, as train's config keys)
 
 Semantics of the book's chapter 5 `generate`: the input is cropped to the model's context
 length; the logits of the last position are filtered to the top-k first, then divided by
@@ -22,18 +25,20 @@ and the tokenizer, nothing of files except in the CLI.
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import math
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from pipeline.config import require
+from pipeline.config.options import Usage, option, parse_options
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
 from pipeline.model.gpt import GPTModel, KVCache
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.model.weights import DTYPES, ModelSource, dtype_name
 
 
 def base_model(model: torch.nn.Module) -> GPTModel:
@@ -261,37 +266,47 @@ class TextStream:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from pipeline.model.weights import add_model_argument
+@dataclass
+class GenerateOptions(ModelSource):
+    prompt: list[str] = option(help="text to continue; repeat for several (default: the "
+                                    "book's 'Every effort moves you')",
+                               default_factory=list)
+    max_new_tokens: int = option(100, "tokens to generate per sample")
+    temperature: float = option(0.0, "0: greedy (the argmax); higher: more random")
+    top_k: Optional[int] = option(None, "sample only among the k likeliest tokens")
+    top_p: Optional[float] = option(None, "nucleus: sample in the smallest set of "
+                                          "probability mass p")
+    seed: int = option(1337, "seeds the sampling")
+    num_samples: int = option(1, "samples per prompt")
+    cache: bool = option(True, "a KV cache (--no-cache recomputes the whole sequence each "
+                               "step)")
+    device: str = option("auto", "cpu, cuda, cuda:N or mps (auto: cuda when there is one)")
+    dtype: str = option("fp32", "weights and KV cache in fp32, bf16 or fp16; bf16 halves the "
+                                "bytes each new token reads")
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.generate",
-                                description="Generate text from a trained or imported model.")
-    add_model_argument(p)
-    p.add_argument("--prompt", action="append",
-                   help="text to continue; repeat for several (default: the book's "
-                        "'Every effort moves you')")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass p")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="weights and KV cache in this type (default fp32); bf16 halves "
-                        "the bytes each new token reads")
-    return p.parse_args(argv)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("max_new_tokens", "num_samples"):
+            require(getattr(self, key) >= 1, "--" + key.replace("_", "-"), getattr(self, key),
+                    "at least 1")
+        require(0 <= self.seed < 2**64, "--seed", self.seed, "0 .. 2**64 - 1")
+        self.dtype = dtype_name(self.dtype)
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+USAGE = Usage("python -m pipeline.generate",
+              "Generate text from a trained, imported or exported model.")
+
+
+def parse_args(argv=None) -> GenerateOptions:
+    return parse_options(GenerateOptions, argv, USAGE)
 
 
 @cli_main
 def main(argv=None) -> None:
-    from pipeline.model.weights import load_model  # the CLI reads files; generate() does not
+    from pipeline.model.weights import load_model
     args = parse_args(argv)
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise PipelineError("--max-new-tokens and --num-samples must be at least 1")
-    if not 0 <= args.seed < 2**64:
-        raise PipelineError(f"--seed {args.seed}: a seed is 0 .. 2**64 - 1")
     args.device = checked_device(args.device)
     model, info = load_model(args.model, device=args.device, n_heads=args.n_heads)
     # bf16 needs no warning here, unlike training: one row at a time is bound by reading
@@ -312,7 +327,7 @@ def main(argv=None) -> None:
             stream.write(decode(ids))
             generate(model, torch.tensor([ids]), args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     use_cache=not args.no_cache, generator=generator, on_token=stream)
+                     use_cache=args.cache, generator=generator, on_token=stream)
             stream.close()
             stream.write("\n" + "-" * 40 + "\n")
 

@@ -157,9 +157,9 @@ def test_generate_refuses_bad_arguments_in_one_paragraph(tiny_book_model, capsys
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--stride", "0"], ["--stride", "not a positive whole number"]),
+    (["--stride", "0"], ["--stride=0", "a positive count"]),
     (["--stride", "100"], ["--stride 100", "1 .. the context length (8)"]),
-    (["--n-heads", "0"], ["--n-heads", "not a positive whole number"]),
+    (["--n-heads", "0"], ["--n-heads=0", "a positive count"]),
     (["--text", "no-such.txt"], ["'no-such.txt' matches no file"]),
     (["--task", "mc"], ["--task mc needs --task-file"]),
     (["--task", "hellaswag", "--task-file", "no-such.jsonl"], ["--task-file no-such.jsonl does not exist"]),
@@ -183,7 +183,7 @@ def test_evaluate_refuses_non_positive_counts(tiny_book_model, capsys, flag):
     with pytest.raises(SystemExit) as exit:
         main(["--model", str(tiny_book_model), "--n-heads", "12", flag, "-1"])
     assert exit.value.code == 2
-    assert f"{flag} -1: it must be a positive count" in capsys.readouterr().err
+    assert f"{flag}=-1 is not allowed: it must be a positive count" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

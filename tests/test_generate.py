@@ -174,7 +174,7 @@ def test_cli_dtype_bf16_generates_with_bf16_weights_and_cache(model, tmp_path, c
     assert captured.out.startswith(decode(out[0].tolist()) + "\n---")
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--dtype", "int8"])
-    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    assert "--dtype='int8' is not allowed: it must be fp32, bf16 or fp16" in capsys.readouterr().err
 
 
 def test_decoding_layout_keeps_every_weight_and_every_token(model):

@@ -161,7 +161,8 @@ class TrainConfig:
     # Mixed precision through Accelerate. auto: bf16 where the hardware has bf16 units
     # (GPUs from Ampere on, CPUs with AVX512_BF16 or AMX), fp16 on older GPUs, else no
     # (fp32): on a CPU without bf16 units bf16 is ~40x slower (pipeline/training/precision.py).
-    precision: Literal["auto", "no", "bf16", "fp16"] = "no"
+    # fp32 (also written `no`, Accelerate's word): no autocast.
+    precision: Literal["auto", "fp32", "no", "bf16", "fp16"] = "no"
     compile: bool = False  # torch.compile the model
     # Recompute each transformer block's activations in backward instead of keeping
     # them: about a third more compute for a fraction of the activation memory (what
@@ -344,11 +345,11 @@ def _build(cls, raw: Any, where: str):
             raise ConfigError(
                 f"unknown config key '{where}{key}'; {hint}valid keys here: {', '.join(names)}"
                 f" (`gpt-pipeline train --help` lists every key)")
-        kwargs[key] = _coerce(hints[key], value, f"{where}{key}")
+        kwargs[key] = coerce(hints[key], value, f"{where}{key}")
     return cls(**kwargs)
 
 
-def _coerce(tp, value, key: str):
+def coerce(tp, value, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -357,7 +358,7 @@ def _coerce(tp, value, key: str):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        return coerce(inner, value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, args))}")
@@ -368,8 +369,8 @@ def _coerce(tp, value, key: str):
         if origin is tuple:
             if len(value) != len(args):
                 raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
@@ -407,70 +408,70 @@ def validate(config: Config) -> None:
     _validate_source(config.data.source)
     _validate_mixture(config)
     d = config.data
-    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
-    _require(d.shard_tokens > 0, "data.shard_tokens", d.shard_tokens, "a positive count")
-    _require(d.part_bytes > 0, "data.part_bytes", d.part_bytes, "a positive number of bytes")
-    _require(d.segment_bytes >= 4096, "data.segment_bytes", d.segment_bytes,
+    require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
+    require(d.shard_tokens > 0, "data.shard_tokens", d.shard_tokens, "a positive count")
+    require(d.part_bytes > 0, "data.part_bytes", d.part_bytes, "a positive number of bytes")
+    require(d.segment_bytes >= 4096, "data.segment_bytes", d.segment_bytes,
              "at least 4096 bytes")
-    _require(d.num_workers is None or d.num_workers >= 1, "data.num_workers", d.num_workers,
+    require(d.num_workers is None or d.num_workers >= 1, "data.num_workers", d.num_workers,
              "at least 1, or null for all cores")
     _validate_model(config.model)
     _validate_train(config.train)
     e = config.eval
     for key in ("every_steps", "batches", "max_new_tokens"):
-        _require(getattr(e, key) > 0, f"eval.{key}", getattr(e, key), "a positive count")
-    _require(e.first_step is None or e.first_step > 0, "eval.first_step", e.first_step,
+        require(getattr(e, key) > 0, f"eval.{key}", getattr(e, key), "a positive count")
+    require(e.first_step is None or e.first_step > 0, "eval.first_step", e.first_step,
              "a positive step, or null for every_steps")
-    _require(math.isfinite(e.temperature) and e.temperature >= 0, "eval.temperature",
+    require(math.isfinite(e.temperature) and e.temperature >= 0, "eval.temperature",
              e.temperature, "0 (greedy) or a positive number")
-    _require(e.top_k is None or 0 < e.top_k <= config.model.vocab_size, "eval.top_k", e.top_k,
+    require(e.top_k is None or 0 < e.top_k <= config.model.vocab_size, "eval.top_k", e.top_k,
              f"null or 1 .. model.vocab_size ({config.model.vocab_size})")
-    _require(all(t in ("hellaswag", "mc") for t in e.tasks), "eval.tasks", e.tasks,
+    require(all(t in ("hellaswag", "mc") for t in e.tasks), "eval.tasks", e.tasks,
              "a list of hellaswag and mc")
-    _require("mc" not in e.tasks or bool(e.task_file), "eval.task_file", e.task_file,
+    require("mc" not in e.tasks or bool(e.task_file), "eval.task_file", e.task_file,
              "a jsonl file when eval.tasks has mc")
     for key in ("task_every_steps", "task_examples"):
-        _require(getattr(e, key) is None or getattr(e, key) > 0, f"eval.{key}",
+        require(getattr(e, key) is None or getattr(e, key) > 0, f"eval.{key}",
                  getattr(e, key), "positive, or null")
     c = config.checkpoint
-    _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive count")
-    _require(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "0 (keep all) or more")
-    _require(bool(c.resume), "checkpoint.resume", c.resume, "auto, never or a checkpoint path")
+    require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive count")
+    require(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "0 (keep all) or more")
+    require(bool(c.resume), "checkpoint.resume", c.resume, "auto, never or a checkpoint path")
     unknown = [t for t in config.tracking.log_with if t not in TRACKERS]
-    _require(not unknown and len(set(config.tracking.log_with)) == len(config.tracking.log_with),
+    require(not unknown and len(set(config.tracking.log_with)) == len(config.tracking.log_with),
              "tracking.log_with", config.tracking.log_with,
              f"a list of distinct trackers among {', '.join(TRACKERS)} ([] for none)")
-    _require(0 <= config.seed <= SEED_MAX, "seed", config.seed, "0 .. 2**64 - 1")
+    require(0 <= config.seed <= SEED_MAX, "seed", config.seed, "0 .. 2**64 - 1")
 
 
 def _validate_names(config: Config) -> None:
     for key, value in (("name", config.name), ("data.name", config.data.name)):
-        _require(bool(PLAIN_NAME.match(value)), key, value,
+        require(bool(PLAIN_NAME.match(value)), key, value,
                  "a plain name: letters, digits, '.', '_' and '-', not starting with '.' or '-' "
                  "(it becomes a directory under the runs or data root)")
     for key, value in (("runs_root", config.runs_root), ("data.root", config.data.root)):
-        _require(bool(value.strip()), key, value, "a directory path")
+        require(bool(value.strip()), key, value, "a directory path")
 
 
 def _validate_mixture(config: Config) -> None:
     mix = config.data.sources
     if not mix:
         return
-    _check(config.data.source == SourceConfig(),
+    check(config.data.source == SourceConfig(),
            "data.source and data.sources are both set: a data set has either one source "
            "(data.source) or a weighted mixture (data.sources); move data.source into the list, "
            "or clear it (data.source: null, or the override data.source=null)")
     names = [entry.name for entry in mix]
     for i, entry in enumerate(mix):
         where = f"data.sources[{i}]."
-        _require(bool(SOURCE_NAME.match(entry.name)), f"{where}name", entry.name,
+        require(bool(SOURCE_NAME.match(entry.name)), f"{where}name", entry.name,
                  "a short plain name (letters, digits, '_' and '-'): it names the source's "
                  "shard directory and its metrics")
-        _require(math.isfinite(entry.weight) and entry.weight > 0, f"{where}weight",
+        require(math.isfinite(entry.weight) and entry.weight > 0, f"{where}weight",
                  entry.weight, "a positive number (weights are relative; they need not sum to 1)")
         _validate_source(entry.source, f"{where}source.")
-    _require(len(set(names)) == len(names), "data.sources names", names, "distinct names")
-    _require(config.train.order == "shuffle", "train.order", config.train.order,
+    require(len(set(names)) == len(names), "data.sources names", names, "distinct names")
+    require(config.train.order == "shuffle", "train.order", config.train.order,
              "shuffle with data.sources (the book's order draws from one source)")
 
 
@@ -490,24 +491,24 @@ def _validate_source(src: SourceConfig, where: str = "data.source.") -> None:
         raise ConfigError(f"{where}url is empty")
     for key in ("max_documents", "max_bytes"):
         value = getattr(src, key)
-        _require(value is None or value > 0, f"{where}{key}", value,
+        require(value is None or value > 0, f"{where}{key}", value,
                  "a positive count, or null for all")
-    _require(src.max_download_bytes is None or src.max_download_bytes > 0,
+    require(src.max_download_bytes is None or src.max_download_bytes > 0,
              f"{where}max_download_bytes", src.max_download_bytes,
              "a positive number of bytes, or null for no limit")
-    _require(src.sha256 is None or bool(re.fullmatch("[0-9a-fA-F]{64}", src.sha256)),
+    require(src.sha256 is None or bool(re.fullmatch("[0-9a-fA-F]{64}", src.sha256)),
              f"{where}sha256", src.sha256,
              "64 hexadecimal digits (as sha256sum prints them), or null")
-    _require(src.revision is None or bool(src.revision.strip()), f"{where}revision",
+    require(src.revision is None or bool(src.revision.strip()), f"{where}revision",
              src.revision, "a branch, tag or commit of the dataset, or null for the default")
 
 
 def _validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "a positive count")
-    _check(m.emb_dim % m.n_heads == 0,
+        require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "a positive count")
+    check(m.emb_dim % m.n_heads == 0,
            f"model.emb_dim ({m.emb_dim}) must be divisible by model.n_heads ({m.n_heads})")
-    _require(0 <= m.drop_rate < 1, "model.drop_rate", m.drop_rate, "in [0, 1)")
+    require(0 <= m.drop_rate < 1, "model.drop_rate", m.drop_rate, "in [0, 1)")
 
 
 def model_config_from_file(raw, where: str) -> ModelConfig:
@@ -525,35 +526,35 @@ def model_config_from_file(raw, where: str) -> ModelConfig:
 
 def _validate_train(t: TrainConfig) -> None:
     for key in ("micro_batch_size", "grad_accum_steps", "log_every_steps"):
-        _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "a positive count")
+        require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "a positive count")
     for key in ("max_steps", "max_tokens", "stride"):
         value = getattr(t, key)
-        _require(value is None or value > 0, f"train.{key}", value, "positive, or null")
-    _require(t.epochs is None or (math.isfinite(t.epochs) and t.epochs > 0), "train.epochs",
+        require(value is None or value > 0, f"train.{key}", value, "positive, or null")
+    require(t.epochs is None or (math.isfinite(t.epochs) and t.epochs > 0), "train.epochs",
              t.epochs, "a positive number, or null")
-    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a positive number")
-    _require(t.min_lr is None or (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr),
+    require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a positive number")
+    require(t.min_lr is None or (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr),
              "train.min_lr", t.min_lr, f"0 .. train.lr ({t.lr}), or null for lr / 10")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "0 or more")
-    _require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+    require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "0 or more")
+    require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
              t.weight_decay, "0 or more")
-    _require(all(math.isfinite(b) and 0 <= b < 1 for b in t.betas), "train.betas",
+    require(all(math.isfinite(b) and 0 <= b < 1 for b in t.betas), "train.betas",
              list(t.betas), "two numbers in [0, 1)")
-    _require(t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0),
+    require(t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0),
              "train.grad_clip", t.grad_clip, "a positive norm, or null for no clipping")
-    _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops,
+    require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops,
              "a positive FLOP/s, or null")
-    _require(math.isfinite(t.collective_timeout_minutes) and t.collective_timeout_minutes > 0,
+    require(math.isfinite(t.collective_timeout_minutes) and t.collective_timeout_minutes > 0,
              "train.collective_timeout_minutes", t.collective_timeout_minutes,
              "a positive number of minutes")
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
+def require(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}")
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 

@@ -30,10 +30,12 @@ import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, require
+from pipeline.config.options import option
 from pipeline.core.errors import PipelineError
 from pipeline.model import checkpoints as checkpoint
 from pipeline.model import gpt2
@@ -341,22 +343,32 @@ def _describe(cfg: ModelConfig) -> str:
             f"tied head {cfg.tie_embeddings}")
 
 
-def add_model_argument(parser) -> None:
-    """The `--model SOURCE` and `--n-heads N` options that evaluate, export and generate share."""
-    parser.add_argument("--model", required=True, metavar="SOURCE",
-                        help="a run dir (its latest checkpoint), a checkpoint dir, a model dir, "
-                             f"{'|'.join(gpt2.OPENAI_SIZES)}, or a book-format model.pth")
-    parser.add_argument("--n-heads", type=positive_int, metavar="N",
-                        help="attention heads of a book-format model.pth, whose tensors do not "
-                             "record them (default: GPT-2's count at its width, announced)")
+# Storage dtypes, in the one spelling every stage uses (train.precision's bf16 and fp16;
+# fp32 is its `no`). The names torch and transformers print are accepted too.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def positive_int(text: str) -> int:
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
+def dtype_name(text: str, key: str = "--dtype") -> str:
+    """fp32 | bf16 | fp16, from that spelling or torch's (float32, bfloat16, float16)."""
+    name = DTYPE_ALIASES.get(text, text)
+    require(name in DTYPES, key, text, "fp32, bf16 or fp16")
+    return name
+
+
+@dataclass
+class ModelSource:
+    """The options every stage that reads a model shares (evaluate, export, generate)."""
+
+    model: str = option(help="a run dir (its latest checkpoint), a checkpoint dir, a model "
+                             f"dir, {' | '.join(gpt2.OPENAI_SIZES)}, or a book-format "
+                             "model.pth", metavar="SOURCE")
+    n_heads: Optional[int] = option(None, "attention heads of a book-format model.pth, whose "
+                                          "tensors do not record them (default: GPT-2's count "
+                                          "at its width, announced)")
+
+    def __post_init__(self) -> None:
+        require(bool(self.model.strip()), "--model", self.model,
+                "a run dir, checkpoint dir, model dir or GPT-2 size")
+        require(self.n_heads is None or self.n_heads > 0, "--n-heads", self.n_heads,
+                "a positive count")

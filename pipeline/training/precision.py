@@ -41,7 +41,9 @@ def gpu_has_bf16() -> bool:
 
 
 def resolve(requested: str, device_type: str) -> tuple[str, str]:
-    """(precision Accelerate gets: no | bf16 | fp16, the reason in a few words)."""
+    """(precision Accelerate gets: no | bf16 | fp16, the reason in a few words). fp32 is
+    the project's spelling of Accelerate's `no` (no autocast), as for stored dtypes."""
+    requested = {"fp32": "no"}.get(requested, requested)
     if requested != "auto":
         return requested, "train.precision"
     if device_type == "cuda":
