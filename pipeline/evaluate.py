@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from pipeline.config import Config, from_dict, load_config, require
-from pipeline.config.options import Usage, option, parse_options
+from pipeline.config import Config, from_dict, load_config
+from pipeline.config.options import Usage, parse_options
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.schema import require, setting
 from pipeline.data.loader import TokenWindows, fixed_batches
 from pipeline.data.shards import load_manifest
 from pipeline.model.head_loss import IGNORE_INDEX
@@ -175,34 +176,34 @@ def _out_path(args, info) -> Path | None:
 
 @dataclass
 class EvaluateOptions(ModelSource):
-    data: Optional[str] = option(None, "the prepared data set to score (default: the run's, "
+    data: Optional[str] = setting(None, "the prepared data set to score (default: the run's, "
                                        "or --config's)", metavar="DIR")
-    config: Optional[str] = option(None, "an experiment YAML: its data set and micro batch "
+    config: Optional[str] = setting(None, "an experiment YAML: its data set and micro batch "
                                          "size are used", metavar="CONFIG")
-    max_batches: Optional[int] = option(None, "micro batches per process (default: the whole "
+    max_batches: Optional[int] = setting(None, "micro batches per process (default: the whole "
                                               "val split)")
-    batch_size: Optional[int] = option(None, "sequences per micro batch (default: the run's "
+    batch_size: Optional[int] = setting(None, "sequences per micro batch (default: the run's "
                                              "train.micro_batch_size, or 8)")
-    context_length: Optional[int] = option(None, "crop the model to this context (default: "
+    context_length: Optional[int] = setting(None, "crop the model to this context (default: "
                                                  "the model's own)")
-    precision: Optional[Literal["auto", "fp32", "no", "bf16", "fp16"]] = option(
+    precision: Optional[Literal["auto", "fp32", "no", "bf16", "fp16"]] = setting(
         None, "autocast: fp32 (also `no`), bf16 or fp16; auto: bf16 where the hardware has "
               "bf16 units (default: the run's train.precision, else fp32)")
-    out: Optional[str] = option(None, f"where to write the results (default: {EVAL_FILE} "
+    out: Optional[str] = setting(None, f"where to write the results (default: {EVAL_FILE} "
                                       f"beside the model)", metavar="FILE")
-    task: Literal["val", "hellaswag", "mc"] = option(
+    task: Literal["val", "hellaswag", "mc"] = setting(
         "val", "val: loss and perplexity of the val split; hellaswag: accuracy on HellaSwag's "
                "val set as llm.c scores it; mc: your own multiple-choice jsonl (--task-file)")
-    task_file: Optional[str] = option(None, "the task's examples (hellaswag: default, "
+    task_file: Optional[str] = setting(None, "the task's examples (hellaswag: default, "
                                             "downloaded once)", metavar="JSONL")
-    task_url: Optional[str] = option(None, "where HellaSwag's val jsonl is downloaded from "
+    task_url: Optional[str] = setting(None, "where HellaSwag's val jsonl is downloaded from "
                                            "(default: llm.c's URL)", metavar="URL")
-    task_sha256: Optional[str] = option(None, "the sha256 the downloaded task file must have",
+    task_sha256: Optional[str] = setting(None, "the sha256 the downloaded task file must have",
                                         metavar="HEX")
-    text: list[str] = option(help="instead of a data set: perplexity of these files (txt, "
+    text: list[str] = setting(help="instead of a data set: perplexity of these files (txt, "
                                   "jsonl, parquet); repeat for several",
                              default_factory=list, metavar="FILE")
-    stride: Optional[int] = option(None, "with --text: tokens between window starts (default: "
+    stride: Optional[int] = setting(None, "with --text: tokens between window starts (default: "
                                          "the context length; smaller gives each token more "
                                          "context, as HF's guide)")
 

@@ -43,9 +43,10 @@ import yaml
 from safetensors.torch import save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
-from pipeline.config.options import Usage, option, parse_options
+from pipeline.config.options import Usage, parse_options
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
+from pipeline.core.schema import setting
 from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file
 from pipeline.model import gpt2
 from pipeline.model.card import model_card
@@ -199,11 +200,11 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 @dataclass
 class ExportOptions(ModelSource):
-    out: Optional[str] = option(None, "destination directory (default for a run or "
+    out: Optional[str] = setting(None, "destination directory (default for a run or "
                                       "checkpoint: runs/<name>/export)", metavar="DIR")
-    dtype: str = option("fp32", "dtype of the stored weights: fp32 (as trained), bf16 or fp16 "
+    dtype: str = setting("fp32", "dtype of the stored weights: fp32 (as trained), bf16 or fp16 "
                                 "(torch's float32, bfloat16, float16 also accepted)")
-    push_to_hub: Optional[str] = option(
+    push_to_hub: Optional[str] = setting(
         None, "then upload the directory to this Hugging Face Hub model repo (user/name; "
               "created if missing; token from `hf auth login` or HF_TOKEN)", metavar="REPO")
 

@@ -33,9 +33,9 @@ from typing import Optional
 
 import torch
 
-from pipeline.config import require
-from pipeline.config.options import Usage, option, parse_options
+from pipeline.config.options import Usage, parse_options
 from pipeline.core.errors import PipelineError, cli_main
+from pipeline.core.schema import require, setting
 from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
 from pipeline.model.gpt import GPTModel, KVCache
 from pipeline.model.weights import DTYPES, ModelSource, dtype_name
@@ -268,20 +268,20 @@ class TextStream:
 
 @dataclass
 class GenerateOptions(ModelSource):
-    prompt: list[str] = option(help="text to continue; repeat for several (default: the "
+    prompt: list[str] = setting(help="text to continue; repeat for several (default: the "
                                     "book's 'Every effort moves you')",
                                default_factory=list)
-    max_new_tokens: int = option(100, "tokens to generate per sample")
-    temperature: float = option(0.0, "0: greedy (the argmax); higher: more random")
-    top_k: Optional[int] = option(None, "sample only among the k likeliest tokens")
-    top_p: Optional[float] = option(None, "nucleus: sample in the smallest set of "
+    max_new_tokens: int = setting(100, "tokens to generate per sample")
+    temperature: float = setting(0.0, "0: greedy (the argmax); higher: more random")
+    top_k: Optional[int] = setting(None, "sample only among the k likeliest tokens")
+    top_p: Optional[float] = setting(None, "nucleus: sample in the smallest set of "
                                           "probability mass p")
-    seed: int = option(1337, "seeds the sampling")
-    num_samples: int = option(1, "samples per prompt")
-    cache: bool = option(True, "a KV cache (--no-cache recomputes the whole sequence each "
+    seed: int = setting(1337, "seeds the sampling")
+    num_samples: int = setting(1, "samples per prompt")
+    cache: bool = setting(True, "a KV cache (--no-cache recomputes the whole sequence each "
                                "step)")
-    device: str = option("auto", "cpu, cuda, cuda:N or mps (auto: cuda when there is one)")
-    dtype: str = option("fp32", "weights and KV cache in fp32, bf16 or fp16; bf16 halves the "
+    device: str = setting("auto", "cpu, cuda, cuda:N or mps (auto: cuda when there is one)")
+    dtype: str = setting("fp32", "weights and KV cache in fp32, bf16 or fp16; bf16 halves the "
                                 "bytes each new token reads")
 
     def __post_init__(self) -> None:

@@ -3,23 +3,22 @@ defaults and comments (for `--help`), suggested when mistyped, and accepted in t
 spellings other tools taught (`train.lr=3e-3`, nanoGPT's `--train.lr=3e-3`, litgpt's
 `--train.lr 3e-3`).
 
-The reference is read from the schema itself (pipeline/config/): each dataclass field's
-annotation and default, and the comment on its line or on the lines just above it, so
-the help text can never drift from the code.
+The reference is read from the schema itself: each section's fields, with their
+annotation, default and their own help text (`setting(default, "help")`, declared by the
+room that owns the section), so the help can never drift from the code.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
-import inspect
-import re
 import sys
 import textwrap
 from dataclasses import dataclass
 
 from pipeline import config as schema
 from pipeline.config import nearest_keys  # noqa: F401 (the did-you-mean the schema owns)
+from pipeline.core.schema import field_help
 
 
 @dataclass(frozen=True)
@@ -37,28 +36,12 @@ def key_reference() -> tuple[KeyDoc, ...]:
 
 
 def _walk(cls, prefix: str):
-    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             yield from _walk(type(default), f"{prefix}{f.name}.")
             continue
-        yield KeyDoc(f"{prefix}{f.name}", str(f.type), _show(default), comments.get(f.name, ""))
-
-
-def _field_comments(cls) -> dict[str, str]:
-    """field name -> its comment: the lines of `# ...` just above it, then the one after it."""
-    comments, above = {}, []
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# ").rstrip())
-            continue
-        match = re.match(r"^\s+(\w+):\s[^#]*?(?:#\s*(.*))?$", line)
-        if match:
-            comments[match.group(1)] = " ".join(above + [match.group(2) or ""]).strip()
-        above = []
-    return comments
+        yield KeyDoc(f"{prefix}{f.name}", str(f.type), _show(default), field_help(f))
 
 
 def _show(value) -> str:

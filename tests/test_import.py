@@ -292,6 +292,8 @@ def test_init_weights_on_a_book_file_takes_heads_from_the_config_where_they_fit(
     cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth"))
     assert cfg.n_heads == 4  # model.n_heads wins over GPT-2's count at that width
     assert capsys.readouterr().err == ""
-    cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=5), str(tmp_path / "wide.pth"))
+    # a config of its own width (40 / 5 heads) whose head count does not divide the file's 768
+    cfg, _ = init_from_weights(ModelConfig(context_length=32, emb_dim=40, n_heads=5),
+                               str(tmp_path / "wide.pth"))
     assert cfg.n_heads == 12  # 5 does not divide 768: GPT-2's count, announced as a guess
     assert "using 12 (GPT-2's head count at width 768)" in " ".join(capsys.readouterr().err.split())

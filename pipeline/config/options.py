@@ -2,7 +2,7 @@
 train's dialect.
 
 Each of those stages declares its options once, as a dataclass whose fields carry their
-own help (`option(default, "help")`), and gets what train's keys have: `key=value`,
+own help (`setting(default, "help")`, pipeline/core/schema.py), and gets what train's keys have: `key=value`,
 `--key=value` and `--key value` (dashes or underscores), `--help` generated from the
 fields, did-you-mean for a mistyped key, and typed values checked before any work, the
 paragraph naming the key, the value and what is allowed. Boolean keys also take
@@ -20,21 +20,11 @@ import re
 import sys
 import textwrap
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, coerce, parse_yaml
-
-HELP = "help"
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, metavar: str = "",
-           default_factory: Any = dataclasses.MISSING):
-    """A stage option: a dataclass field that carries its --help text."""
-    meta = {HELP: help, "metavar": metavar}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+from pipeline.config import coerce, parse_yaml
+from pipeline.core.schema import ConfigError, field_help
 
 
 @dataclass(frozen=True)
@@ -172,7 +162,7 @@ def help_text(schema: type, usage: Usage, width: int = 100) -> str:
             lines.append(head + "  (required)")
         else:
             lines.append(head + (f"  (default: {default})" if default is not None else ""))
-        lines += textwrap.wrap(f.metadata.get(HELP, ""), width, initial_indent=" " * 8,
+        lines += textwrap.wrap(field_help(f), width, initial_indent=" " * 8,
                                subsequent_indent=" " * 8)
     return "\n".join(lines)
 

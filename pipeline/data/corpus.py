@@ -41,9 +41,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from pipeline.config import SOURCE_KEYS, SourceConfig
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_open, file_sha256
+from pipeline.data.config import SOURCE_KEYS, SourceConfig
 
 TEXT_EXTS = (".txt",)
 JSON_EXTS = (".jsonl", ".json")

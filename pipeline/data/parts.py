@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.config import SourceConfig
 from pipeline.data import corpus, textcut
+from pipeline.data.config import SourceConfig
 from pipeline.data.corpus import CorpusError, Warn, print_warning
 
 # How far past a nominal cut of a large file to look for a token-safe byte before cutting

@@ -20,9 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.config import SourceConfig
 from pipeline.core.fileio import atomic_write_json, fsync_dir
 from pipeline.data import parts
+from pipeline.data.config import SourceConfig
 from pipeline.data.parts import Notes, Part, Segment
 from pipeline.data.shards import SPLITS, ShardInfo, token_dtype, write_shard_from
 from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer

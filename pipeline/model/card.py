@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.weights import ModelInfo
 
 EVAL_FILE = "eval.json"  # the evaluate stage's result, beside the model it measured

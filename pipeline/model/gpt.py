@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import head_cross_entropy
 
 

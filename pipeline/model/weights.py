@@ -34,11 +34,11 @@ from typing import Optional
 
 import torch
 
-from pipeline.config import ModelConfig, require
-from pipeline.config.options import option
 from pipeline.core.errors import PipelineError
+from pipeline.core.schema import require, setting
 from pipeline.model import checkpoints as checkpoint
 from pipeline.model import gpt2
+from pipeline.model.config import ModelConfig
 from pipeline.model.gpt import GPTModel, state_shapes
 from pipeline.model.tensorfile import read_tensors
 
@@ -360,10 +360,10 @@ def dtype_name(text: str, key: str = "--dtype") -> str:
 class ModelSource:
     """The options every stage that reads a model shares (evaluate, export, generate)."""
 
-    model: str = option(help="a run dir (its latest checkpoint), a checkpoint dir, a model "
+    model: str = setting(help="a run dir (its latest checkpoint), a checkpoint dir, a model "
                              f"dir, {' | '.join(gpt2.OPENAI_SIZES)}, or a book-format "
                              "model.pth", metavar="SOURCE")
-    n_heads: Optional[int] = option(None, "attention heads of a book-format model.pth, whose "
+    n_heads: Optional[int] = setting(None, "attention heads of a book-format model.pth, whose "
                                           "tensors do not record them (default: GPT-2's count "
                                           "at its width, announced)")
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.training.muon import Muon, Optimizers, fast_orthogonalize_dtype
 
 HIDDEN_PREFIX = "trf_blocks."  # GPTModel's transformer blocks: Muon's matrices

@@ -120,7 +120,7 @@ def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
 def trackers(config: Config) -> list[str]:
     """The trackers this run logs to: tracking.log_with, less W&B when its mode is
     disabled; PipelineError naming the package when one is not installed."""
-    from pipeline.config import TRACKERS
+    from pipeline.training.config import TRACKERS
 
     chosen = [t for t in config.tracking.log_with
               if not (t == "wandb" and wandb_mode(config.tracking.wandb) == "disabled")]
