@@ -74,6 +74,31 @@ def test_every_shipped_config_loads_and_comments_each_key(path):
                 f"{path.name}:{number}: say what {key.strip()} means: {line!r}"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_holds_only_what_differs_from_the_defaults(path):
+    """A key that restates a default would silently diverge from it when the default
+    changes; every key must also still exist (load_config refuses unknown ones)."""
+    from pipeline.config import Config, to_dict
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    raw = parse_yaml(path.read_text())
+    resolved, defaults = to_dict(load_config(path)), to_dict(Config())
+
+    def get(tree, key):
+        for part in key.split("."):
+            tree = tree[part]
+        return tree
+
+    restated = [key for key in leaves(raw) if get(resolved, key) == get(defaults, key)]
+    assert not restated, f"{path.name} restates the defaults of {restated}"
+
+
 def test_the_mixture_shown_in_the_124m_config_loads_when_uncommented():
     """configs/gpt2-124m.yaml shows a mixture in comments; uncommented in place of
     `source:` it must be a valid config."""
