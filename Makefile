@@ -257,6 +257,10 @@ faults: install
 bench: install
 	BENCH_ARGS=$(call shq,$(BENCH_ARGS)); set -f; $(PY) -m benchmarks $$BENCH_ARGS
 
+## bench-report: write docs/performance.md from benchmarks/results/*.json
+bench-report: install
+	$(PY) -m benchmarks.report
+
 ## clean: delete this CONFIG's run directory and prepared data (only what the project wrote)
 # pipeline.clean deletes only directories this project wrote (a run's config.yaml, a
 # data set's manifest), so no config value can point it at anything else.
@@ -272,4 +276,4 @@ distclean:
 
 FORCE:
 
-.PHONY: help install lock test-latest data train eval export sample all book book-report test golden faults bench clean distclean FORCE
+.PHONY: help install lock test-latest data train eval export sample all book book-report test golden faults bench bench-report clean distclean FORCE

@@ -12,6 +12,7 @@ results/quick/ with --quick so a smoke run never overwrites the full figures).
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def main(argv=None) -> None:
         options = {"prepare_sizes": args.prepare_sizes} if name == "data" else {}
         result = module.run(quick=args.quick, **options)
         result["wall_s"] = time.perf_counter() - start
+        result["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC")
         path = write_result(name, result, out)
         print(f"{name}: {result['wall_s']:.0f} s, wrote {path}", flush=True)
 

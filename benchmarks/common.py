@@ -96,6 +96,13 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def print_tables(tables: list[tuple[str, list[dict], list[str]]]) -> None:
+    """A benchmark's tables, (caption, rows, columns) each, as plain text."""
+    for caption, rows, columns in tables:
+        print(caption)
+        print(table(rows, columns))
+
+
 def write_result(name: str, result: dict, directory: Path = RESULTS) -> Path:
     """<directory>/<name>.json (default benchmarks/results/), written atomically."""
     path = Path(directory) / f"{name}.json"

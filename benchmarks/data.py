@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks import train
-from benchmarks.common import interleave, machine, median, table
+from benchmarks.common import interleave, machine, median, print_tables
 from pipeline.data.shards import Manifest, ShardInfo, load_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,27 +330,32 @@ def run(quick: bool = False, prepare_sizes: list[int] | None = None) -> dict:
     workers = os.cpu_count() or 1
     prep = prepare_vs_tiktoken(max_bytes=300_000 if quick else None, workers=workers,
                                repeats=1 if quick else 3)
-    print(f"prepare vs single-process tiktoken: {prep['documents']} documents, "
-          f"{prep['tokens']:,} tokens")
-    print(table(prep["rows"], ["contender", "tokens_per_s", "x_single", "x_ideal"]))
     shape = train.QUICK[0] if quick else train.FULL[0]
     sizes = [1_000_000, 10_000_000] if quick else [10_000_000, 100_000_000]
     loader = loader_and_memory(sizes, batches=200 if quick else 2000, shape=shape)
-    print(f"loader vs the training step ({loader['consumer']}: "
-          f"{loader['step_windows_per_s']:.2f} windows/s)")
-    print(table(loader["rows"], ["dataset_tokens", "windows_per_s", "x_step_consumption",
-                                 "peak_rss_mib"]))
     sizes = prepare_sizes or ([2_000_000, 4_000_000] if quick else [100_000_000, 1_000_000_000])
     memory = prepare_memory(sizes, workers)
-    host = machine()
-    print(f"prepare's peak memory on {host['cpu']} (CPU capability {host['cpu_capability']}), "
-          f"{workers} workers; corpus: {memory['corpus']}")
-    print(table(memory["rows"], ["corpus_mb", "single_line_mb", "tokens", "seconds",
-                                 "peak_tree_rss_mib", "peak_tree_pss_mib",
-                                 "peak_process_rss_mib", "peak_worker_rss_mib", "under_1gib"]))
+    result = {"benchmark": "data", "quick": quick, "machine": machine(), "workers": workers,
+              "prepare": prep, "loader": loader, "prepare_memory": memory}
+    print_tables(tables(result))
     print(memory_verdict(memory))
-    return {"benchmark": "data", "quick": quick, "machine": host, "prepare": prep,
-            "loader": loader, "prepare_memory": memory}
+    return result
+
+
+def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
+    prep, loader, memory = result["prepare"], result["loader"], result["prepare_memory"]
+    return [
+        (f"prepare vs single-process tiktoken: {prep['documents']} documents, "
+         f"{prep['tokens']:,} tokens", prep["rows"],
+         ["contender", "tokens_per_s", "x_single", "x_ideal"]),
+        (f"loader vs the training step ({loader['consumer']}: "
+         f"{loader['step_windows_per_s']:.2f} windows/s)", loader["rows"],
+         ["dataset_tokens", "windows_per_s", "x_step_consumption", "peak_rss_mib"]),
+        (f"prepare's peak memory, {result.get('workers', '?')} workers; corpus: "
+         f"{memory['corpus']}", memory["rows"],
+         ["corpus_mb", "single_line_mb", "tokens", "seconds", "peak_tree_rss_mib",
+          "peak_tree_pss_mib", "peak_process_rss_mib", "peak_worker_rss_mib", "under_1gib"]),
+    ]
 
 
 def memory_verdict(memory: dict) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import train
-from benchmarks.common import interleave, machine, median, table
+from benchmarks.common import interleave, machine, median, print_tables
 from benchmarks.data import write_dataset
 
 
@@ -66,9 +66,15 @@ def run(quick: bool = False) -> dict:
     base = rows[1]["tokens_per_s"]
     for r in rows:
         r["x_train_forward"] = r["tokens_per_s"] / base
-    print(f"evaluate vs the training forward: {tokens:,} val tokens, {shape.name}, fp32")
-    print(table(rows, ["contender", "tokens_per_s", "x_train_forward"]))
-    return {"benchmark": "evaluate", "quick": quick, "machine": machine(),
-            "shape": shape.name, "model": cfg.__dict__, "batch": batch, "val_tokens": tokens,
-            "losses_agree": abs(results["stage"] - results["fused"]) < 1e-4,
-            "losses": results, "rows": rows}
+    result = {"benchmark": "evaluate", "quick": quick, "machine": machine(),
+              "shape": shape.name, "model": cfg.__dict__, "batch": batch, "val_tokens": tokens,
+              "losses_agree": abs(results["stage"] - results["fused"]) < 1e-4,
+              "losses": results, "rows": rows}
+    print_tables(tables(result))
+    return result
+
+
+def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
+    return [(f"evaluate vs the training forward: {result['val_tokens']:,} val tokens, "
+             f"{result['shape']}, fp32", result["rows"],
+             ["contender", "tokens_per_s", "x_train_forward"])]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import interleave, machine, median, table, transformers_gpt2
+from benchmarks.common import interleave, machine, median, print_tables, transformers_gpt2
 from pipeline.config import ModelConfig
 from pipeline.generate import generate, lay_out_for_decoding
 from pipeline.model.gpt import GPTModel
@@ -84,13 +84,18 @@ def run(quick: bool = False) -> dict:
     ours, hf = models(cfg, torch.bfloat16)
     batches.append(run_batch(ours, hf, 1, min(new, 50), repeats, with_full=False,
                              dtype="bf16"))
-    rows = [r for b in batches for r in b["rows"]]
-    print(f"generation: {PROMPT}-token prompt + {new} new tokens, greedy, "
-          f"{'tiny model (quick)' if quick else '124M GPT-2 shape'}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    print(table(rows, ["batch", "dtype", "new_tokens", "contender", "seconds", "tokens_per_s",
-                       "x_transformers"]))
-    return {"benchmark": "generate", "quick": quick, "machine": machine(),
-            "model": cfg.__dict__, "prompt_tokens": PROMPT, "new_tokens": new,
-            "greedy": True, "ours_layout": "lay_out_for_decoding (as the generate CLI)",
-            "batches": batches}
+    result = {"benchmark": "generate", "quick": quick, "machine": machine(),
+              "model": cfg.__dict__, "prompt_tokens": PROMPT, "new_tokens": new,
+              "greedy": True, "ours_layout": "lay_out_for_decoding (as the generate CLI)",
+              "batches": batches}
+    print_tables(tables(result))
+    return result
+
+
+def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
+    rows = [r for b in result["batches"] for r in b["rows"]]
+    shape = "tiny model (quick)" if result["quick"] else "124M GPT-2 shape"
+    return [(f"generation: {result['prompt_tokens']}-token prompt + {result['new_tokens']} new "
+             f"tokens, greedy, {shape}", rows,
+             ["batch", "dtype", "new_tokens", "contender", "seconds", "tokens_per_s",
+              "x_transformers"])]

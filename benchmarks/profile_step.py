@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import train
-from benchmarks.common import table
+from benchmarks.common import machine, print_tables
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 LOSS_MARKS = ("log_softmax", "nll_loss", "cross_entropy", "LogSoftmax", "NllLoss",
@@ -57,13 +57,18 @@ def profile_step(step, vocab: int) -> dict:
 
 def run(quick: bool = False) -> dict:
     shapes = [train.QUICK[0]] if quick else train.FULL
-    results = [profile_shape(shape, quick) for shape in shapes]
-    for result in results:
-        print(f"share of one step's profiled CPU time, {result['shape']}")
-        print(table(result["rows"], ["contender", "total_s", *BUCKETS]))
-    return {"benchmark": "profile_step", "buckets": BUCKETS, "shapes": results,
-            "note": "self CPU time under torch.profiler, which adds overhead per op; "
-                    "shares, not speeds, are the point"}
+    result = {"benchmark": "profile_step", "quick": quick, "machine": machine(),
+              "buckets": BUCKETS, "shapes": [profile_shape(shape, quick) for shape in shapes],
+              "note": "self CPU time under torch.profiler, which adds overhead per op; "
+                      "shares, not speeds, are the point"}
+    print_tables(tables(result))
+    return result
+
+
+def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
+    return [(f"share of one step's profiled CPU time (total in seconds), {shape['shape']}",
+             shape["rows"], ["contender", "total_s", *result["buckets"]])
+            for shape in result["shapes"]]
 
 
 def profile_shape(shape, quick: bool) -> dict:

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine, median, table
+from benchmarks.common import machine, median, print_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 4.0  # nats; the tiny recipe reaches it in about 2 minutes on 2 AVX2 cores
@@ -149,17 +149,22 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     for r in rows:
         if r["seconds"] and hf["seconds"]:
             r["x_transformers"] = hf["seconds"] / r["seconds"]
-    print(f"time to val loss {target} (training wall time, evaluations excluded), "
-          f"{rounds} round(s), CPU capability {machine()['cpu_capability']}")
-    print(table(rows, ["contender", "seconds", "steps", "s_per_step", "final_val_loss",
-                       "x_transformers"]))
-    return {"benchmark": "time_to_loss", "quick": quick, "machine": machine(),
+    result = {"benchmark": "time_to_loss", "quick": quick, "machine": machine(),
             "target_val_loss": target, "rounds": rounds, "common_overrides": overrides,
             "rows": rows, "runs": runs,
             "how": "each contender a fresh process trained from scratch; seconds: median "
                    "over rounds of the training time (evaluations excluded) at which the val "
                    "loss crosses the target, interpolated between evaluations; "
                    "x_transformers: transformers' seconds / this contender's"}
+    print_tables(tables(result))
+    return result
+
+
+def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
+    return [(f"time to val loss {result['target_val_loss']} (training wall time, evaluations "
+             f"excluded), {result['rounds']} round(s)", result["rows"],
+             ["contender", "seconds", "steps", "s_per_step", "final_val_loss",
+              "x_transformers"])]
 
 
 def summary_row(contender: Contender, results: list[dict]) -> dict:

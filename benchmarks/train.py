@@ -25,7 +25,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bf16_meaningful, interleave, machine, median, table, transformers_gpt2
+from benchmarks.common import (
+    bf16_meaningful,
+    interleave,
+    machine,
+    median,
+    print_tables,
+    transformers_gpt2,
+)
 from pipeline.config import ModelConfig
 from pipeline.model.gpt import GPTModel, flops_per_token
 from pipeline.model.gpt2 import to_hf
@@ -186,12 +193,6 @@ def run(quick: bool = False) -> dict:
     for shape in shapes:  # MFU against the final (highest) peaks
         for r in shape["rows"]:
             r["mfu"] = r["tokens_per_s"] * shape["flops_per_token"] / peaks[r["precision"]]
-    rows = [r for s in shapes for r in s["rows"]]
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; matmul peak: "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-          + ("" if "bf16" in peaks else " (no bf16 rows: this CPU has no bf16 matrix units)"))
-    print(table(rows, ["shape", "contender", "tokens_per_s", "step_s", "mfu",
-                       "x_hf_same_precision", "x_hf_same_precision_best", "x_hf_fp32"]))
     result = {"benchmark": "train", "quick": quick, "machine": machine(),
               "settings": {"adamw": ADAMW, "dropout": 0.0, "qkv_bias": True,
                            "tied_head": True, "bf16": "torch.autocast('cpu', bfloat16)",
@@ -206,4 +207,15 @@ def run(quick: bool = False) -> dict:
                            "mfu": "flops_per_token (6N + 12LdT) x tokens/s / the 2048^3 "
                                   "matmul FLOP/s of the contender's precision"},
               "matmul_peak_flops": peaks, "shapes": shapes}
+    print_tables(tables(result))
     return result
+
+
+def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
+    peaks = result["matmul_peak_flops"]
+    caption = ("training step, tokens/s; matmul peak: "
+               + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+               + ("" if "bf16" in peaks else " (no bf16 rows: this CPU has no bf16 matrix units)"))
+    rows = [r for shape in result["shapes"] for r in shape["rows"]]
+    return [(caption, rows, ["shape", "contender", "tokens_per_s", "step_s", "mfu",
+                             "x_hf_same_precision", "x_hf_same_precision_best", "x_hf_fp32"])]

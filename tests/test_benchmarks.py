@@ -151,3 +151,13 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
         assert hf.eval()(**batch).loss.item() == pytest.approx(
             ours(x[:4], targets=y[:4]).item(), abs=1e-5)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(ours_loss, abs=1e-5)
+
+
+def test_the_performance_page_is_what_the_results_say():
+    """docs/performance.md is generated from benchmarks/results/*.json: a hand edit, or
+    new results without `make bench-report`, fails here."""
+    from benchmarks.common import RESULTS
+    from benchmarks.report import PAGE, page
+
+    assert PAGE.read_text() == page(RESULTS), "run `make bench-report`"
+    assert "CPU capability **" in PAGE.read_text()  # every figure with its machine
