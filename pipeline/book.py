@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.keys import add_config_arguments, parse_stage_args
 
@@ -120,14 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_stage_args(parser, argv)
     run_dir = load_config(args.config, args.overrides).run_dir
     rows = evaluations(run_dir)
-    print("\n".join(table(rows)))
+    log.info("\n".join(table(rows)))
     plot(rows, run_dir / FIGURE)
-    print(f"\nfigure 5.12: {run_dir / FIGURE}")
+    log.info(f"\nfigure 5.12: {run_dir / FIGURE}")
     ours = rows[-1].get("sample", "").replace("\n", " ")
-    print(f"\ngreedy sample at step {rows[-1]['step']} (the book's: after the last epoch):\n"
-          f"  ours: {ours!r}\n  book: {BOOK_LAST_SAMPLE[len('Every effort moves you'):]!r}")
-    print(f"\nsection 5.3, top_k=25, temperature=1.4, seed 123:\n"
-          f"  ours: {topk_sample(run_dir)!r}\n  book: {BOOK_TOPK_SAMPLE!r}")
+    log.info(f"\ngreedy sample at step {rows[-1]['step']} (the book's: after the last epoch):\n"
+             f"  ours: {ours!r}\n  book: {BOOK_LAST_SAMPLE[len('Every effort moves you'):]!r}")
+    log.info(f"\nsection 5.3, top_k=25, temperature=1.4, seed 123:\n"
+             f"  ours: {topk_sample(run_dir)!r}\n  book: {BOOK_TOPK_SAMPLE!r}")
 
 
 if __name__ == "__main__":

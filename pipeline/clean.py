@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
 
 # What the stages write into a run directory: train (config, metrics, plot, checkpoints
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_stage_args(parser, argv)
     config = load_config(args.config, args.overrides)
     removed = clean(config.run_dir, config.data_dir)
-    print("removed " + ", ".join(map(str, removed)) if removed else "nothing to remove")
+    log.info("removed " + ", ".join(map(str, removed)) if removed else "nothing to remove")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from accelerate.utils import DistributedType
 
 from pipeline.config import Config, from_dict, load_config
 from pipeline.config.options import Usage, parse_options
+from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.schema import require, setting
@@ -276,8 +277,8 @@ def run_text(args, model, info, accelerator) -> dict:
     if accelerator.is_main_process:
         if args.out:
             atomic_write_json(Path(args.out), {"model": str(args.model), **result})
-        print(f"text loss {loss:.4f} | perplexity {result['perplexity']:.2f} | "
-              f"{int(tokens):,} tokens | stride {stride} | {args.out or 'not saved (give --out FILE)'}")
+        log.info(f"text loss {loss:.4f} | perplexity {result['perplexity']:.2f} | "
+                 f"{int(tokens):,} tokens | stride {stride} | {args.out or 'not saved (give --out FILE)'}")
     return result
 
 
@@ -296,8 +297,8 @@ def run_task(args, model, info, accelerator) -> dict:
                                                     "weights": str(info.path)}
             record.setdefault("tasks", {})[args.task] = result
             atomic_write_json(out, record)
-        print(f"{args.task}: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
-              f"{result['examples']:,} examples | {out or 'not saved (give --out FILE)'}")
+        log.info(f"{args.task}: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
+                 f"{result['examples']:,} examples | {out or 'not saved (give --out FILE)'}")
     return result
 
 
@@ -347,11 +348,11 @@ def main(argv=None) -> dict:
             tasks = (earlier_results(out, info) or {}).get("tasks")
             atomic_write_json(out, {**record, **({"tasks": tasks} if tasks else {})})
         where = out if out is not None else "not saved (give --out FILE)"
-        print(f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-              f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}")
+        log.info(f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+                 f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}")
         for name, r in by_source.items():
-            print(f"  source {name}: val loss {r['loss']:.4f} | perplexity "
-                  f"{r['perplexity']:.2f} | {r['tokens']:,} tokens")
+            log.info(f"  source {name}: val loss {r['loss']:.4f} | perplexity "
+                     f"{r['perplexity']:.2f} | {r['tokens']:,} tokens")
     return record
 
 

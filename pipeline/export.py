@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import SHAPE_KEYS, ModelConfig
 from pipeline.config.options import Usage, parse_options
+from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.schema import setting
@@ -256,11 +257,11 @@ def main(argv=None) -> None:
     cfg = info.config
     step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""
     size = (out / "model.safetensors").stat().st_size
-    print(f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
-          f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
-          f"equal to the source")
+    log.info(f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
+             f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
+             f"equal to the source")
     if args.push_to_hub is not None:
-        print(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub)}")
+        log.info(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from pipeline.config.options import Usage, parse_options
+from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.schema import require, setting
 from pipeline.data.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
@@ -210,7 +211,7 @@ def prompt_ids(prompt: str, context_length: int, vocab_size: int | None = None
             f"or a model with GPT-2's vocabulary of 50257")
     if len(ids) <= context_length:
         return ids, None
-    note = (f"note: the prompt has {len(ids)} tokens, more than the model's context of "
+    note = (f"the prompt has {len(ids)} tokens, more than the model's context of "
             f"{context_length}; only its last {context_length} tokens are used")
     return ids[-context_length:], note
 
@@ -228,7 +229,7 @@ def continue_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50,
     cfg = base_model(model).cfg
     ids, note = prompt_ids(prompt, cfg.context_length, cfg.vocab_size)
     if note:
-        print(note, file=sys.stderr)
+        log.note(note)
     out = generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)[0].tolist()
     return decode(ids), decode(completion(out[len(ids):], kwargs.get("eos_id", EOT_ID)))
 
@@ -315,13 +316,13 @@ def main(argv=None) -> None:
     lay_out_for_decoding(model.to(DTYPES[args.dtype]))
     check_sampling(model.cfg.vocab_size, args.temperature, args.top_k, args.top_p)
     if args.num_samples > 1 and args.temperature == 0:
-        print("note: temperature 0 is greedy, so every sample is the same; use "
-              "--temperature > 0 to sample", file=sys.stderr)
+        log.note("temperature 0 is greedy, so every sample is the same; use "
+                 "--temperature > 0 to sample")
     generator = torch.Generator(args.device).manual_seed(args.seed)
     for prompt in args.prompt or ["Every effort moves you"]:
         ids, note = prompt_ids(prompt, model.cfg.context_length, model.cfg.vocab_size)
         if note:
-            print(note, file=sys.stderr)
+            log.note(note)
         for _ in range(args.num_samples):
             stream = TextStream()
             stream.write(decode(ids))

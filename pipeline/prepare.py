@@ -47,7 +47,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from pipeline.config import Config, SourceConfig, load_config
-from pipeline.core import locking
+from pipeline.core import locking, log
 from pipeline.core.errors import PipelineError, cli_main, describe_os_error
 from pipeline.core.fileio import atomic_write_json, fsync_dir
 from pipeline.data import corpus, parts, streams
@@ -197,7 +197,7 @@ def existing_state(data_dir: Path, want: dict, force: bool) -> Manifest | None:
             f"or set data.name to prepare into another directory.")
     damage = _intact(data_dir, manifest)
     if damage:
-        print(f"{damage}: preparing {data_dir} again")
+        log.info(f"{damage}: preparing {data_dir} again")
         return None
     return manifest
 
@@ -285,8 +285,8 @@ def finish_interrupted_swap(data_dir: Path) -> None:
     committed parts are used again when its plan still fits, see open_plan.)"""
     staging = data_dir / STAGING
     if manifest_path(staging).is_file():
-        print(f"{data_dir}: finishing the replacement of the data set that an earlier "
-              f"prepare began")
+        log.info(f"{data_dir}: finishing the replacement of the data set that an earlier "
+                 f"prepare began")
         swap_in(data_dir)
     if (data_dir / REPLACED).exists() and manifest_path(data_dir).exists():
         (data_dir / REPLACED).unlink()
@@ -392,8 +392,8 @@ def _decide(config: Config, force: bool, pool: Callable) -> dict:
             check_windows({s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS},
                           config)
             drop_staging(data_dir)
-            print(f"{data_dir} is up to date (its {MANIFEST} matches these settings and its "
-                  f"shards their sha256): nothing to do")
+            log.info(f"{data_dir} is up to date (its {MANIFEST} matches these settings and its "
+                     f"shards their sha256): nothing to do")
             return {"done": True}
         refuse_foreign_shards(data_dir)
         open_plan(config, pool())
@@ -411,6 +411,22 @@ PARTS = "parts"
 
 
 @dataclass
+class PlannedPart:
+    """One part of the plan and what its builder needs to know besides the part."""
+
+    part: Part
+    limit: int | None = None  # new documents to take (None: all; SKIP: none, not read)
+    start_char: int | None = None  # split_by text: its first character within its source
+
+    def to_dict(self) -> dict:
+        return {"part": self.part.to_dict(), "limit": self.limit, "start_char": self.start_char}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlannedPart":
+        return cls(Part.from_dict(d["part"]), d["limit"], d["start_char"])
+
+
+@dataclass
 class Plan:
     """The parts to build and what each needs to know; `.staging/plan.json`. A build
     stopped anywhere goes on with the same plan when the settings and the corpus files
@@ -418,17 +434,29 @@ class Plan:
 
     id: str  # sha256 of the rest: part records name it
     key: dict  # fingerprint, part and segment sizes, the corpus files' stamps
-    parts: list[dict]
-    limits: list  # new documents to take from each part (null: all; SKIP: none, not read)
-    starts: list  # split_by text: each part's first character within its source
-    cuts: list  # split_by text: per source, the character where val begins
+    parts: list[PlannedPart]
+    cuts: list[int]  # split_by text: per source, the character where val begins; else []
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
-        return cls(**json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        return cls(d["id"], d["key"], [PlannedPart.from_dict(p) for p in d["parts"]], d["cuts"])
 
-    def part(self, i: int) -> Part:
-        return Part.from_dict(self.parts[i])
+    def to_dict(self) -> dict:
+        return {"id": self.id, "key": self.key, "parts": [p.to_dict() for p in self.parts],
+                "cuts": self.cuts}
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """What a worker needs to build one part (it crosses to the worker by pickle)."""
+
+    planned: PlannedPart
+    source: SourceConfig
+    layout: streams.Layout
+    directory: Path
+    plan_id: str
+    segment_bytes: int
 
 
 def _read_plan(data_dir: Path, team: Team) -> Plan:
@@ -450,7 +478,7 @@ def open_plan(config: Config, pool) -> Plan:
     found: list[Part] = []
     for i, source in enumerate(sources):
         found += parts.plan(source, i, config.data_dir / "download", d.part_bytes,
-                            d.segment_bytes, start_index=len(found), warn=_warn)
+                            d.segment_bytes, start_index=len(found), warn=log.warn)
     listed = [p.to_dict() for p in found]
     key = {"fingerprint": fingerprint(config), "part_bytes": d.part_bytes,
            "segment_bytes": d.segment_bytes, "files": _file_stamps(found),
@@ -460,19 +488,19 @@ def open_plan(config: Config, pool) -> Plan:
         if old.key == key:
             done = sum(streams.committed(staging / PARTS, i, old.id) is not None
                        for i in range(len(old.parts)))
-            print(f"{config.data_dir}: going on with the build that an earlier prepare began "
-                  f"({done} of {len(old.parts)} parts are committed)")
+            log.info(f"{config.data_dir}: going on with the build that an earlier prepare began "
+                     f"({done} of {len(old.parts)} parts are committed)")
             return old
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, KeyError):  # none, or another version's
         pass
     drop_staging(config.data_dir)
     (staging / PARTS).mkdir(parents=True)
     _add_digests(found, config, pool)
-    limits, starts, cuts = _count_parts(found, sources, config, pool)
-    body = {"key": key, "parts": [p.to_dict() for p in found], "limits": limits,
-            "starts": starts, "cuts": cuts}
-    plan = Plan(id=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body)
-    atomic_write_json(staging / PLAN, vars(plan))
+    planned, cuts = _count_parts(found, sources, config, pool)
+    plan = Plan("", key, planned, cuts)
+    body = {k: v for k, v in plan.to_dict().items() if k != "id"}
+    plan.id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    atomic_write_json(staging / PLAN, plan.to_dict())
     return plan
 
 
@@ -504,16 +532,17 @@ def _digest_task(job) -> str:
     return parts.file_digest(*job)
 
 
-def _count_parts(found: list[Part], sources: list[SourceConfig], config: Config, pool):
-    """(limits, starts, cuts): per part the documents to take (max_documents) and, for
-    split_by text, its first character within its source; per source the character where
-    val begins. Reads the corpus once more when either is needed: in order, part after
-    part, for a source whose documents are limited."""
+def _count_parts(found: list[Part], sources: list[SourceConfig], config: Config,
+                 pool) -> tuple[list[PlannedPart], list[int]]:
+    """The parts planned: each with the documents to take (max_documents) and, for
+    split_by text, its first character within its source; and per source the character
+    where val begins. Reads the corpus once more when either is needed: in order, part
+    after part, for a source whose documents are limited."""
     d = config.data
     limits: list[int | None] = [None] * len(found)
     counts: dict[int, tuple[int, int]] = {}
     if d.split_by != "text" and all(document_limit(src) is None for src in sources):
-        return limits, [], []
+        return [PlannedPart(p) for p in found], []
     free = [p for p in found if document_limit(sources[p.source]) is None]
     jobs = [(p, sources[p.source], d.segment_bytes, None) for p in free]
     counts.update(zip((p.index for p in free), _map(_count_task, jobs, pool)))
@@ -541,7 +570,7 @@ def _count_parts(found: list[Part], sources: list[SourceConfig], config: Config,
         cuts.append(int((1 - d.val_fraction) * chars))
     for j in dropped:
         limits[j] = SKIP
-    return limits, starts, cuts
+    return [PlannedPart(p, limits[p.index], starts[p.index]) for p in found], cuts
 
 
 def _count_task(job) -> tuple[int, int]:
@@ -567,13 +596,14 @@ def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> 
     mine = [i for i in range(len(plan.parts)) if i % team.world == team.rank]
     todo = [i for i in mine if streams.committed(directory, i, plan.id) is None]
     sources = [src for _, src in data_sources(config)]
-    jobs = [(plan.part(i), sources[plan.parts[i]["source"]], _layout(plan, config, i),
-             directory, plan.id, d.segment_bytes, plan.limits[i]) for i in todo]
+    jobs = [BuildJob(plan.parts[i], sources[plan.parts[i].part.source],
+                     _layout(plan, config, i), directory, plan.id, d.segment_bytes)
+            for i in todo]
     where = "" if team.alone else f" (machine {team.rank} of {team.world})"
     if len(todo) < len(mine):
-        print(f"prepare{where}: {len(mine) - len(todo)} of {len(mine)} parts were committed "
-              f"by an earlier run; building the other {len(todo)}")
-    total = sum(plan.parts[i]["bytes"] for i in todo)
+        log.info(f"prepare{where}: {len(mine) - len(todo)} of {len(mine)} parts were committed "
+                 f"by an earlier run; building the other {len(todo)}", everywhere=True)
+    total = sum(plan.parts[i].part.bytes for i in todo)
     bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"prepare {d.name}{where}",
                file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
@@ -582,15 +612,15 @@ def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> 
         with bar:
             for record in _map(_build_task, jobs, pool, ordered=False):
                 tokens += sum(record.tokens.values())
-                bar.update(plan.parts[record.part]["bytes"])
+                bar.update(plan.parts[record.part].part.bytes)
     except PipelineError as e:
         return f"{e}"
     except OSError as e:
         return describe_os_error(e)
     if todo:
         seconds = time.perf_counter() - start
-        print(f"prepare{where}: built {len(todo)} parts, {tokens:,} tokens in {seconds:.1f} s, "
-              f"{tokens / seconds:,.0f} tokens/s ({workers} workers)")
+        log.info(f"prepare{where}: built {len(todo)} parts, {tokens:,} tokens in {seconds:.1f} s, "
+                 f"{tokens / seconds:,.0f} tokens/s ({workers} workers)", everywhere=True)
     return None
 
 
@@ -607,15 +637,16 @@ def _kept_note(data_dir: Path) -> str:
 
 def _layout(plan: Plan, config: Config, i: int) -> streams.Layout:
     d = config.data
-    if not plan.starts:
+    planned = plan.parts[i]
+    if not plan.cuts:
         return streams.Layout(d.split_by, d.val_fraction)
-    return streams.Layout(d.split_by, d.val_fraction, cut=plan.cuts[plan.parts[i]["source"]],
-                          start_char=plan.starts[i])
+    return streams.Layout(d.split_by, d.val_fraction, cut=plan.cuts[planned.part.source],
+                          start_char=planned.start_char)
 
 
-def _build_task(job) -> streams.PartRecord:
-    part, source, layout, directory, plan_id, segment_bytes, limit = job
-    return streams.build_part(part, source, layout, directory, plan_id, segment_bytes, limit)
+def _build_task(job: BuildJob) -> streams.PartRecord:
+    return streams.build_part(job.planned.part, job.source, job.layout, job.directory,
+                              job.plan_id, job.segment_bytes, job.planned.limit)
 
 
 # ----------------------------------------------------------------------------- finishing
@@ -628,7 +659,7 @@ def _finish(plan: Plan, config: Config, pool) -> dict:
         manifest, summary = _assemble(plan, config, pool)
         manifest.save(config.data_dir / STAGING)
         swap_in(config.data_dir)
-        print(summary)
+        log.info(summary)
         return {"done": True}
     except PipelineError as e:
         if not isinstance(e, DataError):
@@ -649,7 +680,7 @@ def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
         raise DataError(f"parts {missing[:5]} of {staging} are not committed although every "
                         f"machine reported its share done: rerun prepare")
     named = data_sources(config)
-    by_source = [[r for r in records if plan.parts[r.part]["source"] == i]
+    by_source = [[r for r in records if plan.parts[r.part].part.source == i]
                  for i in range(len(named))]
     shard_plans: dict[tuple[int, str], list[streams.ShardPlan]] = {}
     for i, ((name, source), mine) in enumerate(zip(named, by_source)):
@@ -695,16 +726,14 @@ def source_shard_name(source: str | None, split: str, index: int) -> str:
 def _report_notes(records: list[streams.PartRecord], source: SourceConfig) -> None:
     notes = parts.Notes()
     for record in records:
-        notes.merge(parts.Notes(**record.notes))
-    notes.report(source.text_field, _warn)
+        notes.merge(parts.Notes.from_dict(record.notes))
+    notes.report(source.text_field, log.warn)
 
 
 def _shard_task(job) -> ShardInfo:
     return streams.write_planned_shard(*job)
 
 
-def _warn(message: str) -> None:  # above any progress bar, on stderr
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(

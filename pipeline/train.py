@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 
 from pipeline.config import Config, EvalConfig, load_config, save_config
-from pipeline.core import console, locking
+from pipeline.core import console, locking, log
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.data.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
 from pipeline.evaluate import evaluate
@@ -171,10 +171,10 @@ def make_accelerator(config: Config):
             f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process.") from None
     check_launch(accelerator)
     use_tf32(config.train.tf32)
-    accelerator.print(f"precision: {precision} ({why})")
+    log.info(f"precision: {precision} ({why})")
     for note in (launcher_precision_note(precision), slow_bf16_warning(precision, device_type())):
         if note:
-            accelerator.print(note)
+            log.info(note)
     return accelerator, mode
 
 
@@ -357,35 +357,35 @@ def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: Sto
         torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
     resume(tr)
     if stop.requested(accelerator):
-        accelerator.print(f"Stopped by {stop.signal_name} before training began; nothing "
-                          f"new to save. Start again with the same command.")
+        log.info(f"Stopped by {stop.signal_name} before training began; nothing "
+                 f"new to save. Start again with the same command.")
         accelerator.end_training()
         return summary(progress, MetricsLog(run_dir), time.perf_counter())
-    log = MetricsLog(run_dir)
+    metrics = MetricsLog(run_dir)
     # If the console goes away (a dead launcher, `| head`), its text lands here instead.
     console.fall_back_to(run_dir / ("console.log" if accelerator.is_main_process
                                     else f"console.rank{accelerator.process_index}.log"))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-        log.truncate_after(progress.step)
+        metrics.truncate_after(progress.step)
     start_trackers(accelerator, config, run_dir, mode)
     announce(tr)
     if progress.step >= tr.plan.max_steps:
-        accelerator.print(f"Nothing to do: the run already reached step {tr.plan.max_steps}.")
+        log.info(f"Nothing to do: the run already reached step {tr.plan.max_steps}.")
         accelerator.end_training()
-        return summary(progress, log, time.perf_counter())
+        return summary(progress, metrics, time.perf_counter())
 
-    loop = TrainLoop(tr, log)
+    loop = TrainLoop(tr, metrics)
     try:
         reason = loop.run(stop)
     finally:
         loop.close()
     if reason == "signal":
-        accelerator.print(
+        log.info(
             f"Stopped by {stop.signal_name} after step {progress.step}; checkpoint saved. "
             f"Resume with the same command (checkpoint.resume=auto).")
-    result = summary(progress, log, loop.started)
+    result = summary(progress, metrics, loop.started)
     accelerator.end_training()
     if accelerator.is_main_process and reason == "done":
         print_summary(result)
@@ -410,12 +410,12 @@ def timed_out(error: RuntimeError, config: Config) -> PipelineError | None:
 class TrainLoop:
     """The optimizer-step loop and the work it does on a schedule."""
 
-    def __init__(self, tr: Training, log: MetricsLog):
-        self.tr, self.log = tr, log
+    def __init__(self, tr: Training, metrics: MetricsLog):
+        self.tr, self.log = tr, metrics
         t = tr.config.train
         self.peak, source = peak_flops(tr.accelerator.device, tr.accelerator.mixed_precision,
                                        t.peak_flops)
-        tr.accelerator.print(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
+        log.info(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
         self.flops_per_token = flops_per_token(tr.config.model)
         self.interval = Interval()
         self.samples = SampleTable(tr.accelerator, tr.config.eval.prompt)
@@ -554,10 +554,9 @@ class TrainLoop:
                     disable=not self.tr.accelerator.is_main_process, dynamic_ncols=True)
 
     def say(self, line: str) -> None:
-        """A line above the progress bar, from the main process only (tqdm.write prints
-        even where the bar is disabled)."""
-        if self.tr.accelerator.is_main_process:
-            self.bar.write(line)
+        """A line above the progress bar, from the main process only."""
+        with log.above(self.bar):
+            log.info(line)
 
     def close(self) -> None:
         self.bar.close()
@@ -584,13 +583,13 @@ def resume(tr: Training) -> None:
     """Continue from the checkpoint checkpoint.resume names, if any."""
     path = tr.checkpoints.resume()
     if path is not None:
-        tr.accelerator.print(f"Resumed from {path} (step {tr.progress.step}, "
-                             f"{tr.progress.tokens:,} tokens)")
+        log.info(f"Resumed from {path} (step {tr.progress.step}, "
+                 f"{tr.progress.tokens:,} tokens)")
 
 
 def announce(tr: Training) -> None:
     plan, acc, step = tr.plan, tr.accelerator, tr.progress.step
-    acc.print(
+    log.info(
         f"{tr.config.name}: {tr.parameters / 1e6:.2f}M parameters, {plan.processes} "
         f"process(es) on {acc.device.type}, precision {acc.mixed_precision}\n"
         f"global batch = {plan.micro_batch_size} micro x {plan.grad_accum_steps} accum x "
@@ -600,8 +599,8 @@ def announce(tr: Training) -> None:
         f"({plan.epochs:.2f} epochs)" + (f"; resuming at step {step}" if step else ""))
 
 
-def summary(progress: Progress, log: MetricsLog, started: float) -> dict:
-    rows = log.rows()
+def summary(progress: Progress, metrics: MetricsLog, started: float) -> dict:
+    rows = metrics.rows()
     last = lambda key: next((r[key] for r in reversed(rows) if key in r), None)  # noqa: E731
     best = progress.best_val_loss
     return {"steps": progress.step, "tokens": progress.tokens,
@@ -612,9 +611,9 @@ def summary(progress: Progress, log: MetricsLog, started: float) -> dict:
 
 def print_summary(s: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s | "
-          f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} | "
-          f"best val loss {fmt(s['best_val_loss'])}")
+    log.info(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s | "
+             f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} | "
+             f"best val loss {fmt(s['best_val_loss'])}")
 
 
 if __name__ == "__main__":

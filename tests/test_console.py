@@ -71,3 +71,35 @@ def test_wrapping_twice_keeps_one_layer(monkeypatch):
     first = __import__("sys").stdout
     console.keep_going_without_console()
     assert __import__("sys").stdout is first and isinstance(first, console.ResilientStream)
+
+
+def test_the_log_speaks_once_per_job_above_any_progress_bar_and_hushes_on_request(
+        monkeypatch, capsys):
+    """log.info/warn/note: the main process only (RANK 0 or no launcher), `everywhere`
+    for a process's own news, lines above a progress bar, GPT_PIPELINE_QUIET=1 keeping
+    only warnings."""
+    from tqdm import tqdm
+
+    from pipeline.core import log
+
+    monkeypatch.delenv("GPT_PIPELINE_QUIET", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    log.info("from rank 1")
+    log.warn("rank 1's own disk", everywhere=True)
+    monkeypatch.setenv("RANK", "0")
+    log.info("result")
+    log.note("advice")
+    out = capsys.readouterr()
+    assert out.out == "result\n"
+    assert out.err == "warning: rank 1's own disk\nnote: advice\n"
+    bar = tqdm(total=3, file=__import__("sys").stderr)
+    with log.above(bar):
+        log.info("above the bar")
+    bar.close()
+    assert "above the bar\n" in capsys.readouterr().out
+    monkeypatch.setenv("GPT_PIPELINE_QUIET", "1")
+    log.info("hushed")
+    log.note("hushed too")
+    log.warn("still said")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "warning: still said\n"

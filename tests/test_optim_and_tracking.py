@@ -71,7 +71,7 @@ def test_pruning_keeps_the_newest_checkpoints(tmp_path):
     assert len(ckpt.checkpoint_dirs(tmp_path)) == 2
 
 
-def test_wandb_mode_environment_then_config_then_key(monkeypatch, tmp_path):
+def test_wandb_mode_environment_then_config_then_key(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "dryrun")
@@ -88,8 +88,8 @@ def test_wandb_mode_environment_then_config_then_key(monkeypatch, tmp_path):
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
         assert wandb_mode(WandbConfig()) == "online"
     monkeypatch.setattr("pipeline.training.tracking._reachability", {})
-    with pytest.warns(UserWarning, match="cannot be reached from this machine; logging offline"):
-        assert wandb_mode(WandbConfig()) == "offline"  # nobody listens there now
+    assert wandb_mode(WandbConfig()) == "offline"  # nobody listens there now
+    assert "cannot be reached from this machine; logging offline" in capsys.readouterr().err
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("WANDB_MODE", "online")
     with pytest.raises(PipelineError, match="no W&B API key is configured"):
@@ -116,13 +116,13 @@ def test_gpu_peaks_by_the_name_cuda_reports():
     assert gpu_peak_flops("Tesla V100-SXM2-16GB", low_precision=False) == 15.7e12
 
 
-def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_path):
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_path, capsys):
     log = MetricsLog(tmp_path)
     log.append({"step": 10, "tokens": 40})
     with open(log.path, "a") as f:
         f.write('{"step": 20, "tok')  # a kill during the append
-    with pytest.warns(UserWarning, match="cut short"):
-        log.truncate_after(20)
+    log.truncate_after(20)
+    assert "warning: " in (err := capsys.readouterr().err) and "cut short" in err
     assert log.path.read_text() == '{"step": 10, "tokens": 40}\n'
     log.path.write_text('{"step": 10\n{"step": 20, "tokens": 80}\n')  # damage mid-file
     with pytest.raises(PipelineError, match="line 1 is not JSON"):

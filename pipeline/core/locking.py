@@ -16,10 +16,10 @@ import errno
 import fcntl
 import os
 import socket
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.core import log
 from pipeline.core.errors import PipelineError
 
 LOCK_FILE = ".lock"
@@ -63,6 +63,6 @@ def _acquire(fd: int, path: Path, what: str) -> bool:
 def _no_locking(e: OSError, path: Path, what: str) -> bool:
     if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         raise e
-    print(f"warning: {path.parent} cannot be locked on this filesystem ({e.strerror}); "
-          f"make sure no other {what} uses it at the same time", file=sys.stderr)
+    log.warn(f"{path.parent} cannot be locked on this filesystem ({e.strerror}); make sure "
+             f"no other {what} uses it at the same time", everywhere=True)
     return False

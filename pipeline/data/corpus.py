@@ -30,7 +30,6 @@ import hashlib
 import http.client
 import os
 import platform
-import sys
 import sysconfig
 import threading
 import tokenize
@@ -38,9 +37,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from pipeline.core import log
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_open, file_sha256
 from pipeline.data.config import SOURCE_KEYS, SourceConfig
@@ -56,10 +57,6 @@ Warn = Callable[[str], None]
 
 class CorpusError(PipelineError):
     """A source that names no readable files or holds no text."""
-
-
-def print_warning(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- public
@@ -190,52 +187,81 @@ def read_rows(rows, what: str) -> Iterator[dict]:
         yield row
 
 
+@dataclass
 class RowCheck:
-    """The rows of one source whose text field is missing, null or not text.
+    """The rows of one source whose text field is missing, null or not text, counted
+    where they are read (`text_of`) and merged over the parts of the source.
 
     They are skipped, but never silently: `finish` warns once per source how many, and
     raises CorpusError naming the fields the rows do have when no row had text."""
 
-    def __init__(self, field: str, warn: Warn):
-        self.field, self.warn = field, warn
-        self.rows = 0
-        self.missing = 0  # rows without the field or with null (datasets reads both as None)
-        self.not_text: Counter[str] = Counter()  # type names of the other non-text values
-        self.fields: set[str] = set()  # the fields that the skipped rows do have
-        self.read: list[str] = []  # what was read, for the messages
+    rows: int = 0
+    missing: int = 0  # rows without the field or with null (datasets reads both as None)
+    not_text: dict[str, int] = field(default_factory=dict)  # type name -> rows
+    fields: list[str] = field(default_factory=list)  # the fields the skipped rows do have
+    read: list[str] = field(default_factory=list)  # what was read, for the messages
 
-    def finish(self) -> None:
+    def text_of(self, row: dict, field_name: str) -> str | None:
+        """The row's text, counted; None (and the reason counted) when it has none."""
+        self.rows += 1
+        value = row.get(field_name)
+        if isinstance(value, str):
+            return value
+        if value is None:
+            self.missing += 1
+        else:
+            name = type(value).__name__
+            self.not_text[name] = self.not_text.get(name, 0) + 1
+        new = {k for k, v in row.items() if v is not None and k != field_name}
+        if not new <= set(self.fields):
+            self.fields = sorted(set(self.fields) | new)
+        return None
+
+    def reading(self, what: str) -> None:
+        if what not in self.read:
+            self.read.append(what)
+
+    def merge(self, other: "RowCheck") -> None:
+        self.rows += other.rows
+        self.missing += other.missing
+        for name, n in other.not_text.items():
+            self.not_text[name] = self.not_text.get(name, 0) + n
+        self.fields = sorted(set(self.fields) | set(other.fields))
+        for what in other.read:
+            self.reading(what)
+
+    def finish(self, field_name: str, warn: Warn) -> None:
         skipped = self.missing + sum(self.not_text.values())
         if skipped and skipped < self.rows:
-            self.warn(self._skipped_message())
+            warn(self._skipped_message(field_name))
         elif skipped:
-            raise self._no_text_error()
+            raise self._no_text_error(field_name)
 
-    def _skipped_message(self) -> str:
+    def _skipped_message(self, field_name: str) -> str:
         of = f"of {self.rows:,} rows of {_some(self.read)}"
         parts = []
         if self.missing:
-            parts.append(f"{self.missing:,} {of} had no '{self.field}' field (or a null one)")
+            parts.append(f"{self.missing:,} {of} had no '{field_name}' field (or a null one)")
         if self.not_text:
             parts.append(f"{sum(self.not_text.values()):,} {of} held "
-                         f"{_types(self.not_text)}, not text, in '{self.field}'")
+                         f"{_types(self.not_text)}, not text, in '{field_name}'")
         return "; ".join(parts) + "; they were skipped"
 
-    def _no_text_error(self) -> CorpusError:
+    def _no_text_error(self, field_name: str) -> CorpusError:
         where = f"{_some(self.read)} ({self.rows:,} rows)"
         if self.not_text:
             return CorpusError(
-                f"no row of {where} has text in '{self.field}': it holds "
+                f"no row of {where} has text in '{field_name}': it holds "
                 f"{_types(self.not_text)} where it is not null; set data.source.text_field "
                 f"to a text column.")
         return CorpusError(
-            f"no row of {where} has a '{self.field}' field (the fields the rows have: "
+            f"no row of {where} has a '{field_name}' field (the fields the rows have: "
             f"{', '.join(sorted(self.fields)) or 'none'}); set data.source.text_field to "
             f"the one that holds the text.")
 
 
-def _types(counts: Counter) -> str:
-    return " or ".join(name for name, _ in counts.most_common())
+def _types(counts: dict[str, int]) -> str:
+    return " or ".join(name for name, _ in Counter(counts).most_common())
 
 
 def _some(names: list[str], shown: int = 3) -> str:
@@ -248,7 +274,7 @@ def _some(names: list[str], shown: int = 3) -> str:
 
 
 def download(url: str, directory: Path, sha256: str | None = None,
-             max_bytes: int | None = None, warn: Warn = print_warning) -> Path:
+             max_bytes: int | None = None, warn: Warn = log.warn) -> Path:
     """The file at `url`, fetched once into `directory` and reused after.
 
     With `sha256`, a download must have that hash, and a cached copy is checked again
@@ -347,5 +373,5 @@ def summary(source: SourceConfig) -> str:
 
 
 __all__ = ["CorpusError", "RowCheck", "describe", "decode", "decode_more", "download",
-           "file_format", "load_files", "print_warning", "read_rows", "resolve_files",
+           "file_format", "load_files", "read_rows", "resolve_files",
            "source_encoding", "stdlib_files", "summary"]

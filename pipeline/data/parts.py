@@ -30,14 +30,14 @@ import codecs
 import hashlib
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline.core import log
 from pipeline.data import corpus, textcut
 from pipeline.data.config import SourceConfig
-from pipeline.data.corpus import CorpusError, Warn, print_warning
+from pipeline.data.corpus import CorpusError, Warn
 
 # How far past a nominal cut of a large file to look for a token-safe byte before cutting
 # anyway (counted, and reported: text with no space, newline or change between letters,
@@ -79,16 +79,18 @@ class Segment:
 @dataclass
 class Notes:
     """What reading a part found besides text: undecodable bytes per file, rows without
-    text, cuts made where no token-safe byte was near. Merged over parts in plan order
-    and reported once per source."""
+    text (corpus.RowCheck), cuts made where no token-safe byte was near. Merged over
+    parts in plan order and reported once per source."""
 
     replaced: dict[str, list] = field(default_factory=dict)  # path -> [bytes replaced, encoding]
-    rows: int = 0
-    missing: int = 0  # rows without the field or with null
-    not_text: dict[str, int] = field(default_factory=dict)  # type name -> rows
-    fields: list[str] = field(default_factory=list)  # fields the skipped rows have
+    rows: corpus.RowCheck = field(default_factory=corpus.RowCheck)
     unsafe_cuts: int = 0
-    read: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Notes":
+        """As a part record stores them (dataclasses.asdict)."""
+        return cls(replaced=d["replaced"], rows=corpus.RowCheck(**d["rows"]),
+                   unsafe_cuts=d["unsafe_cuts"])
 
     def count_replaced(self, path: str, n: int, encoding: str) -> None:
         self.replaced[path] = [self.replaced.get(path, [0])[0] + n, encoding]
@@ -96,13 +98,8 @@ class Notes:
     def merge(self, other: "Notes") -> None:
         for path, (n, encoding) in other.replaced.items():
             self.count_replaced(path, n, encoding)
-        self.rows += other.rows
-        self.missing += other.missing
-        for name, n in other.not_text.items():
-            self.not_text[name] = self.not_text.get(name, 0) + n
-        self.fields = sorted(set(self.fields) | set(other.fields))
+        self.rows.merge(other.rows)
         self.unsafe_cuts += other.unsafe_cuts
-        self.read += [r for r in other.read if r not in self.read]
 
     def report(self, field_name: str, warn: Warn) -> None:
         """One warning per file with replaced bytes and one for skipped rows; CorpusError
@@ -114,18 +111,15 @@ class Notes:
             warn(f"{self.unsafe_cuts} cut(s) of very long lines were made where no "
                  f"token-safe byte lay within {SAFE_CUT_WINDOW:,} bytes; the tokens at those "
                  f"cuts may differ from tokenizing the line whole")
-        check = corpus.RowCheck(field_name, warn)
-        check.rows, check.missing = self.rows, self.missing
-        check.not_text, check.fields, check.read = Counter(self.not_text), set(self.fields), self.read
-        if check.rows:
-            check.finish()
+        if self.rows.rows:
+            self.rows.finish(field_name, warn)
 
 
 # ----------------------------------------------------------------------------- planning
 
 
 def plan(source: SourceConfig, source_index: int, download_dir: Path, part_bytes: int,
-         segment_bytes: int, start_index: int = 0, warn: Warn = print_warning) -> list[Part]:
+         segment_bytes: int, start_index: int = 0, warn: Warn = log.warn) -> list[Part]:
     """The parts of one source, numbered from `start_index`. Reads file sizes and a few
     bytes around cuts; hashes of long documents are added by `needs_digest`/`file_digest`."""
     planner = _Planner(source_index, part_bytes, start_index)
@@ -390,20 +384,9 @@ def _without_bom(encoding: str) -> str:
 
 def _rows_as_segments(rows: Iterator[dict], field_name: str, notes: Notes) -> Iterator[Segment]:
     for row in rows:
-        notes.rows += 1
-        value = row.get(field_name)
-        if isinstance(value, str):
-            if value:
-                yield Segment(value, True, True)
-            continue
-        if value is None:
-            notes.missing += 1
-        else:
-            name = type(value).__name__
-            notes.not_text[name] = notes.not_text.get(name, 0) + 1
-        new = {k for k, v in row.items() if v is not None and k != field_name}
-        if not new <= set(notes.fields):
-            notes.fields = sorted(set(notes.fields) | new)
+        text = notes.rows.text_of(row, field_name)
+        if text:
+            yield Segment(text, True, True)
 
 
 def _jsonl_rows(items: list[dict], notes: Notes) -> Iterator[dict]:
@@ -463,15 +446,14 @@ def _hf_rows(source: SourceConfig, item: dict, notes: Notes) -> Iterator[dict]:
 
 
 def _note_read(notes: Notes, what: str) -> None:
-    if what not in notes.read:
-        notes.read.append(what)
+    notes.rows.reading(what)
 
 
 # ----------------------------------------------------------------------------- documents
 
 
 def documents(source: SourceConfig, download_dir: str | os.PathLike,
-              warn: Warn = print_warning, part_bytes: int = 1 << 30,
+              warn: Warn = log.warn, part_bytes: int = 1 << 30,
               segment_bytes: int = 1 << 24) -> Iterator[str]:
     """Every non-empty document of `source`, whole, in corpus order (at most
     max_documents). Raises CorpusError when the source names nothing readable or yields

@@ -27,13 +27,13 @@ pipeline/model/checkpoints.py's and the name mapping pipeline/model/gpt2.py's.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from pipeline.core import log
 from pipeline.core.errors import PipelineError
 from pipeline.core.schema import require, setting
 from pipeline.model import checkpoints as checkpoint
@@ -181,7 +181,7 @@ def resolve(source: str | Path) -> ModelInfo:
 
 def _resolve_dir(text: str, path: Path) -> ModelInfo:
     if (path / checkpoint.CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
-        latest = checkpoint.newest_readable(path, warn=_warn)
+        latest = checkpoint.newest_readable(path, warn=log.warn)
         if latest is None:
             raise PipelineError(
                 f"run {path} has no complete, undamaged checkpoint (none under "
@@ -196,10 +196,6 @@ def _resolve_dir(text: str, path: Path) -> ModelInfo:
         f"{path} holds no model: expected a run directory (with checkpoints/), a checkpoint "
         f"(with {checkpoint.META_FILE} and {checkpoint.MODEL_FILE}), or a model directory in "
         f"the Hugging Face GPT-2 layout ({HF_CONFIG} and one of {', '.join(HF_WEIGHTS)})")
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def _download(name: str) -> Path:
@@ -314,9 +310,9 @@ def _read_book(path: Path, n_heads: int | None, default_heads: int | None
     try:
         heads, guess = gpt2.book_heads(state["tok_emb.weight"].shape[1], n_heads, default_heads)
         if guess:  # shapes do not record it: say so every time, a wrong guess is silent
-            _warn(f"{path}: a book-format model.pth does not record its number of attention "
-                  f"heads; using {heads} ({guess}). If it was trained with another, give "
-                  f"--n-heads N (or model.n_heads for model.init_from).")
+            log.warn(f"{path}: a book-format model.pth does not record its number of attention "
+                     f"heads; using {heads} ({guess}). If it was trained with another, give "
+                     f"--n-heads N (or model.n_heads for model.init_from).")
         return gpt2.from_book(state, heads)
     except KeyError as e:
         raise PipelineError(f"{path} lacks the book's tensor {e}") from None

@@ -13,10 +13,10 @@ import json
 import netrc
 import os
 import uuid
-import warnings
 from pathlib import Path
 
 from pipeline.config import Config, WandbConfig, to_dict
+from pipeline.core import log
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_open, atomic_write_text
 
@@ -85,7 +85,7 @@ _said: set[str] = set()
 def _say_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
-        warnings.warn(message, stacklevel=3)
+        log.warn(message)
 
 
 def _wandb_key_configured() -> bool:
@@ -194,8 +194,8 @@ class MetricsLog:
                     raise PipelineError(
                         f"{self.path} line {number} is not JSON: the file is damaged. Move it "
                         f"aside to start the log afresh (the checkpoints are unaffected).") from None
-                warnings.warn(f"{self.path}: dropping its last line, cut short (a kill "
-                              f"during the write?): {line[:60]!r}", stacklevel=2)
+                log.warn(f"{self.path}: dropping its last line, cut short (a kill during "
+                         f"the write?): {line[:60]!r}")
         return rows
 
     def append(self, row: dict) -> None:
