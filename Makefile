@@ -233,13 +233,14 @@ book:
 book-report: train
 	$(WITH_ARGS) $(PY) -m pipeline.book --config $(QCONFIG) $$ARGS
 
-## test: lint (ruff), then run the test suite
+## test: lint and format check (ruff), then run the test suite
 # One pytest worker per core (pytest-xdist), each test file whole on one worker so its
 # module fixtures (a prepared data set, a trained run) are built once; the 25 slowest
 # tests are listed at the end, so the suite's cost is visible in every run.
 PYTEST_ARGS = -q -n auto --dist loadfile --durations=25
 test: install
 	$(PY) -m ruff check --quiet pipeline tests benchmarks
+	$(PY) -m ruff format --check --quiet pipeline tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## golden: retrain the reference runs behind tests/golden/losses.json on this machine

@@ -9,6 +9,7 @@ results/quick/ with --quick so a smoke run never overwrites the full figures).
     python -m benchmarks data --prepare-sizes 20MB,50MB --out /tmp/bench
                                           # prepare's peak memory at other corpus sizes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,33 +21,56 @@ from pathlib import Path
 from benchmarks.common import RESULTS, write_result
 
 # name -> module; run in this order
-BENCHMARKS = {"time-to-loss": "time_to_loss", "train": "train", "profile": "profile_step", "generate": "generate",
-              "data": "data", "evaluate": "evaluate"}
+BENCHMARKS = {
+    "time-to-loss": "time_to_loss",
+    "train": "train",
+    "profile": "profile_step",
+    "generate": "generate",
+    "data": "data",
+    "evaluate": "evaluate",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})",
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: smoke")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON files")
-    parser.add_argument("--prepare-sizes", type=byte_sizes, default=None, metavar="SIZES",
-                        help="data: corpus sizes of prepare's peak-memory measurement, "
-                             "comma-separated, e.g. 20MB,50MB (MB = 10^6 bytes; default "
-                             "100MB,1GB, with --quick 2MB,4MB)")
+    parser.add_argument(
+        "--prepare-sizes",
+        type=byte_sizes,
+        default=None,
+        metavar="SIZES",
+        help="data: corpus sizes of prepare's peak-memory measurement, "
+        "comma-separated, e.g. 20MB,50MB (MB = 10^6 bytes; default "
+        "100MB,1GB, with --quick 2MB,4MB)",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(BENCHMARKS)}")
+        parser.error(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        )
     if args.prepare_sizes and args.names and "data" not in args.names:
-        parser.error("--prepare-sizes is an option of the data benchmark: add 'data' to "
-                     "the names")
+        parser.error("--prepare-sizes is an option of the data benchmark: add 'data' to the names")
     return args
 
 
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def byte_sizes(text: str) -> list[int]:
@@ -54,13 +78,14 @@ def byte_sizes(text: str) -> list[int]:
     sizes = []
     for item in text.split(","):
         number = item.strip().rstrip("bBkKmMgGiI")
-        unit = item.strip()[len(number):].upper()
+        unit = item.strip()[len(number) :].upper()
         try:
             size = float(number) * UNITS[unit]
         except (ValueError, KeyError):
             raise argparse.ArgumentTypeError(
                 f"{item.strip()!r} is not a size: write a number and a unit, e.g. 20MB, "
-                f"1.5GB or 512MiB") from None
+                f"1.5GB or 512MiB"
+            ) from None
         if size < 1:
             raise argparse.ArgumentTypeError(f"{item.strip()!r}: a size must be positive")
         sizes.append(int(size))
@@ -78,7 +103,8 @@ def main(argv=None) -> None:
         result = module.run(quick=args.quick, **options)
         result["wall_s"] = time.perf_counter() - start
         result["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC")
+            "%Y-%m-%d %H:%M UTC"
+        )
         path = write_result(name, result, out)
         print(f"{name}: {result['wall_s']:.0f} s, wrote {path}", flush=True)
 

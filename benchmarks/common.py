@@ -5,6 +5,7 @@ The machine is shared and its speed drifts, so contenders are timed in turns
 (A B C, then B C A, ...) after a warm-up, and compared by the ratio of their medians.
 Knows nothing about what is being timed.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,6 +46,7 @@ def bf16_meaningful() -> bool:
     """bf16 rows are timed only where bf16 is a choice a user would make: on a GPU, or a
     CPU with bf16 matrix units (elsewhere it is ~40x slower than fp32 and only costs time)."""
     from pipeline.training.precision import cpu_bf16_flags
+
     return torch.cuda.is_available() or bool(cpu_bf16_flags())
 
 
@@ -54,13 +56,13 @@ def transformers_gpt2(cfg):
 
     from pipeline.model.gpt2 import hf_config
 
-    settings = {k: v for k, v in hf_config(cfg).items()
-                if k not in ("architectures", "model_type")}
+    settings = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))
 
 
-def interleave(contenders: dict[str, Callable[[], object]], repeats: int,
-               warmup: int = 1) -> dict[str, list[float]]:
+def interleave(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each contender, called in turns; the first `warmup` rounds
     are run and thrown away. The order rotates each round so no contender always runs
     right after the same other one."""
@@ -70,7 +72,7 @@ def interleave(contenders: dict[str, Callable[[], object]], repeats: int,
             contenders[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             contenders[name]()
             times[name].append(time.perf_counter() - start)
@@ -83,6 +85,7 @@ def median(values: list[float]) -> float:
 
 def table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table of `rows` (dicts) with the given columns, numbers rounded."""
+
     def cell(value):
         if isinstance(value, float):
             return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
@@ -90,8 +93,10 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
     cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ training step consumes, and the loader's peak memory over a 10M and a 100M token
   below 1.25).
 Knows the loader and prepare only through their public functions and command line.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,18 +51,31 @@ def prepare_vs_tiktoken(max_bytes: int | None, workers: int, repeats: int) -> di
     tokens = sum(len(enc.encode_ordinary(d)) for d in docs)  # also the warm-up
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(None, source + [f"data.root={root}", f"data.num_workers={workers}"])
-        times = interleave({
-            "encode_ordinary, 1 process": lambda: [enc.encode_ordinary(d) for d in docs],
-            f"prepare, {workers} workers": lambda: prepare(cfg, force=True),
-        }, repeats, warmup=0)
-    rows = [{"contender": name, "tokens_per_s": tokens / median(t), "seconds": t}
-            for name, t in times.items()]
+        times = interleave(
+            {
+                "encode_ordinary, 1 process": lambda: [enc.encode_ordinary(d) for d in docs],
+                f"prepare, {workers} workers": lambda: prepare(cfg, force=True),
+            },
+            repeats,
+            warmup=0,
+        )
+    rows = [
+        {"contender": name, "tokens_per_s": tokens / median(t), "seconds": t}
+        for name, t in times.items()
+    ]
     single = rows[0]["tokens_per_s"]
     for r in rows:
         r["x_single"] = r["tokens_per_s"] / single
         r["x_ideal"] = r["tokens_per_s"] / (single * workers)
-    return {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": tokens,
-            "max_bytes": max_bytes, "workers": workers, "repeats": repeats, "rows": rows}
+    return {
+        "documents": len(docs),
+        "characters": sum(map(len, docs)),
+        "tokens": tokens,
+        "max_bytes": max_bytes,
+        "workers": workers,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def write_dataset(directory: Path, tokens: int, val_tokens: int = 0, seed: int = 0) -> Path:
@@ -72,9 +86,16 @@ def write_dataset(directory: Path, tokens: int, val_tokens: int = 0, seed: int =
         name = f"{split}_000000.bin"
         body = rng.integers(0, 50257, size=n, dtype=np.uint16)
         splits[split] = [ShardInfo(name, n, write_shard(directory / name, body, np.uint16))]
-    Manifest(tokenizer="gpt2", vocab_size=50257, dtype="uint16", eot_token=50256,
-             splits=splits, documents={"train": 1, "val": 1},
-             source={"kind": "random tokens (benchmark)"}, settings={}).save(directory)
+    Manifest(
+        tokenizer="gpt2",
+        vocab_size=50257,
+        dtype="uint16",
+        eot_token=50256,
+        splits=splits,
+        documents={"train": 1, "val": 1},
+        source={"kind": "random tokens (benchmark)"},
+        settings={},
+    ).save(directory)
     return directory
 
 
@@ -101,9 +122,22 @@ print(json.dumps({'rss_before': before, 'peak_rss': status('VmHWM'),
 def loader_process(data_dir: Path, context: int, batch: int, batches: int) -> dict:
     """Run the loader in a fresh process (so its RSS is its own); return what it measured."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(data_dir), str(context),
-                          str(batch), str(batches)], capture_output=True, text=True, env=env,
-                         check=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOADER_SCRIPT,
+            str(data_dir),
+            str(context),
+            str(batch),
+            str(batches),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,14 +167,25 @@ def loader_and_memory(sizes: list[int], batches: int, shape: train.Shape) -> dic
         for tokens in sizes:
             data_dir = write_dataset(Path(root) / f"t{tokens}", tokens)
             measured = loader_process(data_dir, context, batch, batches)
-            rows.append({"dataset_tokens": tokens, "batches": batches, **measured,
-                         "peak_rss_mib": measured["peak_rss"] / 2 ** 20,
-                         "x_step_consumption": measured["windows_per_s"] / consumption})
+            rows.append(
+                {
+                    "dataset_tokens": tokens,
+                    "batches": batches,
+                    **measured,
+                    "peak_rss_mib": measured["peak_rss"] / 2**20,
+                    "x_step_consumption": measured["windows_per_s"] / consumption,
+                }
+            )
             (data_dir / "train_000000.bin").unlink()
     flat = rows[-1]["peak_rss"] / rows[0]["peak_rss"]
-    return {"context_length": context, "micro_batch": batch,
-            "step_windows_per_s": consumption, "consumer": f"{consumer} at {shape.name}",
-            "rows": rows, "peak_rss_ratio_largest_to_smallest": flat}
+    return {
+        "context_length": context,
+        "micro_batch": batch,
+        "step_windows_per_s": consumption,
+        "consumer": f"{consumer} at {shape.name}",
+        "rows": rows,
+        "peak_rss_ratio_largest_to_smallest": flat,
+    }
 
 
 # ----------------------------------------------------------------------------- prepare's memory
@@ -198,7 +243,7 @@ def write_huge_corpus(directory: Path, total_bytes: int) -> list[Path]:
         text = next(texts)
         paths.append(directory / "small" / f"small_{i:03d}.txt")
         paths[-1].parent.mkdir(exist_ok=True)
-        paths[-1].write_bytes(text[:_char_boundary(text, SMALL_BYTES)])
+        paths[-1].write_bytes(text[: _char_boundary(text, SMALL_BYTES)])
     pending = b""
     for name, size in zip(names, sizes + [single]):
         paths.append(directory / name)
@@ -218,8 +263,11 @@ def _kib_fields(path: str, keys: tuple[str, ...]) -> dict[str, int]:
     """Fields of a /proc file of "Key: N kB" lines, in bytes; {} once the process is gone."""
     try:
         with open(path) as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
-                    if k in keys}
+            return {
+                k: int(v.split()[0]) * 1024
+                for k, v in (line.split(":", 1) for line in f)
+                if k in keys
+            }
     except (OSError, ValueError):
         return {}
 
@@ -255,8 +303,7 @@ def peak_memory(command: list[str], log: Path, project: Path = ROOT) -> dict:
     env = {**os.environ, "PYTHONPATH": str(project)}
     start = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=project,
-                                env=env)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=project, env=env)
     tree_rss, tree_pss, hwm, samples = 0, 0, {}, 0
     try:
         while proc.poll() is None:
@@ -266,8 +313,12 @@ def peak_memory(command: list[str], log: Path, project: Path = ROOT) -> dict:
             for p, f in fields.items():
                 hwm[p] = max(hwm.get(p, 0), f.get("VmHWM", 0))
             if samples % PSS_EVERY == 0:
-                tree_pss = max(tree_pss, sum(_kib_fields(f"/proc/{p}/smaps_rollup", ("Pss",))
-                                             .get("Pss", 0) for p in tree))
+                tree_pss = max(
+                    tree_pss,
+                    sum(
+                        _kib_fields(f"/proc/{p}/smaps_rollup", ("Pss",)).get("Pss", 0) for p in tree
+                    ),
+                )
             samples += 1
             time.sleep(SAMPLE_S)
     finally:
@@ -279,10 +330,16 @@ def peak_memory(command: list[str], log: Path, project: Path = ROOT) -> dict:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}:\n{tail}")
     workers = [v for p, v in hwm.items() if p != proc.pid]
-    return {"seconds": seconds, "samples": samples, "processes": len(hwm),
-            "peak_tree_rss": tree_rss, "peak_tree_pss": tree_pss,
-            "peak_process_rss": max(hwm.values(), default=0),
-            "peak_main_rss": hwm.get(proc.pid, 0), "peak_worker_rss": max(workers, default=0)}
+    return {
+        "seconds": seconds,
+        "samples": samples,
+        "processes": len(hwm),
+        "peak_tree_rss": tree_rss,
+        "peak_tree_pss": tree_pss,
+        "peak_process_rss": max(hwm.values(), default=0),
+        "peak_main_rss": hwm.get(proc.pid, 0),
+        "peak_worker_rss": max(workers, default=0),
+    }
 
 
 def prepare_memory(sizes: list[int], workers: int, project: Path = ROOT) -> dict:
@@ -297,46 +354,82 @@ def prepare_memory(sizes: list[int], workers: int, project: Path = ROOT) -> dict
             start = time.perf_counter()
             files = write_huge_corpus(corpus_dir, size)
             written = time.perf_counter() - start
-            overrides = ["data.source.kind=files", f"data.source.paths=[{corpus_dir}]",
-                         "data.source.max_bytes=null", f"data.root={tmp}", "data.name=huge",
-                         f"data.num_workers={workers}", "data.val_fraction=0.1"]
-            measured = peak_memory([sys.executable, "-m", "pipeline.prepare", "--config",
-                                    "configs/tiny.yaml", *overrides], Path(tmp) / "prepare.log",
-                                   project)
+            overrides = [
+                "data.source.kind=files",
+                f"data.source.paths=[{corpus_dir}]",
+                "data.source.max_bytes=null",
+                f"data.root={tmp}",
+                "data.name=huge",
+                f"data.num_workers={workers}",
+                "data.val_fraction=0.1",
+            ]
+            measured = peak_memory(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.prepare",
+                    "--config",
+                    "configs/tiny.yaml",
+                    *overrides,
+                ],
+                Path(tmp) / "prepare.log",
+                project,
+            )
             manifest = load_manifest(Path(tmp) / "huge")
             tokens = sum(s.tokens for shards in manifest.splits.values() for s in shards)
-            rows.append({"corpus_mb": size / 1e6, "files": len(files),
-                         "corpus_bytes": sum(p.stat().st_size for p in files),
-                         "single_line_mb": (corpus_dir / "single_line.txt").stat().st_size / 1e6,
-                         "corpus_write_s": written, "tokens": tokens, **measured,
-                         **{f"{k}_mib": v / 2**20 for k, v in measured.items()
-                            if k.startswith("peak_")},
-                         "under_1gib": measured["peak_tree_rss"] < PEAK_TARGET})
+            rows.append(
+                {
+                    "corpus_mb": size / 1e6,
+                    "files": len(files),
+                    "corpus_bytes": sum(p.stat().st_size for p in files),
+                    "single_line_mb": (corpus_dir / "single_line.txt").stat().st_size / 1e6,
+                    "corpus_write_s": written,
+                    "tokens": tokens,
+                    **measured,
+                    **{f"{k}_mib": v / 2**20 for k, v in measured.items() if k.startswith("peak_")},
+                    "under_1gib": measured["peak_tree_rss"] < PEAK_TARGET,
+                }
+            )
     ratio = rows[-1]["peak_tree_rss"] / rows[0]["peak_tree_rss"] if len(rows) > 1 else None
     under = all(r["under_1gib"] for r in rows)
     flat = ratio is not None and ratio < FLAT_TARGET
-    return {"sizes": sizes, "workers": workers, "config": "configs/tiny.yaml",
-            "corpus": f"{HUGE_FILES} huge .txt files + 1 single-line .txt file of "
-                      f"{SINGLE_LINE_SHARE:.0%} + {SMALL_FILES} files of {SMALL_BYTES} bytes; "
-                      f"stdlib .py sources repeated",
-            "peak": f"max over samples every {SAMPLE_S} s of the summed VmRSS of prepare's "
-                    f"process tree",
-            "rows": rows, "peak_rss_ratio_largest_to_smallest": ratio,
-            "target": {"peak_tree_rss_below": PEAK_TARGET, "ratio_below": FLAT_TARGET},
-            "under_1gib": under, "flat": flat, "target_met": under and flat}
+    return {
+        "sizes": sizes,
+        "workers": workers,
+        "config": "configs/tiny.yaml",
+        "corpus": f"{HUGE_FILES} huge .txt files + 1 single-line .txt file of "
+        f"{SINGLE_LINE_SHARE:.0%} + {SMALL_FILES} files of {SMALL_BYTES} bytes; "
+        f"stdlib .py sources repeated",
+        "peak": f"max over samples every {SAMPLE_S} s of the summed VmRSS of prepare's "
+        f"process tree",
+        "rows": rows,
+        "peak_rss_ratio_largest_to_smallest": ratio,
+        "target": {"peak_tree_rss_below": PEAK_TARGET, "ratio_below": FLAT_TARGET},
+        "under_1gib": under,
+        "flat": flat,
+        "target_met": under and flat,
+    }
 
 
 def run(quick: bool = False, prepare_sizes: list[int] | None = None) -> dict:
     workers = os.cpu_count() or 1
-    prep = prepare_vs_tiktoken(max_bytes=300_000 if quick else None, workers=workers,
-                               repeats=1 if quick else 3)
+    prep = prepare_vs_tiktoken(
+        max_bytes=300_000 if quick else None, workers=workers, repeats=1 if quick else 3
+    )
     shape = train.QUICK[0] if quick else train.FULL[0]
     sizes = [1_000_000, 10_000_000] if quick else [10_000_000, 100_000_000]
     loader = loader_and_memory(sizes, batches=200 if quick else 2000, shape=shape)
     sizes = prepare_sizes or ([2_000_000, 4_000_000] if quick else [100_000_000, 1_000_000_000])
     memory = prepare_memory(sizes, workers)
-    result = {"benchmark": "data", "quick": quick, "machine": machine(), "workers": workers,
-              "prepare": prep, "loader": loader, "prepare_memory": memory}
+    result = {
+        "benchmark": "data",
+        "quick": quick,
+        "machine": machine(),
+        "workers": workers,
+        "prepare": prep,
+        "loader": loader,
+        "prepare_memory": memory,
+    }
     print_tables(tables(result))
     print(memory_verdict(memory))
     return result
@@ -345,25 +438,48 @@ def run(quick: bool = False, prepare_sizes: list[int] | None = None) -> dict:
 def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
     prep, loader, memory = result["prepare"], result["loader"], result["prepare_memory"]
     return [
-        (f"prepare vs single-process tiktoken: {prep['documents']} documents, "
-         f"{prep['tokens']:,} tokens", prep["rows"],
-         ["contender", "tokens_per_s", "x_single", "x_ideal"]),
-        (f"loader vs the training step ({loader['consumer']}: "
-         f"{loader['step_windows_per_s']:.2f} windows/s)", loader["rows"],
-         ["dataset_tokens", "windows_per_s", "x_step_consumption", "peak_rss_mib"]),
-        (f"prepare's peak memory, {result.get('workers', '?')} workers; corpus: "
-         f"{memory['corpus']}", memory["rows"],
-         ["corpus_mb", "single_line_mb", "tokens", "seconds", "peak_tree_rss_mib",
-          "peak_tree_pss_mib", "peak_process_rss_mib", "peak_worker_rss_mib", "under_1gib"]),
+        (
+            f"prepare vs single-process tiktoken: {prep['documents']} documents, "
+            f"{prep['tokens']:,} tokens",
+            prep["rows"],
+            ["contender", "tokens_per_s", "x_single", "x_ideal"],
+        ),
+        (
+            f"loader vs the training step ({loader['consumer']}: "
+            f"{loader['step_windows_per_s']:.2f} windows/s)",
+            loader["rows"],
+            ["dataset_tokens", "windows_per_s", "x_step_consumption", "peak_rss_mib"],
+        ),
+        (
+            f"prepare's peak memory, {result.get('workers', '?')} workers; corpus: "
+            f"{memory['corpus']}",
+            memory["rows"],
+            [
+                "corpus_mb",
+                "single_line_mb",
+                "tokens",
+                "seconds",
+                "peak_tree_rss_mib",
+                "peak_tree_pss_mib",
+                "peak_process_rss_mib",
+                "peak_worker_rss_mib",
+                "under_1gib",
+            ],
+        ),
     ]
 
 
 def memory_verdict(memory: dict) -> str:
     """One line: whether prepare's peak memory meets the target, and by which numbers."""
     ratio = memory["peak_rss_ratio_largest_to_smallest"]
-    flat = ("needs two sizes" if ratio is None else
-            f"{ratio:.2f} ({'yes' if memory['flat'] else 'no'}, target < {FLAT_TARGET})")
+    flat = (
+        "needs two sizes"
+        if ratio is None
+        else f"{ratio:.2f} ({'yes' if memory['flat'] else 'no'}, target < {FLAT_TARGET})"
+    )
     peak = max(r["peak_tree_rss_mib"] for r in memory["rows"])
-    return (f"target {'met' if memory['target_met'] else 'NOT met'}: highest peak "
-            f"{peak:,.0f} MiB ({'under' if memory['under_1gib'] else 'over'} 1 GiB), "
-            f"flat: peak at the largest / smallest size = {flat}")
+    return (
+        f"target {'met' if memory['target_met'] else 'NOT met'}: highest peak "
+        f"{peak:,.0f} MiB ({'under' if memory['under_1gib'] else 'over'} 1 GiB), "
+        f"flat: peak at the largest / smallest size = {flat}"
+    )

@@ -6,6 +6,7 @@ against the training step's forward alone on the same batches and model:
                                        could call instead of logits + F.cross_entropy
 Knows evaluate's public function only.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -33,8 +34,9 @@ def run(quick: bool = False) -> dict:
     model = train.GPTModel(cfg)
     accelerator = Accelerator(cpu=True)
     with tempfile.TemporaryDirectory() as root:
-        data = write_dataset(Path(root), 100_000,
-                             val_tokens=windows_needed * cfg.context_length + 1)
+        data = write_dataset(
+            Path(root), 100_000, val_tokens=windows_needed * cfg.context_length + 1
+        )
         windows = TokenWindows(data, "val", cfg.context_length)
         assert len(windows) == windows_needed, len(windows)
         batches = list(fixed_batches(windows, batch))
@@ -57,24 +59,43 @@ def run(quick: bool = False) -> dict:
                     total += model(x, targets=y).item() * y.numel()
             results["fused"] = total / tokens
 
-        times = interleave({"evaluate stage": stage,
-                            "train forward (logits + CE)": train_forward,
-                            "forward(idx, targets), no_grad": fused_no_grad},
-                           repeats=1 if quick else 3)
-    rows = [{"contender": name, "tokens_per_s": tokens / median(t), "seconds": t}
-            for name, t in times.items()]
+        times = interleave(
+            {
+                "evaluate stage": stage,
+                "train forward (logits + CE)": train_forward,
+                "forward(idx, targets), no_grad": fused_no_grad,
+            },
+            repeats=1 if quick else 3,
+        )
+    rows = [
+        {"contender": name, "tokens_per_s": tokens / median(t), "seconds": t}
+        for name, t in times.items()
+    ]
     base = rows[1]["tokens_per_s"]
     for r in rows:
         r["x_train_forward"] = r["tokens_per_s"] / base
-    result = {"benchmark": "evaluate", "quick": quick, "machine": machine(),
-              "shape": shape.name, "model": cfg.__dict__, "batch": batch, "val_tokens": tokens,
-              "losses_agree": abs(results["stage"] - results["fused"]) < 1e-4,
-              "losses": results, "rows": rows}
+    result = {
+        "benchmark": "evaluate",
+        "quick": quick,
+        "machine": machine(),
+        "shape": shape.name,
+        "model": cfg.__dict__,
+        "batch": batch,
+        "val_tokens": tokens,
+        "losses_agree": abs(results["stage"] - results["fused"]) < 1e-4,
+        "losses": results,
+        "rows": rows,
+    }
     print_tables(tables(result))
     return result
 
 
 def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
-    return [(f"evaluate vs the training forward: {result['val_tokens']:,} val tokens, "
-             f"{result['shape']}, fp32", result["rows"],
-             ["contender", "tokens_per_s", "x_train_forward"])]
+    return [
+        (
+            f"evaluate vs the training forward: {result['val_tokens']:,} val tokens, "
+            f"{result['shape']}, fp32",
+            result["rows"],
+            ["contender", "tokens_per_s", "x_train_forward"],
+        )
+    ]

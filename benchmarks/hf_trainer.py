@@ -15,6 +15,7 @@ Both sides predict the same tokens: the labels are our targets (the window shift
 passed as `shift_labels`, so the loss covers all context_length positions of a window
 (with `labels=input_ids` GPT-2 would score one fewer per window).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def trainer_callback(evaluations: list):
             now = time.perf_counter()
             train_s = self.step_end - self.start - self.evaluating
             self.evaluating += now - self.step_end
-            evaluations.append({"step": state.global_step, "train_s": train_s,
-                                "val_loss": metrics["eval_loss"]})
+            evaluations.append(
+                {"step": state.global_step, "train_s": train_s, "val_loss": metrics["eval_loss"]}
+            )
 
     return EvaluationClock()
 
@@ -67,22 +69,35 @@ def training_arguments(config, out_dir: str, precision: str):
 
     t, e = config.train, config.eval
     return TrainingArguments(
-        output_dir=out_dir, max_steps=t.max_steps, seed=config.seed,
+        output_dir=out_dir,
+        max_steps=t.max_steps,
+        seed=config.seed,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
-        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0],
-        adam_beta2=t.betas[1], max_grad_norm=t.grad_clip or 0.0,
-        lr_scheduler_type="cosine_with_min_lr", warmup_steps=t.warmup_steps,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1],
+        max_grad_norm=t.grad_clip or 0.0,
+        lr_scheduler_type="cosine_with_min_lr",
+        warmup_steps=t.warmup_steps,
         lr_scheduler_kwargs={"min_lr": t.min_lr if t.min_lr is not None else t.lr / 10},
-        eval_strategy="steps", eval_steps=e.every_steps, prediction_loss_only=True,
-        logging_steps=t.log_every_steps, save_strategy="no", report_to=[],
+        eval_strategy="steps",
+        eval_steps=e.every_steps,
+        prediction_loss_only=True,
+        logging_steps=t.log_every_steps,
+        save_strategy="no",
+        report_to=[],
         # shift_labels is not a named argument of GPT2LMHeadModel.forward, so the
         # Trainer's default column pruning would drop it and GPT-2 would shift our
         # targets once more: it would learn the token after next
         remove_unused_columns=False,
-        bf16=precision == "bf16", fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
 
 
 def gpt2_model(config):
@@ -101,31 +116,41 @@ def main(argv=None) -> None:
     from pipeline.data.loader import TokenWindows
     from pipeline.training.precision import resolve
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_trainer",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.hf_trainer", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True, help="JSON file of the evaluations")
-    parser.add_argument("--work-dir", default=None, help="Trainer's output_dir (default: "
-                        "next to --out)")
+    parser.add_argument(
+        "--work-dir", default=None, help="Trainer's output_dir (default: next to --out)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     ctx = config.model.context_length
     train = Windows(TokenWindows(config.data_dir, "train", ctx, config.train.stride))
     # our train stage estimates the val loss on its first eval.batches micro batches
-    val = Windows(TokenWindows(config.data_dir, "val", ctx),
-                  config.eval.batches * config.train.micro_batch_size)
+    val = Windows(
+        TokenWindows(config.data_dir, "val", ctx),
+        config.eval.batches * config.train.micro_batch_size,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision, why = resolve(config.train.precision, device)
     print(f"precision: {precision} ({why})", flush=True)
     evaluations: list = []
     work_dir = args.work_dir or f"{args.out}.trainer"
-    trainer = Trainer(model=gpt2_model(config), args=training_arguments(config, work_dir, precision),
-                      train_dataset=train, eval_dataset=val,
-                      callbacks=[trainer_callback(evaluations)])
+    trainer = Trainer(
+        model=gpt2_model(config),
+        args=training_arguments(config, work_dir, precision),
+        train_dataset=train,
+        eval_dataset=val,
+        callbacks=[trainer_callback(evaluations)],
+    )
     trainer.train()
-    atomic_write_json(args.out, {"contender": "transformers Trainer", "precision": precision,
-                                 "evaluations": evaluations})
+    atomic_write_json(
+        args.out,
+        {"contender": "transformers Trainer", "precision": precision, "evaluations": evaluations},
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ transformers' GPT-2 and of ours, the self time of every op put in one bucket:
 Both shapes of benchmarks.train: the 4x256 model and GPT-2 124M.
 Knows nothing of how the step is built (benchmarks.train does that).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,14 @@ from benchmarks import train
 from benchmarks.common import machine, print_tables
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-LOSS_MARKS = ("log_softmax", "nll_loss", "cross_entropy", "LogSoftmax", "NllLoss",
-              "_HeadCrossEntropy")
+LOSS_MARKS = (
+    "log_softmax",
+    "nll_loss",
+    "cross_entropy",
+    "LogSoftmax",
+    "NllLoss",
+    "_HeadCrossEntropy",
+)
 BUCKETS = ["head matmul", "block matmuls", "softmax + CE", "attention", "optimizer", "other"]
 
 
@@ -57,18 +64,28 @@ def profile_step(step, vocab: int) -> dict:
 
 def run(quick: bool = False) -> dict:
     shapes = [train.QUICK[0]] if quick else train.FULL
-    result = {"benchmark": "profile_step", "quick": quick, "machine": machine(),
-              "buckets": BUCKETS, "shapes": [profile_shape(shape, quick) for shape in shapes],
-              "note": "self CPU time under torch.profiler, which adds overhead per op; "
-                      "shares, not speeds, are the point"}
+    result = {
+        "benchmark": "profile_step",
+        "quick": quick,
+        "machine": machine(),
+        "buckets": BUCKETS,
+        "shapes": [profile_shape(shape, quick) for shape in shapes],
+        "note": "self CPU time under torch.profiler, which adds overhead per op; "
+        "shares, not speeds, are the point",
+    }
     print_tables(tables(result))
     return result
 
 
 def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
-    return [(f"share of one step's profiled CPU time (total in seconds), {shape['shape']}",
-             shape["rows"], ["contender", "total_s", *result["buckets"]])
-            for shape in result["shapes"]]
+    return [
+        (
+            f"share of one step's profiled CPU time (total in seconds), {shape['shape']}",
+            shape["rows"],
+            ["contender", "total_s", *result["buckets"]],
+        )
+        for shape in result["shapes"]
+    ]
 
 
 def profile_shape(shape, quick: bool) -> dict:
@@ -78,13 +95,22 @@ def profile_shape(shape, quick: bool) -> dict:
     x = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length), generator=g)
     y = torch.randint(0, cfg.vocab_size, (shape.batch, cfg.context_length), generator=g)
     steps = train.contenders(ours, hf, x, y, book=shape.book_loss)
-    wanted = (["hf/fp32", "ours/fp32", "ours-fast"] if quick else
-              ["hf/fp32", "ours-logits/fp32", "ours/fp32", "hf/bf16", "ours/bf16", "ours-fast"])
+    wanted = (
+        ["hf/fp32", "ours/fp32", "ours-fast"]
+        if quick
+        else ["hf/fp32", "ours-logits/fp32", "ours/fp32", "hf/bf16", "ours/bf16", "ours-fast"]
+    )
     rows = []
     # contenders() leaves out the bf16 ones where bf16 is not meaningful (no bf16 units)
     for name in [n for n in wanted if n in steps]:
         seconds = profile_step(steps[name], cfg.vocab_size)
         total = sum(seconds.values())
-        rows.append({"contender": name, "total_s": total,
-                     **{b: seconds[b] / total for b in BUCKETS}, "seconds": seconds})
+        rows.append(
+            {
+                "contender": name,
+                "total_s": total,
+                **{b: seconds[b] / total for b in BUCKETS},
+                "seconds": seconds,
+            }
+        )
     return {"shape": shape.name, "batch": shape.batch, "model": cfg.__dict__, "rows": rows}

@@ -11,6 +11,7 @@ evaluations around the crossing). Contenders take turns, in a rotated order each
 and are compared by the ratio of their median times.
 Knows the pipeline's configs and command lines, not its internals.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ TARGET = 4.0  # nats; the tiny recipe reaches it in about 2 minutes on 2 AVX2 co
 VAL_WINDOWS = 80
 COMMON = ["eval.every_steps=20", "checkpoint.every_steps=100000"]
 # --quick: a model small enough that a run takes seconds (smoke, not a measurement)
-QUICK = ["model.context_length=32", "train.micro_batch_size=2", "train.max_steps=20",
-         "train.warmup_steps=4", "eval.every_steps=5", "checkpoint.every_steps=100000"]
+QUICK = [
+    "model.context_length=32",
+    "train.micro_batch_size=2",
+    "train.max_steps=20",
+    "train.warmup_steps=4",
+    "eval.every_steps=5",
+    "checkpoint.every_steps=100000",
+]
 QUICK_VAL_WINDOWS = 4
 QUICK_TARGET = 9.8
 
@@ -51,8 +58,7 @@ CONTENDERS = [
 ]
 
 
-def command(contender: Contender, work: Path, overrides: list[str],
-            val_windows: int) -> list[str]:
+def command(contender: Contender, work: Path, overrides: list[str], val_windows: int) -> list[str]:
     """The command line that trains one contender, writing its results under `work`."""
     from pipeline.config import load_config
 
@@ -60,21 +66,44 @@ def command(contender: Contender, work: Path, overrides: list[str],
     batch = load_config(contender.config, settings).train.micro_batch_size
     settings.append(f"eval.batches={max(1, val_windows // batch)}")  # the same val windows
     if contender.kind == "hf":
-        return [sys.executable, "-m", "benchmarks.hf_trainer", "--config", contender.config,
-                "--out", str(work / "hf.json"), *settings]
+        return [
+            sys.executable,
+            "-m",
+            "benchmarks.hf_trainer",
+            "--config",
+            contender.config,
+            "--out",
+            str(work / "hf.json"),
+            *settings,
+        ]
     # as the Makefile's LAUNCH does on a machine without a GPU, or with one
     on_gpu = _has_gpu()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              f"configs/accelerate/{'single-gpu' if on_gpu else 'cpu'}.yaml",
-              "--num_processes", "1"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"configs/accelerate/{'single-gpu' if on_gpu else 'cpu'}.yaml",
+        "--num_processes",
+        "1",
+    ]
     if not on_gpu:
         launch += ["--num_cpu_threads_per_process", str(os.cpu_count())]
-    return [*launch, "-m", "pipeline.train", "--config", contender.config,
-            f"runs_root={work}", "name=run", *settings]
+    return [
+        *launch,
+        "-m",
+        "pipeline.train",
+        "--config",
+        contender.config,
+        f"runs_root={work}",
+        "name=run",
+        *settings,
+    ]
 
 
 def _has_gpu() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -108,15 +137,19 @@ def crossing(evals: list[dict], target: float) -> dict | None:
     return None
 
 
-def train_once(contender: Contender, overrides: list[str], val_windows: int,
-               log_dir: Path) -> dict:
+def train_once(contender: Contender, overrides: list[str], val_windows: int, log_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="ttl-") as tmp:
         work = Path(tmp)
         log = log_dir / f"{contender.kind}-{Path(contender.config).stem}.log"
         env = {**os.environ, "ACCELERATE_USE_CPU": "1"} if not _has_gpu() else dict(os.environ)
         with open(log, "w") as out:
-            done = subprocess.run(command(contender, work, overrides, val_windows), cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT)
+            done = subprocess.run(
+                command(contender, work, overrides, val_windows),
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         if done.returncode != 0:
             tail = log.read_text()[-3000:]
             raise RuntimeError(f"{contender.name} failed (exit {done.returncode}):\n{tail}")
@@ -124,8 +157,12 @@ def train_once(contender: Contender, overrides: list[str], val_windows: int,
 
 
 def prepare_data(config: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipeline.prepare", "--config", config],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--config", config],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def run(quick: bool = False, rounds: int | None = None) -> dict:
@@ -138,7 +175,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     runs: dict[str, list[dict]] = {c.name: [] for c in CONTENDERS}
     with tempfile.TemporaryDirectory(prefix="ttl-logs-") as logs:
         for r in range(rounds):
-            order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+            order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
             for contender in order:
                 print(f"round {r + 1}/{rounds}: {contender.name}", flush=True)
                 result = train_once(contender, overrides, val_windows, Path(logs))
@@ -149,29 +186,44 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     for r in rows:
         if r["seconds"] and hf["seconds"]:
             r["x_transformers"] = hf["seconds"] / r["seconds"]
-    result = {"benchmark": "time_to_loss", "quick": quick, "machine": machine(),
-            "target_val_loss": target, "rounds": rounds, "common_overrides": overrides,
-            "rows": rows, "runs": runs,
-            "how": "each contender a fresh process trained from scratch; seconds: median "
-                   "over rounds of the training time (evaluations excluded) at which the val "
-                   "loss crosses the target, interpolated between evaluations; "
-                   "x_transformers: transformers' seconds / this contender's"}
+    result = {
+        "benchmark": "time_to_loss",
+        "quick": quick,
+        "machine": machine(),
+        "target_val_loss": target,
+        "rounds": rounds,
+        "common_overrides": overrides,
+        "rows": rows,
+        "runs": runs,
+        "how": "each contender a fresh process trained from scratch; seconds: median "
+        "over rounds of the training time (evaluations excluded) at which the val "
+        "loss crosses the target, interpolated between evaluations; "
+        "x_transformers: transformers' seconds / this contender's",
+    }
     print_tables(tables(result))
     return result
 
 
 def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
-    return [(f"time to val loss {result['target_val_loss']} (training wall time, evaluations "
-             f"excluded), {result['rounds']} round(s)", result["rows"],
-             ["contender", "seconds", "steps", "s_per_step", "final_val_loss",
-              "x_transformers"])]
+    return [
+        (
+            f"time to val loss {result['target_val_loss']} (training wall time, evaluations "
+            f"excluded), {result['rounds']} round(s)",
+            result["rows"],
+            ["contender", "seconds", "steps", "s_per_step", "final_val_loss", "x_transformers"],
+        )
+    ]
 
 
 def summary_row(contender: Contender, results: list[dict]) -> dict:
     reached = [r["to_target"] for r in results if r["to_target"]]
-    row = {"contender": contender.name, "kind": contender.kind, "config": contender.config,
-           "reached": f"{len(reached)}/{len(results)}",
-           "final_val_loss": results[-1]["evaluations"][-1]["val_loss"]}
+    row = {
+        "contender": contender.name,
+        "kind": contender.kind,
+        "config": contender.config,
+        "reached": f"{len(reached)}/{len(results)}",
+        "final_val_loss": results[-1]["evaluations"][-1]["val_loss"],
+    }
     if len(reached) == len(results):
         row["seconds"] = median([r["train_s"] for r in reached])
         row["steps"] = median([r["step"] for r in reached])

@@ -16,6 +16,7 @@ Contenders (each shape, interleaved in one loop):
 where <p> is fp32 or bf16 (CPU autocast). MFU is against the large-matmul FLOP/s of
 fp32 and bf16 measured in the same run. Knows nothing of the pipeline's train stage.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,9 +45,16 @@ ADAMW = dict(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 def gpt(emb_dim, n_layers, n_heads, context_length=256):
     # GPT-2's layout (q/k/v biases, tied head): the only one GPT2LMHeadModel builds
-    return ModelConfig(vocab_size=50257, context_length=context_length, emb_dim=emb_dim,
-                       n_layers=n_layers, n_heads=n_heads, drop_rate=0.0, qkv_bias=True,
-                       tie_embeddings=True)
+    return ModelConfig(
+        vocab_size=50257,
+        context_length=context_length,
+        emb_dim=emb_dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        drop_rate=0.0,
+        qkv_bias=True,
+        tie_embeddings=True,
+    )
 
 
 @dataclass
@@ -61,8 +69,10 @@ class Shape:
 
 
 # The 124M shape takes ~10 s a step here: fewer repeats, and no ours-logits contenders.
-FULL = [Shape("4x256 b8", gpt(256, 4, 4), batch=8, repeats=5, compile=True),
-        Shape("124M b2", gpt(768, 12, 12), batch=2, repeats=3, compile=True, book_loss=False)]
+FULL = [
+    Shape("4x256 b8", gpt(256, 4, 4), batch=8, repeats=5, compile=True),
+    Shape("124M b2", gpt(768, 12, 12), batch=2, repeats=3, compile=True, book_loss=False),
+]
 QUICK = [Shape("4x256 ctx64 b2", gpt(256, 4, 4, context_length=64), batch=2, repeats=1)]
 
 
@@ -92,6 +102,7 @@ def make_step(model, loss_fn, prec: str, **adamw):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
     return step
 
 
@@ -159,10 +170,18 @@ def run_shape(shape: Shape, peaks: dict) -> dict:
         r["x_hf_same_precision_best"] = r["tokens_per_s_best"] / hf_same["tokens_per_s_best"]
         r["x_hf_fp32"] = r["tokens_per_s"] / by_name["hf/fp32"]["tokens_per_s"]
         r["x_hf_fp32_best"] = r["tokens_per_s_best"] / by_name["hf/fp32"]["tokens_per_s_best"]
-    return {"shape": shape.name, "model": asdict(cfg), "batch": shape.batch,
-            "tokens_per_step": tokens, "flops_per_token": flops_per_token(cfg), "repeats": shape.repeats,
-            "warmup": shape.warmup, "compile_s": compile_s if shape.compile else None,
-            "first_loss": first, "rows": rows}
+    return {
+        "shape": shape.name,
+        "model": asdict(cfg),
+        "batch": shape.batch,
+        "tokens_per_step": tokens,
+        "flops_per_token": flops_per_token(cfg),
+        "repeats": shape.repeats,
+        "warmup": shape.warmup,
+        "compile_s": compile_s if shape.compile else None,
+        "first_loss": first,
+        "rows": rows,
+    }
 
 
 def row(shape: Shape, name: str, seconds: list[float], peaks: dict) -> dict:
@@ -170,10 +189,17 @@ def row(shape: Shape, name: str, seconds: list[float], peaks: dict) -> dict:
     tokens = shape.batch * shape.cfg.context_length
     prec = contender_precision(name)
     tps = tokens / median(seconds)
-    return {"shape": shape.name, "contender": name, "precision": prec, "tokens_per_s": tps,
-            "tokens_per_s_best": tokens / min(seconds), "step_s": median(seconds),
-            "seconds": seconds, "mfu": tps * flops_per_token(shape.cfg) / peaks[prec],
-            "mfu_peak": f"{prec} matmul"}
+    return {
+        "shape": shape.name,
+        "contender": name,
+        "precision": prec,
+        "tokens_per_s": tps,
+        "tokens_per_s_best": tokens / min(seconds),
+        "step_s": median(seconds),
+        "seconds": seconds,
+        "mfu": tps * flops_per_token(shape.cfg) / peaks[prec],
+        "mfu_peak": f"{prec} matmul",
+    }
 
 
 def precisions() -> tuple[str, ...]:
@@ -193,29 +219,54 @@ def run(quick: bool = False) -> dict:
     for shape in shapes:  # MFU against the final (highest) peaks
         for r in shape["rows"]:
             r["mfu"] = r["tokens_per_s"] * shape["flops_per_token"] / peaks[r["precision"]]
-    result = {"benchmark": "train", "quick": quick, "machine": machine(),
-              "settings": {"adamw": ADAMW, "dropout": 0.0, "qkv_bias": True,
-                           "tied_head": True, "bf16": "torch.autocast('cpu', bfloat16)",
-                           "ours-fast": f"{fast_precision()} (what precision: auto picks "
-                                        "here), forward(idx, targets), AdamW(fused=True)",
-                           "ours-best": "ours-fast under torch.compile(model)",
-                           "hf-fast": "transformers with AdamW(fused=True), the Trainer's "
-                                      "default, in ours-fast's precision",
-                           "x_hf_same_precision": "against hf/<p>, or hf-fast for the "
-                                                  "fused-AdamW contenders",
-                           "tokens_per_s": "from the median step; _best: from the fastest",
-                           "mfu": "flops_per_token (6N + 12LdT) x tokens/s / the 2048^3 "
-                                  "matmul FLOP/s of the contender's precision"},
-              "matmul_peak_flops": peaks, "shapes": shapes}
+    result = {
+        "benchmark": "train",
+        "quick": quick,
+        "machine": machine(),
+        "settings": {
+            "adamw": ADAMW,
+            "dropout": 0.0,
+            "qkv_bias": True,
+            "tied_head": True,
+            "bf16": "torch.autocast('cpu', bfloat16)",
+            "ours-fast": f"{fast_precision()} (what precision: auto picks "
+            "here), forward(idx, targets), AdamW(fused=True)",
+            "ours-best": "ours-fast under torch.compile(model)",
+            "hf-fast": "transformers with AdamW(fused=True), the Trainer's "
+            "default, in ours-fast's precision",
+            "x_hf_same_precision": "against hf/<p>, or hf-fast for the fused-AdamW contenders",
+            "tokens_per_s": "from the median step; _best: from the fastest",
+            "mfu": "flops_per_token (6N + 12LdT) x tokens/s / the 2048^3 "
+            "matmul FLOP/s of the contender's precision",
+        },
+        "matmul_peak_flops": peaks,
+        "shapes": shapes,
+    }
     print_tables(tables(result))
     return result
 
 
 def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
     peaks = result["matmul_peak_flops"]
-    caption = ("training step, tokens/s; matmul peak: "
-               + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-               + ("" if "bf16" in peaks else " (no bf16 rows: this CPU has no bf16 matrix units)"))
+    caption = (
+        "training step, tokens/s; matmul peak: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        + ("" if "bf16" in peaks else " (no bf16 rows: this CPU has no bf16 matrix units)")
+    )
     rows = [r for shape in result["shapes"] for r in shape["rows"]]
-    return [(caption, rows, ["shape", "contender", "tokens_per_s", "step_s", "mfu",
-                             "x_hf_same_precision", "x_hf_same_precision_best", "x_hf_fp32"])]
+    return [
+        (
+            caption,
+            rows,
+            [
+                "shape",
+                "contender",
+                "tokens_per_s",
+                "step_s",
+                "mfu",
+                "x_hf_same_precision",
+                "x_hf_same_precision_best",
+                "x_hf_fp32",
+            ],
+        )
+    ]

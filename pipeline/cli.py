@@ -5,6 +5,7 @@ dispatches to the stage's `main`. Under a launcher, use the module form
 (`accelerate launch -m pipeline.train ...`) or `accelerate launch --no_python
 gpt-pipeline train ...`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,9 +33,11 @@ STAGE_MODULES = {"config": "pipeline.config.__main__"}
 def usage() -> str:
     width = max(map(len, STAGES))
     rows = "\n".join(f"  {name:<{width}}  {what}" for name, what in STAGES.items())
-    return (f"usage: gpt-pipeline STAGE [ARGS ...]\n\nstages:\n{rows}\n\n"
-            f"`gpt-pipeline STAGE --help` lists a stage's arguments (and, for prepare, train, "
-            f"config and clean, every config key).")
+    return (
+        f"usage: gpt-pipeline STAGE [ARGS ...]\n\nstages:\n{rows}\n\n"
+        f"`gpt-pipeline STAGE --help` lists a stage's arguments (and, for prepare, train, "
+        f"config and clean, every config key)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         from difflib import get_close_matches
+
         near = get_close_matches(stage, STAGES, n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
         print(f"error: unknown stage '{stage}'{hint}\n\n{usage()}", file=sys.stderr)

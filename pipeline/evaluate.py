@@ -18,6 +18,7 @@ is compared with it.
 Knows Accelerate, the loader's interface and a run's config.yaml (through the schema);
 checkpoints and exports only as pipeline.model.weights reads them.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,36 +75,64 @@ def _padded(batches, total: int, filler):
         yield filler
 
 
-def evaluate(model: torch.nn.Module, windows: TokenWindows, micro_batch_size: int, accelerator,
-             max_batches: int | None = None, order: np.ndarray | None = None) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    windows: TokenWindows,
+    micro_batch_size: int,
+    accelerator,
+    max_batches: int | None = None,
+    order: np.ndarray | None = None,
+) -> dict:
     """Loss, perplexity and tokens over `windows` (those listed in `order`, when given),
     summed over all of accelerator's processes."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    batches = fixed_batches(windows, micro_batch_size, accelerator.process_index,
-                            accelerator.num_processes, max_batches, order)
+    batches = fixed_batches(
+        windows,
+        micro_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        max_batches,
+        order,
+    )
     if accelerator.distributed_type == DistributedType.FSDP:
         count = len(windows) if order is None else len(order)
         most = len(range(0, count, micro_batch_size * accelerator.num_processes))
         x, y = windows.batch(np.arange(1))  # rank 0 gets the most batches: as many as this
-        batches = _padded(batches, most if max_batches is None else min(most, max_batches),
-                          (x, torch.full_like(y, IGNORE_INDEX)))
-    sums = accelerator.reduce(loss_sums(model, batches, accelerator.device, accelerator.autocast),
-                              reduction="sum")
+        batches = _padded(
+            batches,
+            most if max_batches is None else min(most, max_batches),
+            (x, torch.full_like(y, IGNORE_INDEX)),
+        )
+    sums = accelerator.reduce(
+        loss_sums(model, batches, accelerator.device, accelerator.autocast), reduction="sum"
+    )
     seconds = time.perf_counter() - start
     model.train(was_training)
     loss_total, tokens = sums.tolist()
     if tokens == 0:
         raise PipelineError("no val tokens were evaluated (--max-batches 0?)")
     loss = loss_total / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
-            "seconds": seconds, "tokens_per_second": tokens / seconds}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": int(tokens),
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+    }
 
 
-def sliding_window_sums(model: torch.nn.Module, ids: list[int], context_length: int,
-                        stride: int, device, autocast=None, rank: int = 0,
-                        world: int = 1) -> torch.Tensor:
+def sliding_window_sums(
+    model: torch.nn.Module,
+    ids: list[int],
+    context_length: int,
+    stride: int,
+    device,
+    autocast=None,
+    rank: int = 0,
+    world: int = 1,
+) -> torch.Tensor:
     """[sum of token losses, tokens] over one token sequence, windowed exactly as the
     Hugging Face perplexity guide does: windows of context_length tokens start every
     `stride` tokens, and each scores only the tokens after the previous window's end, with
@@ -123,9 +152,12 @@ def sliding_window_sums(model: torch.nn.Module, ids: list[int], context_length: 
             continue
         window = torch.tensor(ids[begin:end], device=device)
         x, y = window[:-1].unsqueeze(0), window[1:].clone().unsqueeze(0)
-        y[0, :max(end - begin - new - 1, 0)] = IGNORE_INDEX  # scored by an earlier window
+        y[0, : max(end - begin - new - 1, 0)] = IGNORE_INDEX  # scored by an earlier window
         counted = (y != IGNORE_INDEX).sum().double()
-        with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+        with (
+            torch.no_grad(),
+            autocast() if autocast else torch.autocast(device.type, enabled=False),
+        ):
             loss = model(x, targets=y)
         sums += torch.stack([loss.double() * counted, counted])
     return sums
@@ -164,7 +196,8 @@ def _data_dir(args, config: Config | None) -> Path:
         return config.data_dir
     raise PipelineError(
         f"which data set should {args.model} be evaluated on? Give --data DIR (a prepared "
-        f"data set, made by `python -m pipeline.prepare`) or --config CONFIG")
+        f"data set, made by `python -m pipeline.prepare`) or --config CONFIG"
+    )
 
 
 def _out_path(args, info) -> Path | None:
@@ -177,51 +210,74 @@ def _out_path(args, info) -> Path | None:
 
 @dataclass
 class EvaluateOptions(ModelSource):
-    data: Optional[str] = setting(None, "the prepared data set to score (default: the run's, "
-                                       "or --config's)", metavar="DIR")
-    config: Optional[str] = setting(None, "an experiment YAML: its data set and micro batch "
-                                         "size are used", metavar="CONFIG")
-    max_batches: Optional[int] = setting(None, "micro batches per process (default: the whole "
-                                              "val split)")
-    batch_size: Optional[int] = setting(None, "sequences per micro batch (default: the run's "
-                                             "train.micro_batch_size, or 8)")
-    context_length: Optional[int] = setting(None, "crop the model to this context (default: "
-                                                 "the model's own)")
+    data: Optional[str] = setting(
+        None, "the prepared data set to score (default: the run's, or --config's)", metavar="DIR"
+    )
+    config: Optional[str] = setting(
+        None, "an experiment YAML: its data set and micro batch size are used", metavar="CONFIG"
+    )
+    max_batches: Optional[int] = setting(
+        None, "micro batches per process (default: the whole val split)"
+    )
+    batch_size: Optional[int] = setting(
+        None, "sequences per micro batch (default: the run's train.micro_batch_size, or 8)"
+    )
+    context_length: Optional[int] = setting(
+        None, "crop the model to this context (default: the model's own)"
+    )
     precision: Optional[Literal["auto", "fp32", "no", "bf16", "fp16"]] = setting(
-        None, "autocast: fp32 (also `no`), bf16 or fp16; auto: bf16 where the hardware has "
-              "bf16 units (default: the run's train.precision, else fp32)")
-    out: Optional[str] = setting(None, f"where to write the results (default: {EVAL_FILE} "
-                                      f"beside the model)", metavar="FILE")
+        None,
+        "autocast: fp32 (also `no`), bf16 or fp16; auto: bf16 where the hardware has "
+        "bf16 units (default: the run's train.precision, else fp32)",
+    )
+    out: Optional[str] = setting(
+        None, f"where to write the results (default: {EVAL_FILE} beside the model)", metavar="FILE"
+    )
     task: Literal["val", "hellaswag", "mc"] = setting(
-        "val", "val: loss and perplexity of the val split; hellaswag: accuracy on HellaSwag's "
-               "val set as llm.c scores it; mc: your own multiple-choice jsonl (--task-file)")
-    task_file: Optional[str] = setting(None, "the task's examples (hellaswag: default, "
-                                            "downloaded once)", metavar="JSONL")
-    task_url: Optional[str] = setting(None, "where HellaSwag's val jsonl is downloaded from "
-                                           "(default: llm.c's URL)", metavar="URL")
-    task_sha256: Optional[str] = setting(None, "the sha256 the downloaded task file must have",
-                                        metavar="HEX")
-    text: list[str] = setting(help="instead of a data set: perplexity of these files (txt, "
-                                  "jsonl, parquet); repeat for several",
-                             default_factory=list, metavar="FILE")
-    stride: Optional[int] = setting(None, "with --text: tokens between window starts (default: "
-                                         "the context length; smaller gives each token more "
-                                         "context, as HF's guide)")
+        "val",
+        "val: loss and perplexity of the val split; hellaswag: accuracy on HellaSwag's "
+        "val set as llm.c scores it; mc: your own multiple-choice jsonl (--task-file)",
+    )
+    task_file: Optional[str] = setting(
+        None, "the task's examples (hellaswag: default, downloaded once)", metavar="JSONL"
+    )
+    task_url: Optional[str] = setting(
+        None, "where HellaSwag's val jsonl is downloaded from (default: llm.c's URL)", metavar="URL"
+    )
+    task_sha256: Optional[str] = setting(
+        None, "the sha256 the downloaded task file must have", metavar="HEX"
+    )
+    text: list[str] = setting(
+        help="instead of a data set: perplexity of these files (txt, "
+        "jsonl, parquet); repeat for several",
+        default_factory=list,
+        metavar="FILE",
+    )
+    stride: Optional[int] = setting(
+        None,
+        "with --text: tokens between window starts (default: "
+        "the context length; smaller gives each token more "
+        "context, as HF's guide)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("max_batches", "batch_size", "context_length", "stride"):
             value = getattr(self, key)
-            require(value is None or value >= 1, "--" + key.replace("_", "-"), value,
-                    "a positive count")
+            require(
+                value is None or value >= 1, "--" + key.replace("_", "-"), value, "a positive count"
+            )
 
 
-USAGE = Usage("python -m pipeline.evaluate", "Val loss and perplexity of a model, its accuracy "
-              "on a multiple-choice task, or the perplexity of text files.",
-              "examples:\n  python -m pipeline.evaluate --model runs/tiny\n"
-              "  python -m pipeline.evaluate model=gpt2 data=data/python-stdlib-1mb "
-              "context_length=128\n  python -m pipeline.evaluate --model runs/tiny --task mc "
-              "--task-file my-task.jsonl")
+USAGE = Usage(
+    "python -m pipeline.evaluate",
+    "Val loss and perplexity of a model, its accuracy "
+    "on a multiple-choice task, or the perplexity of text files.",
+    "examples:\n  python -m pipeline.evaluate --model runs/tiny\n"
+    "  python -m pipeline.evaluate model=gpt2 data=data/python-stdlib-1mb "
+    "context_length=128\n  python -m pipeline.evaluate --model runs/tiny --task mc "
+    "--task-file my-task.jsonl",
+)
 
 
 def parse_args(argv=None) -> EvaluateOptions:
@@ -237,8 +293,9 @@ def check_inputs(args) -> None:
     if args.task_file and not Path(args.task_file).is_file():
         raise PipelineError(f"--task-file {args.task_file} does not exist")
     if args.task == "mc" and not args.task_file:
-        raise PipelineError("--task mc needs --task-file FILE (one JSON object per line: "
-                            "context, choices, label)")
+        raise PipelineError(
+            "--task mc needs --task-file FILE (one JSON object per line: context, choices, label)"
+        )
     if args.out:
         check_out_file(Path(args.out))
 
@@ -252,11 +309,14 @@ def check_out_file(out: Path) -> None:
         earlier = json.loads(out.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         earlier = None
-    if not (out.is_file() and not out.is_symlink() and isinstance(earlier, dict)
-            and "model" in earlier):
-        raise PipelineError(f"--out {out} exists and is not an earlier evaluate result, so it "
-                            f"is left as it is; choose another --out FILE, or move that file "
-                            f"away yourself.")
+    if not (
+        out.is_file() and not out.is_symlink() and isinstance(earlier, dict) and "model" in earlier
+    ):
+        raise PipelineError(
+            f"--out {out} exists and is not an earlier evaluate result, so it "
+            f"is left as it is; choose another --out FILE, or move that file "
+            f"away yourself."
+        )
 
 
 def run_text(args, model, info, accelerator) -> dict:
@@ -266,39 +326,61 @@ def run_text(args, model, info, accelerator) -> dict:
         raise PipelineError(f"--stride {stride}: it must be 1 .. the context length ({context})")
     ids = text_ids(args.text)
     start = time.perf_counter()
-    sums = accelerator.reduce(sliding_window_sums(
-        model, ids, context, stride, accelerator.device, accelerator.autocast,
-        accelerator.process_index, accelerator.num_processes), reduction="sum")
+    sums = accelerator.reduce(
+        sliding_window_sums(
+            model,
+            ids,
+            context,
+            stride,
+            accelerator.device,
+            accelerator.autocast,
+            accelerator.process_index,
+            accelerator.num_processes,
+        ),
+        reduction="sum",
+    )
     loss_total, tokens = sums.tolist()
     loss = loss_total / tokens
-    result = {"text": list(args.text), "stride": stride, "loss": loss,
-              "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
-              "seconds": time.perf_counter() - start}
+    result = {
+        "text": list(args.text),
+        "stride": stride,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": int(tokens),
+        "seconds": time.perf_counter() - start,
+    }
     if accelerator.is_main_process:
         if args.out:
             atomic_write_json(Path(args.out), {"model": str(args.model), **result})
-        log.info(f"text loss {loss:.4f} | perplexity {result['perplexity']:.2f} | "
-                 f"{int(tokens):,} tokens | stride {stride} | {args.out or 'not saved (give --out FILE)'}")
+        log.info(
+            f"text loss {loss:.4f} | perplexity {result['perplexity']:.2f} | "
+            f"{int(tokens):,} tokens | stride {stride} | {args.out or 'not saved (give --out FILE)'}"
+        )
     return result
 
 
 def run_task(args, model, info, accelerator) -> dict:
     from pipeline.training.tasks import evaluate_task, load_task
+
     examples = load_task(args.task, args.task_file, args.task_url, args.task_sha256)
     if args.max_batches is not None:  # a quick look: that many batches of examples
-        examples = examples[:args.max_batches * (args.batch_size or 8) * accelerator.num_processes]
+        examples = examples[: args.max_batches * (args.batch_size or 8) * accelerator.num_processes]
     start = time.perf_counter()
     result = evaluate_task(model, examples, accelerator, args.batch_size or 8)
     result["seconds"] = time.perf_counter() - start
     out = _out_path(args, info)
     if accelerator.is_main_process:
         if out is not None:  # beside the val loss of the same weights, when one is there
-            record = earlier_results(out, info) or {"model": str(args.model),
-                                                    "weights": str(info.path)}
+            record = earlier_results(out, info) or {
+                "model": str(args.model),
+                "weights": str(info.path),
+            }
             record.setdefault("tasks", {})[args.task] = result
             atomic_write_json(out, record)
-        log.info(f"{args.task}: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
-                 f"{result['examples']:,} examples | {out or 'not saved (give --out FILE)'}")
+        log.info(
+            f"{args.task}: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
+            f"{result['examples']:,} examples | {out or 'not saved (give --out FILE)'}"
+        )
     return result
 
 
@@ -310,8 +392,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     check_inputs(args)
-    model, info = load_model(args.model, context_length=args.context_length,
-                             n_heads=args.n_heads)
+    model, info = load_model(args.model, context_length=args.context_length, n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
     if args.task != "val" or args.text:
         precision = _precision(args, config)
@@ -323,8 +404,10 @@ def main(argv=None) -> dict:
     precision = _precision(args, config)
     vocab = load_manifest(data_dir).vocab_size
     if vocab > model.cfg.vocab_size:
-        raise PipelineError(f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "
-                            f"model's {model.cfg.vocab_size}")
+        raise PipelineError(
+            f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "
+            f"model's {model.cfg.vocab_size}"
+        )
     accelerator = Accelerator(mixed_precision=precision)
     model = model.to(accelerator.device)
     windows = TokenWindows(data_dir, "val", model.cfg.context_length)
@@ -334,25 +417,39 @@ def main(argv=None) -> dict:
         own = TokenWindows(data_dir, "val", model.cfg.context_length, source=name)
         by_source[name] = evaluate(model, own, batch_size, accelerator, args.max_batches)
     record = {
-        "model": str(args.model), "weights": str(info.path),
-        "step": (info.meta or {}).get("step"), "data": str(data_dir), "split": "val",
-        "context_length": model.cfg.context_length, "windows": len(windows),
-        "micro_batch_size": batch_size, "max_batches": args.max_batches,
-        "processes": accelerator.num_processes, "precision": precision, **result}
+        "model": str(args.model),
+        "weights": str(info.path),
+        "step": (info.meta or {}).get("step"),
+        "data": str(data_dir),
+        "split": "val",
+        "context_length": model.cfg.context_length,
+        "windows": len(windows),
+        "micro_batch_size": batch_size,
+        "max_batches": args.max_batches,
+        "processes": accelerator.num_processes,
+        "precision": precision,
+        **result,
+    }
     if by_source:
-        record["sources"] = {name: {k: r[k] for k in ("loss", "perplexity", "tokens")}
-                             for name, r in by_source.items()}
+        record["sources"] = {
+            name: {k: r[k] for k in ("loss", "perplexity", "tokens")}
+            for name, r in by_source.items()
+        }
     out = _out_path(args, info)
     if accelerator.is_main_process:
         if out is not None:  # task results of the same weights stay beside the new loss
             tasks = (earlier_results(out, info) or {}).get("tasks")
             atomic_write_json(out, {**record, **({"tasks": tasks} if tasks else {})})
         where = out if out is not None else "not saved (give --out FILE)"
-        log.info(f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                 f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}")
+        log.info(
+            f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+            f"{result['tokens']:,} tokens | {result['tokens_per_second']:,.0f} tokens/s | {where}"
+        )
         for name, r in by_source.items():
-            log.info(f"  source {name}: val loss {r['loss']:.4f} | perplexity "
-                     f"{r['perplexity']:.2f} | {r['tokens']:,} tokens")
+            log.info(
+                f"  source {name}: val loss {r['loss']:.4f} | perplexity "
+                f"{r['perplexity']:.2f} | {r['tokens']:,} tokens"
+            )
     return record
 
 
@@ -372,6 +469,7 @@ def earlier_results(out: Path, info) -> dict | None:
 def _precision(args, config) -> str:
     """--precision, else the run's train.precision (auto resolved for this machine)."""
     from pipeline.training.precision import resolve
+
     requested = args.precision or (config.train.precision if config else "no")
     return resolve(requested, "cuda" if torch.cuda.is_available() else "cpu")[0]
 

@@ -29,6 +29,7 @@ a previous export there is replaced, anything else is refused.
 
 Knows the HF directory layout; the name mapping is pipeline/model/gpt2.py's.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,13 +56,24 @@ from pipeline.model.weights import DTYPES, ModelInfo, ModelSource, dtype_name, l
 
 # What an export directory may hold; a destination with anything else is not replaced.
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
-EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "eval.json",
-                "tokenizer_config.json", "special_tokens_map.json", "README.md",
-                *TOKENIZER_FILES}
+EXPORT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "eval.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "README.md",
+    *TOKENIZER_FILES,
+}
 
 
-def export(source: str | Path, out: str | Path | None = None, dtype: str = "fp32",
-           n_heads: int | None = None) -> tuple[Path, ModelInfo]:
+def export(
+    source: str | Path,
+    out: str | Path | None = None,
+    dtype: str = "fp32",
+    n_heads: int | None = None,
+) -> tuple[Path, ModelInfo]:
     """Write `source` as an HF GPT-2 directory at `out`, verified; return (out, info).
     `dtype`: fp32 | bf16 | fp16 (or torch's names). `n_heads`: the head count of a
     book-format source (its shapes do not record it)."""
@@ -85,13 +97,16 @@ def export(source: str | Path, out: str | Path | None = None, dtype: str = "fp32
     return out, info
 
 
-def write_hf_dir(path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype: str) -> None:
+def write_hf_dir(
+    path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype: str
+) -> None:
     # transformers refuses safetensors files without format metadata
     save_file(hf_state, str(path / "model.safetensors"), metadata={"format": "pt"})
     torch_name = str(DTYPES[dtype]).removeprefix("torch.")  # transformers' spelling
     atomic_write_json(path / "config.json", {**gpt2.hf_config(cfg), "torch_dtype": torch_name})
-    atomic_write_json(path / "generation_config.json",
-                      {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+    atomic_write_json(
+        path / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}
+    )
     write_tokenizer_files(path, cfg.context_length)
 
 
@@ -101,9 +116,16 @@ def write_tokenizer_files(path: Path, context_length: int) -> None:
         shutil.copyfile(bpe_file(openai_name), path / hf_name)
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     atomic_write_json(path / "special_tokens_map.json", special)
-    atomic_write_json(path / "tokenizer_config.json", {
-        "tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False,
-        "add_bos_token": False, "model_max_length": context_length})
+    atomic_write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "GPT2Tokenizer",
+            **special,
+            "add_prefix_space": False,
+            "add_bos_token": False,
+            "model_max_length": context_length,
+        },
+    )
 
 
 def readable_as_umask_allows(path: Path) -> None:
@@ -113,10 +135,12 @@ def readable_as_umask_allows(path: Path) -> None:
     for file in path.iterdir():
         file.chmod(0o666 & ~umask)
 
+
 def parameter_count(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> int:
     """Distinct parameters: a tied head counts once."""
-    return sum(v.numel() for k, v in state.items()
-               if not (cfg.tie_embeddings and k == "out_head.weight"))
+    return sum(
+        v.numel() for k, v in state.items() if not (cfg.tie_embeddings and k == "out_head.weight")
+    )
 
 
 def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> None:
@@ -130,11 +154,16 @@ def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], 
         want.pop("out_head.weight", None)
     got_cfg, got, _ = load_state(path)
     diff = [f"config {k}" for k in SHAPE_KEYS if getattr(got_cfg, k) != getattr(want_cfg, k)]
-    diff += [k for k, v in want.items()
-             if k not in got or got[k].dtype != v.dtype or not torch.equal(got[k], v)]
+    diff += [
+        k
+        for k, v in want.items()
+        if k not in got or got[k].dtype != v.dtype or not torch.equal(got[k], v)
+    ]
     if diff:
-        raise PipelineError(f"the export written to {path} does not read back equal to the "
-                            f"source (differs in: {', '.join(diff[:5])}); nothing was replaced")
+        raise PipelineError(
+            f"the export written to {path} does not read back equal to the "
+            f"source (differs in: {', '.join(diff[:5])}); nothing was replaced"
+        )
 
 
 def default_destination(info: ModelInfo) -> Path:
@@ -151,18 +180,24 @@ def _check_destination(out: Path, info: ModelInfo) -> None:
     its file names look like an export's."""
     where, source = out.resolve(), info.path.resolve()
     if where == source or where in source.parents:
-        raise PipelineError(f"--out {out} is the source itself, or holds it; replacing it "
-                            f"would delete the source. Choose a directory of its own.")
+        raise PipelineError(
+            f"--out {out} is the source itself, or holds it; replacing it "
+            f"would delete the source. Choose a directory of its own."
+        )
     if where == Path.cwd() or where in Path.cwd().parents:
-        raise PipelineError(f"--out {out} is the directory you are in (or holds it); choose "
-                            f"a directory of its own, e.g. --out {out / 'export'}")
+        raise PipelineError(
+            f"--out {out} is the directory you are in (or holds it); choose "
+            f"a directory of its own, e.g. --out {out / 'export'}"
+        )
     if not out.exists() and not out.is_symlink():
         return
     problem = earlier_export_problem(out)
     if problem:
-        raise PipelineError(f"{out} exists and is not an earlier export of this project "
-                            f"({problem}), so nothing there is replaced. Choose another --out, "
-                            f"or move that directory away yourself.")
+        raise PipelineError(
+            f"{out} exists and is not an earlier export of this project "
+            f"({problem}), so nothing there is replaced. Choose another --out, "
+            f"or move that directory away yourself."
+        )
 
 
 def earlier_export_problem(path: Path) -> str | None:
@@ -201,13 +236,22 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 @dataclass
 class ExportOptions(ModelSource):
-    out: Optional[str] = setting(None, "destination directory (default for a run or "
-                                      "checkpoint: runs/<name>/export)", metavar="DIR")
-    dtype: str = setting("fp32", "dtype of the stored weights: fp32 (as trained), bf16 or fp16 "
-                                "(torch's float32, bfloat16, float16 also accepted)")
+    out: Optional[str] = setting(
+        None,
+        "destination directory (default for a run or checkpoint: runs/<name>/export)",
+        metavar="DIR",
+    )
+    dtype: str = setting(
+        "fp32",
+        "dtype of the stored weights: fp32 (as trained), bf16 or fp16 "
+        "(torch's float32, bfloat16, float16 also accepted)",
+    )
     push_to_hub: Optional[str] = setting(
-        None, "then upload the directory to this Hugging Face Hub model repo (user/name; "
-              "created if missing; token from `hf auth login` or HF_TOKEN)", metavar="REPO")
+        None,
+        "then upload the directory to this Hugging Face Hub model repo (user/name; "
+        "created if missing; token from `hf auth login` or HF_TOKEN)",
+        metavar="REPO",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,9 +260,12 @@ class ExportOptions(ModelSource):
             check_repo_id(self.push_to_hub)  # before the work, not after it
 
 
-USAGE = Usage("python -m pipeline.export", __doc__.split("\n\n")[0].strip(),
-              "examples:\n  python -m pipeline.export --model runs/tiny\n"
-              "  python -m pipeline.export model=gpt2 out=exports/gpt2 dtype=bf16")
+USAGE = Usage(
+    "python -m pipeline.export",
+    __doc__.split("\n\n")[0].strip(),
+    "examples:\n  python -m pipeline.export --model runs/tiny\n"
+    "  python -m pipeline.export model=gpt2 out=exports/gpt2 dtype=bf16",
+)
 
 
 def parse_args(argv=None) -> ExportOptions:
@@ -227,6 +274,7 @@ def parse_args(argv=None) -> ExportOptions:
 
 def check_repo_id(repo: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
         validate_repo_id(repo)
     except HFValidationError as e:
@@ -236,17 +284,23 @@ def check_repo_id(repo: str) -> None:
 def push_to_hub(folder: Path, repo: str) -> str:
     """Upload an export directory as it is (huggingface_hub's upload_folder); its URL."""
     from huggingface_hub import HfApi
+
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="model", exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                                 commit_message="Upload model exported by gpt-pipeline")
+        info = api.upload_folder(
+            repo_id=repo,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message="Upload model exported by gpt-pipeline",
+        )
     except (OSError, ValueError) as e:  # the Hub's HTTP and offline errors are OSErrors
         raise PipelineError(
             f"could not push {folder} to the Hub repo {repo} ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). The export itself is complete in "
             f"{folder}; check the network and your token (`hf auth login` or HF_TOKEN), then "
-            f"upload that directory again (`hf upload {repo} {folder}`).") from None
+            f"upload that directory again (`hf upload {repo} {folder}`)."
+        ) from None
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
 
 
@@ -257,9 +311,11 @@ def main(argv=None) -> None:
     cfg = info.config
     step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""
     size = (out / "model.safetensors").stat().st_size
-    log.info(f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
-             f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
-             f"equal to the source")
+    log.info(
+        f"exported {info.source}{step} to {out}: {cfg.n_layers} layers x {cfg.emb_dim}, "
+        f"context {cfg.context_length}, {args.dtype}, {size / 1e6:.1f} MB; re-read and "
+        f"equal to the source"
+    )
     if args.push_to_hub is not None:
         log.info(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub)}")
 

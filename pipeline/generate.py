@@ -23,6 +23,7 @@ cache no longer saves work.
 `generate` is also what the train loop calls for its samples. Knows the model's forward
 and the tokenizer, nothing of files except in the CLI.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -53,12 +54,15 @@ def base_model(model: torch.nn.Module) -> GPTModel:
     return model
 
 
-def check_sampling(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(
+    vocab_size: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
     if not (math.isfinite(temperature) and temperature >= 0):
         raise PipelineError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise PipelineError(f"top_k must be between 1 and the vocabulary size {vocab_size}, "
-                            f"got {top_k}")
+        raise PipelineError(
+            f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}"
+        )
     if top_p is not None and not 0 < top_p <= 1:  # also refuses nan
         raise PipelineError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -69,18 +73,31 @@ def checked_device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    usable = device is not None and (device.type == "cpu" or (
-        device.type == "cuda" and torch.cuda.is_available()
-        and (device.index or 0) < torch.cuda.device_count()))
+    usable = device is not None and (
+        device.type == "cpu"
+        or (
+            device.type == "cuda"
+            and torch.cuda.is_available()
+            and (device.index or 0) < torch.cuda.device_count()
+        )
+    )
     if not usable:
-        have = "cpu" + (f", cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-                        if torch.cuda.is_available() else " (no GPU is visible)")
+        have = "cpu" + (
+            f", cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            if torch.cuda.is_available()
+            else " (no GPU is visible)"
+        )
         raise PipelineError(f"--device {name!r} is not a device here; use one of: {have}")
     return name
 
 
-def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Token ids (batch,) drawn from last-position logits (batch, vocab)."""
     if top_k is not None:  # the book keeps every logit >= the k-th largest
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -103,10 +120,19 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = EOT_ID, use_cache: bool = True,
-             generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
+def generate(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = EOT_ID,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    on_token=None,
+) -> torch.Tensor:
     """`idx` (batch, tokens) followed by up to `max_new_tokens` new tokens per row.
 
     A row that produced `eos_id` is padded with it; the loop ends early once every row has
@@ -117,7 +143,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
     cfg = model.cfg
     check_sampling(cfg.vocab_size, temperature, top_k, top_p)
     device = next(model.parameters()).device
-    out = idx.to(device)[:, -cfg.context_length:]
+    out = idx.to(device)[:, -cfg.context_length :]
     was_training = model.training
     model.eval()
     try:
@@ -166,7 +192,7 @@ class _FullStep:
         self.model = model
 
     def first(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.model(seq[:, -self.model.cfg.context_length:])[:, -1]
+        return self.model(seq[:, -self.model.cfg.context_length :])[:, -1]
 
     next = first
 
@@ -184,7 +210,7 @@ class _CachedStep:
 
     def first(self, seq: torch.Tensor) -> torch.Tensor:
         self.cache.length = 0
-        return self.model(seq[:, -self.ctx:], self.cache)[:, -1]
+        return self.model(seq[:, -self.ctx :], self.cache)[:, -1]
 
     def next(self, seq: torch.Tensor) -> torch.Tensor:
         if self.cache.length >= self.ctx:  # no position left: recompute the cropped window
@@ -195,8 +221,9 @@ class _CachedStep:
 # ----------------------------------------------------------------------------- text
 
 
-def prompt_ids(prompt: str, context_length: int, vocab_size: int | None = None
-               ) -> tuple[list[int], str | None]:
+def prompt_ids(
+    prompt: str, context_length: int, vocab_size: int | None = None
+) -> tuple[list[int], str | None]:
     """Token ids of a prompt, cropped to the context; and a note when cropping happened.
 
     An empty prompt starts from <|endoftext|>, the token that precedes every document.
@@ -208,22 +235,26 @@ def prompt_ids(prompt: str, context_length: int, vocab_size: int | None = None
         raise PipelineError(
             f"the prompt {prompt[:40]!r} has token {max(ids)}, and the model's vocabulary has "
             f"{vocab_size} tokens (0 .. {vocab_size - 1}); give a prompt of tokens it knows, "
-            f"or a model with GPT-2's vocabulary of 50257")
+            f"or a model with GPT-2's vocabulary of 50257"
+        )
     if len(ids) <= context_length:
         return ids, None
-    note = (f"the prompt has {len(ids)} tokens, more than the model's context of "
-            f"{context_length}; only its last {context_length} tokens are used")
+    note = (
+        f"the prompt has {len(ids)} tokens, more than the model's context of "
+        f"{context_length}; only its last {context_length} tokens are used"
+    )
     return ids[-context_length:], note
 
 
 def completion(ids, eos_id: int | None = EOT_ID) -> list[int]:
     """Generated ids up to (not including) the first end-of-text."""
     ids = list(ids)
-    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
-def continue_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50,
-                  **kwargs) -> tuple[str, str]:
+def continue_text(
+    model: torch.nn.Module, prompt: str, max_new_tokens: int = 50, **kwargs
+) -> tuple[str, str]:
     """(the prompt as the model saw it, cropped to the context; its continuation up to
     the first end-of-text). `kwargs` are generate()'s."""
     cfg = base_model(model).cfg
@@ -231,7 +262,7 @@ def continue_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50,
     if note:
         log.note(note)
     out = generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)[0].tolist()
-    return decode(ids), decode(completion(out[len(ids):], kwargs.get("eos_id", EOT_ID)))
+    return decode(ids), decode(completion(out[len(ids) :], kwargs.get("eos_id", EOT_ID)))
 
 
 def text_sample(model: torch.nn.Module, prompt: str, max_new_tokens: int = 50, **kwargs) -> str:
@@ -269,35 +300,43 @@ class TextStream:
 
 @dataclass
 class GenerateOptions(ModelSource):
-    prompt: list[str] = setting(help="text to continue; repeat for several (default: the "
-                                    "book's 'Every effort moves you')",
-                               default_factory=list)
+    prompt: list[str] = setting(
+        help="text to continue; repeat for several (default: the book's 'Every effort moves you')",
+        default_factory=list,
+    )
     max_new_tokens: int = setting(100, "tokens to generate per sample")
     temperature: float = setting(0.0, "0: greedy (the argmax); higher: more random")
     top_k: Optional[int] = setting(None, "sample only among the k likeliest tokens")
-    top_p: Optional[float] = setting(None, "nucleus: sample in the smallest set of "
-                                          "probability mass p")
+    top_p: Optional[float] = setting(
+        None, "nucleus: sample in the smallest set of probability mass p"
+    )
     seed: int = setting(1337, "seeds the sampling")
     num_samples: int = setting(1, "samples per prompt")
-    cache: bool = setting(True, "a KV cache (--no-cache recomputes the whole sequence each "
-                               "step)")
+    cache: bool = setting(True, "a KV cache (--no-cache recomputes the whole sequence each step)")
     device: str = setting("auto", "cpu, cuda, cuda:N or mps (auto: cuda when there is one)")
-    dtype: str = setting("fp32", "weights and KV cache in fp32, bf16 or fp16; bf16 halves the "
-                                "bytes each new token reads")
+    dtype: str = setting(
+        "fp32",
+        "weights and KV cache in fp32, bf16 or fp16; bf16 halves the bytes each new token reads",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("max_new_tokens", "num_samples"):
-            require(getattr(self, key) >= 1, "--" + key.replace("_", "-"), getattr(self, key),
-                    "at least 1")
+            require(
+                getattr(self, key) >= 1,
+                "--" + key.replace("_", "-"),
+                getattr(self, key),
+                "at least 1",
+            )
         require(0 <= self.seed < 2**64, "--seed", self.seed, "0 .. 2**64 - 1")
         self.dtype = dtype_name(self.dtype)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-USAGE = Usage("python -m pipeline.generate",
-              "Generate text from a trained, imported or exported model.")
+USAGE = Usage(
+    "python -m pipeline.generate", "Generate text from a trained, imported or exported model."
+)
 
 
 def parse_args(argv=None) -> GenerateOptions:
@@ -307,6 +346,7 @@ def parse_args(argv=None) -> GenerateOptions:
 @cli_main
 def main(argv=None) -> None:
     from pipeline.model.weights import load_model
+
     args = parse_args(argv)
     args.device = checked_device(args.device)
     model, info = load_model(args.model, device=args.device, n_heads=args.n_heads)
@@ -316,8 +356,9 @@ def main(argv=None) -> None:
     lay_out_for_decoding(model.to(DTYPES[args.dtype]))
     check_sampling(model.cfg.vocab_size, args.temperature, args.top_k, args.top_p)
     if args.num_samples > 1 and args.temperature == 0:
-        log.note("temperature 0 is greedy, so every sample is the same; use "
-                 "--temperature > 0 to sample")
+        log.note(
+            "temperature 0 is greedy, so every sample is the same; use --temperature > 0 to sample"
+        )
     generator = torch.Generator(args.device).manual_seed(args.seed)
     for prompt in args.prompt or ["Every effort moves you"]:
         ids, note = prompt_ids(prompt, model.cfg.context_length, model.cfg.vocab_size)
@@ -326,9 +367,17 @@ def main(argv=None) -> None:
         for _ in range(args.num_samples):
             stream = TextStream()
             stream.write(decode(ids))
-            generate(model, torch.tensor([ids]), args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     use_cache=args.cache, generator=generator, on_token=stream)
+            generate(
+                model,
+                torch.tensor([ids]),
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                use_cache=args.cache,
+                generator=generator,
+                on_token=stream,
+            )
             stream.close()
             stream.write("\n" + "-" * 40 + "\n")
 

@@ -7,6 +7,7 @@ The reference is read from the schema itself: each section's fields, with their
 annotation, default and their own help text (`setting(default, "help")`, declared by the
 room that owns the section), so the help can never drift from the code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def help_text(width: int = 100) -> str:
             lines.append(f"\n  {section or '(top level)'}")
         lines.append(f"    {doc.key}: {doc.type} = {doc.default}")
         if doc.comment:
-            lines += textwrap.wrap(doc.comment, width=width, initial_indent=" " * 8,
-                                   subsequent_indent=" " * 8)
+            lines += textwrap.wrap(
+                doc.comment, width=width, initial_indent=" " * 8, subsequent_indent=" " * 8
+            )
     return "\n".join(lines)
 
 
@@ -94,18 +96,27 @@ def normalize_overrides(argv: list[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _section_names() -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(schema.Config)
-                     if f.default_factory is not dataclasses.MISSING)
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(schema.Config)
+        if f.default_factory is not dataclasses.MISSING
+    )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_default: str | None = None,
-                         config_help: str = "experiment YAML (configs/*.yaml; default: the "
-                                            "schema's defaults)") -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    config_default: str | None = None,
+    config_help: str = "experiment YAML (configs/*.yaml; default: the schema's defaults)",
+) -> None:
     """--config and the overrides, with every key listed after the stage's own options."""
     parser.add_argument("--config", default=config_default, help=config_help)
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, also as --key=value or --key value "
-                             "(e.g. --train.lr 3e-3); the keys are listed below")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, also as --key=value or --key value "
+        "(e.g. --train.lr 3e-3); the keys are listed below",
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = help_text()
 

@@ -27,6 +27,7 @@ the number of workers or machines; a stopped build goes on from its committed pa
 directory without a manifest is not a data set. A mixture (`data.sources`) is the same
 per source, each source's shards in a directory of its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -130,20 +131,30 @@ def fingerprint(config: Config) -> dict:
     mixture's weights: those are the loader's)."""
     d = config.data
     if d.sources:
-        source = {"mixture": [{"name": name, **corpus.describe(src)}
-                              for name, src in data_sources(config)]}
+        source = {
+            "mixture": [
+                {"name": name, **corpus.describe(src)} for name, src in data_sources(config)
+            ]
+        }
     else:
         source = corpus.describe(d.source)
-    return {"source": source,
-            "settings": {"split_by": d.split_by, "val_fraction": d.val_fraction,
-                         "shard_tokens": d.shard_tokens, "layout": LAYOUT[d.split_by],
-                         "tokenizer": ENCODING_NAME}}
+    return {
+        "source": source,
+        "settings": {
+            "split_by": d.split_by,
+            "val_fraction": d.val_fraction,
+            "shard_tokens": d.shard_tokens,
+            "layout": LAYOUT[d.split_by],
+            "tokenizer": ENCODING_NAME,
+        },
+    }
 
 
 def _differences(old: dict, new: dict) -> list[str]:
     """What differs between two fingerprints, as config keys with both values."""
-    return (_source_differences(old.get("source", {}), new["source"])
-            + _key_differences(old.get("settings", {}), new["settings"], "data."))
+    return _source_differences(old.get("source", {}), new["source"]) + _key_differences(
+        old.get("settings", {}), new["settings"], "data."
+    )
 
 
 def _source_differences(a: dict, b: dict) -> list[str]:
@@ -151,25 +162,34 @@ def _source_differences(a: dict, b: dict) -> list[str]:
         return _key_differences(a, b, "data.source.")
     if "mixture" not in a or "mixture" not in b:
         kind = {True: "a mixture (data.sources)", False: "one source (data.source)"}
-        return [f"the data set was prepared from {kind['mixture' in a]}, now from "
-                f"{kind['mixture' in b]}"]
+        return [
+            f"the data set was prepared from {kind['mixture' in a]}, now from "
+            f"{kind['mixture' in b]}"
+        ]
     old, new = a["mixture"], b["mixture"]
     if len(old) != len(new):
-        return [f"data.sources had {len(old)} sources ({', '.join(s['name'] for s in old)}), "
-                f"now {len(new)} ({', '.join(s['name'] for s in new)})"]
+        return [
+            f"data.sources had {len(old)} sources ({', '.join(s['name'] for s in old)}), "
+            f"now {len(new)} ({', '.join(s['name'] for s in new)})"
+        ]
     diffs = []
     for i, (x, y) in enumerate(zip(old, new)):
         if x["name"] != y["name"]:
             diffs.append(f"data.sources[{i}].name was {x['name']!r}, now {y['name']!r}")
-        diffs += _key_differences({k: v for k, v in x.items() if k != "name"},
-                                  {k: v for k, v in y.items() if k != "name"},
-                                  f"data.sources[{i}].source.")
+        diffs += _key_differences(
+            {k: v for k, v in x.items() if k != "name"},
+            {k: v for k, v in y.items() if k != "name"},
+            f"data.sources[{i}].source.",
+        )
     return diffs
 
 
 def _key_differences(a: dict, b: dict, prefix: str) -> list[str]:
-    return [f"{prefix}{key} was {a.get(key)!r}, now {b.get(key)!r}"
-            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return [
+        f"{prefix}{key} was {a.get(key)!r}, now {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
 
 
 def _intact(data_dir: Path, manifest: Manifest) -> str | None:
@@ -194,7 +214,8 @@ def existing_state(data_dir: Path, want: dict, force: bool) -> Manifest | None:
         raise PrepareError(
             f"{data_dir} already holds data prepared with other settings: "
             f"{'; '.join(_differences(have, want))}. Rerun with --force to replace it, "
-            f"or set data.name to prepare into another directory.")
+            f"or set data.name to prepare into another directory."
+        )
     damage = _intact(data_dir, manifest)
     if damage:
         log.info(f"{damage}: preparing {data_dir} again")
@@ -225,7 +246,8 @@ def own_manifest(path: Path) -> Manifest | None:
         raise PrepareError(
             f"{path} is not a manifest this project wrote ({str(e).split('(', 1)[-1].rstrip(')')}),"
             f" so prepare leaves that directory alone. Set data.name (or data.root) to a "
-            f"directory of its own, or move the file away.") from None
+            f"directory of its own, or move the file away."
+        ) from None
 
 
 def listed_files(manifest: Manifest | None) -> set[str]:
@@ -236,16 +258,22 @@ def refuse_foreign_shards(data_dir: Path) -> None:
     """Files named like shards that no manifest of ours lists belong to someone else (or to
     an older version's interrupted run): the swap would overwrite them, so refuse."""
     ours = listed_files(own_manifest(manifest_path(data_dir))) | listed_files(
-        own_manifest(data_dir / REPLACED))
-    found = [p.relative_to(data_dir).as_posix() for split in SPLITS
-             for pattern in (f"{split}_*.bin", f"*/{split}_*.bin") for p in data_dir.glob(pattern)]
+        own_manifest(data_dir / REPLACED)
+    )
+    found = [
+        p.relative_to(data_dir).as_posix()
+        for split in SPLITS
+        for pattern in (f"{split}_*.bin", f"*/{split}_*.bin")
+        for p in data_dir.glob(pattern)
+    ]
     foreign = sorted(name for name in found if name not in ours and not name.startswith("."))
     if foreign:
         raise PrepareError(
             f"{data_dir} holds {len(foreign)} shard-named file(s) that no {MANIFEST} of this "
             f"project lists ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), "
             f"so prepare would overwrite files it did not write. Move them away, or set "
-            f"data.name to prepare into another directory.")
+            f"data.name to prepare into another directory."
+        )
 
 
 def swap_in(data_dir: Path) -> Manifest:
@@ -285,8 +313,9 @@ def finish_interrupted_swap(data_dir: Path) -> None:
     committed parts are used again when its plan still fits, see open_plan.)"""
     staging = data_dir / STAGING
     if manifest_path(staging).is_file():
-        log.info(f"{data_dir}: finishing the replacement of the data set that an earlier "
-                 f"prepare began")
+        log.info(
+            f"{data_dir}: finishing the replacement of the data set that an earlier prepare began"
+        )
         swap_in(data_dir)
     if (data_dir / REPLACED).exists() and manifest_path(data_dir).exists():
         (data_dir / REPLACED).unlink()
@@ -305,12 +334,13 @@ def check_windows(shard_tokens: dict[str, list[int]], config: Config, where: str
     shard, context_length inputs + 1 target), so that train does not refuse what
     prepare accepted."""
     need = config.model.context_length + 1
-    short = [s for s in SPLITS
-             if not any(windows_per_shard(shard_tokens.get(s, []), need - 1))]
+    short = [s for s in SPLITS if not any(windows_per_shard(shard_tokens.get(s, []), need - 1))]
     if not short:
         return
-    have = ", ".join(f"{s} {sum(shard_tokens.get(s, [])):,} in {len(shard_tokens.get(s, []))} "
-                     f"shard(s)" for s in SPLITS)
+    have = ", ".join(
+        f"{s} {sum(shard_tokens.get(s, [])):,} in {len(shard_tokens.get(s, []))} shard(s)"
+        for s in SPLITS
+    )
     hints = {("val",): ["raise data.val_fraction"], ("train",): ["lower data.val_fraction"]}
     hint = hints.get(tuple(short), [])
     if config.data.split_by == "document" and short == ["val"]:
@@ -322,7 +352,8 @@ def check_windows(shard_tokens: dict[str, list[int]], config: Config, where: str
         f"the corpus{where} is too small: its {' and '.join(short)} "
         f"{'splits hold' if len(short) > 1 else 'split holds'} no window of "
         f"model.context_length + 1 = {need} tokens inside one shard (tokens: {have}). To fix it, "
-        f"{', '.join(hint[:-1])} or {hint[-1]}.")
+        f"{', '.join(hint[:-1])} or {hint[-1]}."
+    )
 
 
 def prepare(config: Config, force: bool = False) -> Manifest:
@@ -336,8 +367,10 @@ def prepare(config: Config, force: bool = False) -> Manifest:
     """
     data_dir = config.data_dir
     if data_dir.exists() and not data_dir.is_dir():
-        raise PrepareError(f"{data_dir} is a file, not a directory: data.root and data.name "
-                           f"must name a directory for the data set.")
+        raise PrepareError(
+            f"{data_dir} is a file, not a directory: data.root and data.name "
+            f"must name a directory for the data set."
+        )
     team = Team()
     get_tokenizer()  # fails here, before any work, when it cannot load; forked workers share it
     workers = config.data.num_workers or max(1, len(os.sched_getaffinity(0)) // team.local_world)
@@ -389,11 +422,14 @@ def _decide(config: Config, force: bool, pool: Callable) -> dict:
         finish_interrupted_swap(data_dir)
         manifest = existing_state(data_dir, fingerprint(config), force)
         if manifest is not None:
-            check_windows({s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS},
-                          config)
+            check_windows(
+                {s: [x.tokens for x in manifest.splits.get(s, [])] for s in SPLITS}, config
+            )
             drop_staging(data_dir)
-            log.info(f"{data_dir} is up to date (its {MANIFEST} matches these settings and its "
-                     f"shards their sha256): nothing to do")
+            log.info(
+                f"{data_dir} is up to date (its {MANIFEST} matches these settings and its "
+                f"shards their sha256): nothing to do"
+            )
             return {"done": True}
         refuse_foreign_shards(data_dir)
         open_plan(config, pool())
@@ -443,8 +479,12 @@ class Plan:
         return cls(d["id"], d["key"], [PlannedPart.from_dict(p) for p in d["parts"]], d["cuts"])
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "key": self.key, "parts": [p.to_dict() for p in self.parts],
-                "cuts": self.cuts}
+        return {
+            "id": self.id,
+            "key": self.key,
+            "parts": [p.to_dict() for p in self.parts],
+            "cuts": self.cuts,
+        }
 
 
 @dataclass(frozen=True)
@@ -466,7 +506,8 @@ def _read_plan(data_dir: Path, team: Team) -> Plan:
         raise PrepareError(
             f"machine {team.rank} of {team.world} cannot read the plan that machine 0 wrote "
             f"to {data_dir / STAGING / PLAN}: preparing on several machines needs data.root on "
-            f"a filesystem they all share (or prepare on one machine).") from None
+            f"a filesystem they all share (or prepare on one machine)."
+        ) from None
 
 
 def open_plan(config: Config, pool) -> Plan:
@@ -477,19 +518,34 @@ def open_plan(config: Config, pool) -> Plan:
     sources = [src for _, src in data_sources(config)]
     found: list[Part] = []
     for i, source in enumerate(sources):
-        found += parts.plan(source, i, config.data_dir / "download", d.part_bytes,
-                            d.segment_bytes, start_index=len(found), warn=log.warn)
+        found += parts.plan(
+            source,
+            i,
+            config.data_dir / "download",
+            d.part_bytes,
+            d.segment_bytes,
+            start_index=len(found),
+            warn=log.warn,
+        )
     listed = [p.to_dict() for p in found]
-    key = {"fingerprint": fingerprint(config), "part_bytes": d.part_bytes,
-           "segment_bytes": d.segment_bytes, "files": _file_stamps(found),
-           "parts": hashlib.sha256(json.dumps(listed).encode()).hexdigest()}
+    key = {
+        "fingerprint": fingerprint(config),
+        "part_bytes": d.part_bytes,
+        "segment_bytes": d.segment_bytes,
+        "files": _file_stamps(found),
+        "parts": hashlib.sha256(json.dumps(listed).encode()).hexdigest(),
+    }
     try:
         old = Plan.load(staging / PLAN)
         if old.key == key:
-            done = sum(streams.committed(staging / PARTS, i, old.id) is not None
-                       for i in range(len(old.parts)))
-            log.info(f"{config.data_dir}: going on with the build that an earlier prepare began "
-                     f"({done} of {len(old.parts)} parts are committed)")
+            done = sum(
+                streams.committed(staging / PARTS, i, old.id) is not None
+                for i in range(len(old.parts))
+            )
+            log.info(
+                f"{config.data_dir}: going on with the build that an earlier prepare began "
+                f"({done} of {len(old.parts)} parts are committed)"
+            )
             return old
     except (OSError, ValueError, TypeError, KeyError):  # none, or another version's
         pass
@@ -518,11 +574,19 @@ def _add_digests(found: list[Part], config: Config, pool) -> None:
     """split_by document: the hash of every document read in segments, once."""
     if config.data.split_by != "document":
         return
-    items = [item for part in found for item in part.items
-             if parts.needs_digest(item, config.data.segment_bytes)]
+    items = [
+        item
+        for part in found
+        for item in part.items
+        if parts.needs_digest(item, config.data.segment_bytes)
+    ]
     # Once per file, however many parts its byte ranges make.
-    jobs = list({item["path"]: (item["path"], item["encoding"], config.data.segment_bytes)
-                 for item in items}.values())
+    jobs = list(
+        {
+            item["path"]: (item["path"], item["encoding"], config.data.segment_bytes)
+            for item in items
+        }.values()
+    )
     digests = dict(zip((path for path, _, _ in jobs), _map(_digest_task, jobs, pool)))
     for item in items:
         item["digest"] = digests[item["path"]]
@@ -532,8 +596,9 @@ def _digest_task(job) -> str:
     return parts.file_digest(*job)
 
 
-def _count_parts(found: list[Part], sources: list[SourceConfig], config: Config,
-                 pool) -> tuple[list[PlannedPart], list[int]]:
+def _count_parts(
+    found: list[Part], sources: list[SourceConfig], config: Config, pool
+) -> tuple[list[PlannedPart], list[int]]:
     """The parts planned: each with the documents to take (max_documents) and, for
     split_by text, its first character within its source; and per source the character
     where val begins. Reads the corpus once more when either is needed: in order, part
@@ -596,16 +661,33 @@ def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> 
     mine = [i for i in range(len(plan.parts)) if i % team.world == team.rank]
     todo = [i for i in mine if streams.committed(directory, i, plan.id) is None]
     sources = [src for _, src in data_sources(config)]
-    jobs = [BuildJob(plan.parts[i], sources[plan.parts[i].part.source],
-                     _layout(plan, config, i), directory, plan.id, d.segment_bytes)
-            for i in todo]
+    jobs = [
+        BuildJob(
+            plan.parts[i],
+            sources[plan.parts[i].part.source],
+            _layout(plan, config, i),
+            directory,
+            plan.id,
+            d.segment_bytes,
+        )
+        for i in todo
+    ]
     where = "" if team.alone else f" (machine {team.rank} of {team.world})"
     if len(todo) < len(mine):
-        log.info(f"prepare{where}: {len(mine) - len(todo)} of {len(mine)} parts were committed "
-                 f"by an earlier run; building the other {len(todo)}", everywhere=True)
+        log.info(
+            f"prepare{where}: {len(mine) - len(todo)} of {len(mine)} parts were committed "
+            f"by an earlier run; building the other {len(todo)}",
+            everywhere=True,
+        )
     total = sum(plan.parts[i].part.bytes for i in todo)
-    bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"prepare {d.name}{where}",
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total or None,
+        unit="B",
+        unit_scale=True,
+        desc=f"prepare {d.name}{where}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     tokens = 0
     try:
@@ -619,8 +701,11 @@ def _build_share(plan: Plan, config: Config, team: Team, pool, workers: int) -> 
         return describe_os_error(e)
     if todo:
         seconds = time.perf_counter() - start
-        log.info(f"prepare{where}: built {len(todo)} parts, {tokens:,} tokens in {seconds:.1f} s, "
-                 f"{tokens / seconds:,.0f} tokens/s ({workers} workers)", everywhere=True)
+        log.info(
+            f"prepare{where}: built {len(todo)} parts, {tokens:,} tokens in {seconds:.1f} s, "
+            f"{tokens / seconds:,.0f} tokens/s ({workers} workers)",
+            everywhere=True,
+        )
     return None
 
 
@@ -630,9 +715,11 @@ def _kept_note(data_dir: Path) -> str:
     if not records:
         return ""
     size = sum(p.stat().st_size for p in (data_dir / STAGING / PARTS).iterdir() if p.is_file())
-    return (f" The {len(records)} parts committed so far ({size / 1e6:,.1f} MB) are kept in "
-            f"{data_dir / STAGING}: the same command goes on from them (delete that directory "
-            f"to free the space instead).")
+    return (
+        f" The {len(records)} parts committed so far ({size / 1e6:,.1f} MB) are kept in "
+        f"{data_dir / STAGING}: the same command goes on from them (delete that directory "
+        f"to free the space instead)."
+    )
 
 
 def _layout(plan: Plan, config: Config, i: int) -> streams.Layout:
@@ -640,13 +727,24 @@ def _layout(plan: Plan, config: Config, i: int) -> streams.Layout:
     planned = plan.parts[i]
     if not plan.cuts:
         return streams.Layout(d.split_by, d.val_fraction)
-    return streams.Layout(d.split_by, d.val_fraction, cut=plan.cuts[planned.part.source],
-                          start_char=planned.start_char)
+    return streams.Layout(
+        d.split_by,
+        d.val_fraction,
+        cut=plan.cuts[planned.part.source],
+        start_char=planned.start_char,
+    )
 
 
 def _build_task(job: BuildJob) -> streams.PartRecord:
-    return streams.build_part(job.planned.part, job.source, job.layout, job.directory,
-                              job.plan_id, job.segment_bytes, job.planned.limit)
+    return streams.build_part(
+        job.planned.part,
+        job.source,
+        job.layout,
+        job.directory,
+        job.plan_id,
+        job.segment_bytes,
+        job.planned.limit,
+    )
 
 
 # ----------------------------------------------------------------------------- finishing
@@ -677,11 +775,14 @@ def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
     records = [streams.committed(staging / PARTS, i, plan.id) for i in range(len(plan.parts))]
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:
-        raise DataError(f"parts {missing[:5]} of {staging} are not committed although every "
-                        f"machine reported its share done: rerun prepare")
+        raise DataError(
+            f"parts {missing[:5]} of {staging} are not committed although every "
+            f"machine reported its share done: rerun prepare"
+        )
     named = data_sources(config)
-    by_source = [[r for r in records if plan.parts[r.part].part.source == i]
-                 for i in range(len(named))]
+    by_source = [
+        [r for r in records if plan.parts[r.part].part.source == i] for i in range(len(named))
+    ]
     shard_plans: dict[tuple[int, str], list[streams.ShardPlan]] = {}
     for i, ((name, source), mine) in enumerate(zip(named, by_source)):
         _report_notes(mine, source)
@@ -689,11 +790,18 @@ def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
             raise parts.empty_corpus(source)
         for split in SPLITS:
             shard_plans[i, split] = streams.cut_into_shards(
-                [(streams.stream_path(staging / PARTS, r.part, split), r.tokens[split])
-                 for r in mine], d.shard_tokens,
-                lambda k, split=split, name=name: source_shard_name(name, split, k))
-        check_windows({s: [x.tokens for x in shard_plans[i, s]] for s in SPLITS}, config,
-                      f" of source '{name}'" if name else "")
+                [
+                    (streams.stream_path(staging / PARTS, r.part, split), r.tokens[split])
+                    for r in mine
+                ],
+                d.shard_tokens,
+                lambda k, split=split, name=name: source_shard_name(name, split, k),
+            )
+        check_windows(
+            {s: [x.tokens for x in shard_plans[i, s]] for s in SPLITS},
+            config,
+            f" of source '{name}'" if name else "",
+        )
     jobs = [(shard, staging) for key in shard_plans for shard in shard_plans[key]]
     infos = iter(list(_map(_shard_task, jobs, pool)))
     written = {key: [next(infos) for _ in shard_plans[key]] for key in shard_plans}
@@ -701,20 +809,32 @@ def _assemble(plan: Plan, config: Config, pool) -> tuple[Manifest, str]:
     documents = {s: sum(r.documents[s] for r in records) for s in SPLITS}
     mixture = {}
     if d.sources:
-        mixture = {name: {"splits": {s: [x.file for x in written[i, s]] for s in SPLITS},
-                          "documents": {s: sum(r.documents[s] for r in by_source[i])
-                                        for s in SPLITS},
-                          "tokens": {s: sum(x.tokens for x in written[i, s]) for s in SPLITS}}
-                   for i, (name, _) in enumerate(named)}
+        mixture = {
+            name: {
+                "splits": {s: [x.file for x in written[i, s]] for s in SPLITS},
+                "documents": {s: sum(r.documents[s] for r in by_source[i]) for s in SPLITS},
+                "tokens": {s: sum(x.tokens for x in written[i, s]) for s in SPLITS},
+            }
+            for i, (name, _) in enumerate(named)
+        }
     totals = {s: sum(x.tokens for x in shards[s]) for s in SPLITS}
-    summary = (f"prepared {config.data_dir}: {sum(documents.values()):,} documents (train "
-               f"{documents['train']:,}, val {documents['val']:,}), tokens train "
-               f"{totals['train']:,} val {totals['val']:,}, "
-               f"{sum(map(len, shards.values()))} shards from {len(records)} parts"
-               + (f" of {len(named)} sources" if d.sources else ""))
-    manifest = Manifest(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, dtype=DTYPE.name,
-                        eot_token=EOT_ID, splits=shards, documents=documents,
-                        sources=mixture, **fingerprint(config))
+    summary = (
+        f"prepared {config.data_dir}: {sum(documents.values()):,} documents (train "
+        f"{documents['train']:,}, val {documents['val']:,}), tokens train "
+        f"{totals['train']:,} val {totals['val']:,}, "
+        f"{sum(map(len, shards.values()))} shards from {len(records)} parts"
+        + (f" of {len(named)} sources" if d.sources else "")
+    )
+    manifest = Manifest(
+        tokenizer=ENCODING_NAME,
+        vocab_size=VOCAB_SIZE,
+        dtype=DTYPE.name,
+        eot_token=EOT_ID,
+        splits=shards,
+        documents=documents,
+        sources=mixture,
+        **fingerprint(config),
+    )
     return manifest, summary
 
 
@@ -734,14 +854,17 @@ def _shard_task(job) -> ShardInfo:
     return streams.write_planned_shard(*job)
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.prepare",
-        description="Tokenize a corpus into train/val token shards in data/<data.name>/.")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild the data directory even if it holds a data set "
-                             "(prepared with other settings, or from files changed since)")
+        description="Tokenize a corpus into train/val token shards in data/<data.name>/.",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild the data directory even if it holds a data set "
+        "(prepared with other settings, or from files changed since)",
+    )
     add_config_arguments(parser)
     return parse_stage_args(parser, argv)
 

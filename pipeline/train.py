@@ -8,12 +8,14 @@ with each extra concern (checkpoints, metrics, signals, evaluation) behind one c
 Accelerate owns the processes, the device and mixed precision; this file owns the
 order of things.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":
     # Before the imports below (torch takes seconds): a SIGTERM or Ctrl-C that arrives
     # while they load is then a clean stop too. main() takes this request over.
     from pipeline.training.stopping import StopRequest
+
     EARLY_STOP = StopRequest()
 
 import argparse
@@ -48,6 +50,7 @@ from pipeline.training.tracking import MetricsLog, SampleTable, start_trackers, 
 @dataclass
 class Progress:
     """Counters that a checkpoint saves and a resume restores."""
+
     step: int = 0  # optimizer steps done
     tokens: int = 0  # input tokens consumed, all processes together
     best_val_loss: float = math.inf
@@ -64,6 +67,7 @@ class Progress:
 @dataclass(frozen=True)
 class BatchPlan:
     """How much one optimizer step takes and how many steps the run has, computed once."""
+
     micro_batch_size: int  # sequences per process per forward
     grad_accum_steps: int
     processes: int
@@ -76,9 +80,14 @@ class BatchPlan:
         t = config.train
         samples = t.micro_batch_size * t.grad_accum_steps * processes
         tokens = samples * config.model.context_length
-        return cls(t.micro_batch_size, t.grad_accum_steps, processes,
-                   config.model.context_length, epoch_samples,
-                   total_steps(t, epoch_samples, samples, tokens))
+        return cls(
+            t.micro_batch_size,
+            t.grad_accum_steps,
+            processes,
+            config.model.context_length,
+            epoch_samples,
+            total_steps(t, epoch_samples, samples, tokens),
+        )
 
     @property
     def samples_per_step(self) -> int:
@@ -97,6 +106,7 @@ class BatchPlan:
 class Interval:
     """What happened since the last metrics row: per-step losses stay on the device
     until the row is written, so the loop never waits for the device in between."""
+
     losses: list = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
     grad_norm: torch.Tensor | None = None
@@ -107,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     # First of all, so that SIGTERM or Ctrl-C at any moment (loading, setup) is a clean stop.
     stop = globals().get("EARLY_STOP") or StopRequest()
     stop_with_launcher()
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train", description=__doc__.split("\n")[0]
+    )
     add_config_arguments(parser)
     args = parse_stage_args(parser, argv)
     try:
@@ -142,25 +153,31 @@ def make_accelerator(config: Config):
 
     precision, why = resolve_precision(config.train.precision, device_type())
     if precision == "fp16" and not torch.cuda.is_available():
-        raise PipelineError("train.precision=fp16 needs a GPU (loss scaling is a CUDA "
-                            "feature); on a CPU use train.precision=bf16 or no")
+        raise PipelineError(
+            "train.precision=fp16 needs a GPU (loss scaling is a CUDA "
+            "feature); on a CPU use train.precision=bf16 or no"
+        )
     mode = wandb_mode(config.tracking.wandb)
     timeout = timedelta(minutes=config.train.collective_timeout_minutes)
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:  # a name that never resolves: say so, not retry
         from pipeline.data.team import check_master_address
+
         check_master_address()
     try:
         accelerator = Accelerator(
             mixed_precision=precision,
             gradient_accumulation_steps=config.train.grad_accum_steps,
             log_with=trackers(config) or None,
-            project_config=ProjectConfiguration(project_dir=str(config.run_dir),
-                                                logging_dir=str(config.run_dir / "tensorboard")),
+            project_config=ProjectConfiguration(
+                project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "tensorboard")
+            ),
             # gradient_as_bucket_view: DDP's gradients are views into its all-reduce
             # buckets, one copy of every gradient less per step
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout),
-                             DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+            kwargs_handlers=[
+                InitProcessGroupKwargs(timeout=timeout),
+                DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            ],
         )
     except (ValueError, RuntimeError) as e:  # the launch environment, e.g. no MASTER_ADDR
         if "torch.distributed" not in str(e) and "rendezvous" not in str(e):
@@ -168,7 +185,8 @@ def make_accelerator(config: Config):
         raise PipelineError(
             f"the processes could not form a group: {str(e).strip()}. Start several "
             f"processes with `accelerate launch` or `torchrun`, which set WORLD_SIZE, RANK, "
-            f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process.") from None
+            f"MASTER_ADDR and MASTER_PORT together, or unset WORLD_SIZE for one process."
+        ) from None
     check_launch(accelerator)
     use_tf32(config.train.tf32)
     log.info(f"precision: {precision} ({why})")
@@ -198,10 +216,12 @@ def launcher_precision_note(precision: str) -> str | None:
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if asked is None or asked == precision:
         return None
-    return (f"precision: the launcher asked for mixed precision '{asked}' (accelerate launch "
-            f"--mixed_precision or its config file), the config for '{precision}'; training "
-            f"uses the config's '{precision}'. To train in '{asked}', set "
-            f"train.precision={asked}.")
+    return (
+        f"precision: the launcher asked for mixed precision '{asked}' (accelerate launch "
+        f"--mixed_precision or its config file), the config for '{precision}'; training "
+        f"uses the config's '{precision}'. To train in '{asked}', set "
+        f"train.precision={asked}."
+    )
 
 
 def check_launch(accelerator) -> None:
@@ -214,7 +234,8 @@ def check_launch(accelerator) -> None:
             f"no process group with the others (on a machine without GPUs, Accelerate does "
             f"so only when told to use the CPU). Launch with ACCELERATE_USE_CPU=1 (as `make "
             f"train` does) or `accelerate launch --cpu`, or use a config from "
-            f"configs/accelerate/ that sets use_cpu: true.")
+            f"configs/accelerate/ that sets use_cpu: true."
+        )
 
 
 def resolve_initial_weights(config: Config) -> tuple[Config, dict | None]:
@@ -223,6 +244,7 @@ def resolve_initial_weights(config: Config) -> tuple[Config, dict | None]:
     if config.model.init_from == "scratch":
         return config, None
     from pipeline.model.weights import init_from_weights
+
     model_cfg, state = init_from_weights(config.model, config.model.init_from)
     return replace(config, model=model_cfg), state
 
@@ -232,12 +254,14 @@ def new_model(config: Config, initial_state: dict | None) -> GPTModel:
     if initial_state is None:
         return GPTModel(config.model)
     from pipeline.model.weights import build_model
+
     return build_model(config.model, initial_state)
 
 
 @dataclass
 class Training:
     """What the loop trains with, built once from the config."""
+
     config: Config
     accelerator: object
     model: torch.nn.Module  # as prepared by Accelerate (DDP/FSDP-wrapped, compiled)
@@ -249,12 +273,15 @@ class Training:
     plan: BatchPlan
     parameters: int
     progress: Progress = field(default_factory=Progress)
-    tasks: dict = field(default_factory=dict)  # eval.tasks: name -> examples (pipeline.training.tasks)
+    tasks: dict = field(
+        default_factory=dict
+    )  # eval.tasks: name -> examples (pipeline.training.tasks)
     checkpoints: CheckpointManager = field(init=False)  # resume() and save(step, tokens)
 
     def __post_init__(self) -> None:
-        self.checkpoints = CheckpointManager(self.config, self.accelerator, self.model,
-                                             self.optimizer, self.stateful_parts)
+        self.checkpoints = CheckpointManager(
+            self.config, self.accelerator, self.model, self.optimizer, self.stateful_parts
+        )
 
     def stateful_parts(self) -> dict:
         """Everything a checkpoint saves besides the model and the optimizer, by name;
@@ -271,12 +298,14 @@ def check_vocabulary(config: Config) -> None:
     checked before anything is built (an id past it fails deep inside the embedding)."""
     from pipeline.data.shards import load_manifest
     from pipeline.generate import prompt_ids
+
     vocab = load_manifest(config.data_dir).vocab_size
     if vocab > config.model.vocab_size:
         raise PipelineError(
             f"{config.data_dir} was tokenized with a vocabulary of {vocab} tokens, and "
             f"model.vocab_size is {config.model.vocab_size}: its ids would not fit the "
-            f"embedding. Set model.vocab_size to {vocab} or more.")
+            f"embedding. Set model.vocab_size to {vocab} or more."
+        )
     prompt_ids(config.eval.prompt, config.model.context_length, config.model.vocab_size)
 
 
@@ -288,14 +317,25 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
     mixture = None
     if config.data.sources:  # each sample drawn from a source by the weights
         train_windows, mixture = mixed_train_windows(
-            config.data_dir, [s.name for s in config.data.sources],
-            [s.weight for s in config.data.sources], ctx, t.stride, config.seed)
+            config.data_dir,
+            [s.name for s in config.data.sources],
+            [s.weight for s in config.data.sources],
+            ctx,
+            t.stride,
+            config.seed,
+        )
     else:
         train_windows = TokenWindows(config.data_dir, "train", ctx, t.stride)
     val_windows = TokenWindows(config.data_dir, "val", ctx)
-    batches = TrainBatches(train_windows, t.micro_batch_size, config.seed,
-                           accelerator.process_index, accelerator.num_processes, order=t.order,
-                           mixture=mixture)
+    batches = TrainBatches(
+        train_windows,
+        t.micro_batch_size,
+        config.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        order=t.order,
+        mixture=mixture,
+    )
     plan = BatchPlan.make(config, accelerator.num_processes, batches.epoch_samples)
     check_optimizer_fits(t, accelerator)
     optimizer = build_optimizer(model, t, accelerator.device.type)
@@ -305,8 +345,19 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Training(config, accelerator, model, optimizer, scheduler, train_windows,
-                    val_windows, batches, plan, parameters, tasks=task_examples(config))
+    return Training(
+        config,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_windows,
+        val_windows,
+        batches,
+        plan,
+        parameters,
+        tasks=task_examples(config),
+    )
 
 
 def check_optimizer_fits(train, accelerator) -> None:
@@ -318,14 +369,16 @@ def check_optimizer_fits(train, accelerator) -> None:
             "train.optimizer: muon cannot run under FSDP (configs/accelerate/fsdp.yaml): Muon "
             "orthogonalizes each weight matrix whole, and FSDP gives every process a shard of "
             "it. Use train.optimizer=adamw with FSDP, or launch with DDP (the default "
-            "multi-GPU config).")
+            "multi-GPU config)."
+        )
 
 
 def task_examples(config: Config) -> dict:
     """The examples of eval.tasks, read (or downloaded) before training starts."""
     from pipeline.training.tasks import load_task
+
     e = config.eval
-    return {task: load_task(task, e.task_file)[:e.task_examples] for task in e.tasks}
+    return {task: load_task(task, e.task_file)[: e.task_examples] for task in e.tasks}
 
 
 def run(config: Config, stop: StopRequest | None = None) -> dict:
@@ -357,14 +410,22 @@ def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: Sto
         torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index)
     resume(tr)
     if stop.requested(accelerator):
-        log.info(f"Stopped by {stop.signal_name} before training began; nothing "
-                 f"new to save. Start again with the same command.")
+        log.info(
+            f"Stopped by {stop.signal_name} before training began; nothing "
+            f"new to save. Start again with the same command."
+        )
         accelerator.end_training()
         return summary(progress, MetricsLog(run_dir), time.perf_counter())
     metrics = MetricsLog(run_dir)
     # If the console goes away (a dead launcher, `| head`), its text lands here instead.
-    console.fall_back_to(run_dir / ("console.log" if accelerator.is_main_process
-                                    else f"console.rank{accelerator.process_index}.log"))
+    console.fall_back_to(
+        run_dir
+        / (
+            "console.log"
+            if accelerator.is_main_process
+            else f"console.rank{accelerator.process_index}.log"
+        )
+    )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -384,7 +445,8 @@ def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: Sto
     if reason == "signal":
         log.info(
             f"Stopped by {stop.signal_name} after step {progress.step}; checkpoint saved. "
-            f"Resume with the same command (checkpoint.resume=auto).")
+            f"Resume with the same command (checkpoint.resume=auto)."
+        )
     result = summary(progress, metrics, loop.started)
     accelerator.end_training()
     if accelerator.is_main_process and reason == "done":
@@ -404,7 +466,8 @@ def timed_out(error: RuntimeError, config: Config) -> PipelineError | None:
         f"(train.collective_timeout_minutes) for the other processes in a collective "
         f"operation; one of them hung or died (see the logs of the other ranks). The last "
         f"checkpoint is intact: fix the cause and run the same command to resume. "
-        f"({text.splitlines()[0][:200]})")
+        f"({text.splitlines()[0][:200]})"
+    )
 
 
 class TrainLoop:
@@ -413,8 +476,9 @@ class TrainLoop:
     def __init__(self, tr: Training, metrics: MetricsLog):
         self.tr, self.log = tr, metrics
         t = tr.config.train
-        self.peak, source = peak_flops(tr.accelerator.device, tr.accelerator.mixed_precision,
-                                       t.peak_flops)
+        self.peak, source = peak_flops(
+            tr.accelerator.device, tr.accelerator.mixed_precision, t.peak_flops
+        )
         log.info(f"MFU is measured against {self.peak / 1e12:.3g} TFLOP/s ({source})")
         self.flops_per_token = flops_per_token(tr.config.model)
         self.interval = Interval()
@@ -474,15 +538,23 @@ class TrainLoop:
         if losses is not None:
             check_finite(losses, p.step - steps + 1, accum)
             tokens_per_s = steps * tr.plan.tokens_per_step / elapsed
-            row.update(loss=losses.mean().item(), lr=tr.scheduler.get_last_lr()[0],
-                       tokens_per_s=tokens_per_s, step_time=elapsed / steps,
-                       mfu=mfu(self.flops_per_token, tokens_per_s / tr.plan.processes, self.peak))
+            row.update(
+                loss=losses.mean().item(),
+                lr=tr.scheduler.get_last_lr()[0],
+                tokens_per_s=tokens_per_s,
+                step_time=elapsed / steps,
+                mfu=mfu(self.flops_per_token, tokens_per_s / tr.plan.processes, self.peak),
+            )
             if iv.grad_norm is not None:
                 row["grad_norm"] = float(iv.grad_norm)
             if torch.cuda.is_available():
                 row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
-                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                lr=f"{row['lr']:.2e}",
+                tok_s=f"{tokens_per_s:,.0f}",
+                refresh=False,
+            )
         if with_eval:
             row.update(self.run_eval())
         if acc.is_main_process:
@@ -498,8 +570,9 @@ class TrainLoop:
         batch = tr.plan.micro_batch_size
         tr.model.eval()
         order = tr.batches.evaluation_windows(e.batches)
-        train_loss = evaluate(tr.model, tr.train_windows, batch, tr.accelerator, e.batches,
-                              order)["loss"]
+        train_loss = evaluate(tr.model, tr.train_windows, batch, tr.accelerator, e.batches, order)[
+            "loss"
+        ]
         val_loss = evaluate(tr.model, tr.val_windows, batch, tr.accelerator, e.batches)["loss"]
         sample = self.sample()
         self.samples.add(p.step, sample)
@@ -508,10 +581,12 @@ class TrainLoop:
         p.best_val_loss = min(p.best_val_loss, val_loss)
         epoch = math.ceil(tr.batches.epoch)  # counted from 1, as the book's "Ep"
         tasks = "".join(f" | {k} {v:.3f}" for k, v in scores.items() if k.endswith("acc_norm"))
-        self.say(f"step {p.step:>6} (ep {epoch}) | "
-                 f"tokens {p.tokens:,} | "
-                 f"train loss {train_loss:.3f} | val loss {val_loss:.3f}{tasks}\n"
-                 f"  sample: {sample!r}")
+        self.say(
+            f"step {p.step:>6} (ep {epoch}) | "
+            f"tokens {p.tokens:,} | "
+            f"train loss {train_loss:.3f} | val loss {val_loss:.3f}{tasks}\n"
+            f"  sample: {sample!r}"
+        )
         return {"train_loss": train_loss, "val_loss": val_loss, "sample": sample, **scores}
 
     def score_tasks(self) -> dict:
@@ -539,8 +614,14 @@ class TrainLoop:
         device = tr.accelerator.device
         gen = torch.Generator(device=device).manual_seed(tr.config.seed + tr.progress.step)
         with torch.no_grad(), tr.accelerator.autocast():
-            _, text = continue_text(model, e.prompt, e.max_new_tokens, temperature=e.temperature,
-                                    top_k=e.top_k, generator=gen)
+            _, text = continue_text(
+                model,
+                e.prompt,
+                e.max_new_tokens,
+                temperature=e.temperature,
+                top_k=e.top_k,
+                generator=gen,
+            )
         return text
 
     def save(self) -> None:
@@ -550,8 +631,14 @@ class TrainLoop:
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
-        return tqdm(total=self.tr.plan.max_steps, initial=self.tr.progress.step, unit="step",
-                    disable=not self.tr.accelerator.is_main_process, dynamic_ncols=True)
+
+        return tqdm(
+            total=self.tr.plan.max_steps,
+            initial=self.tr.progress.step,
+            unit="step",
+            disable=not self.tr.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
 
     def say(self, line: str) -> None:
         """A line above the progress bar, from the main process only."""
@@ -576,15 +663,15 @@ def check_finite(losses: torch.Tensor, first_step: int, accum: int) -> None:
         raise PipelineError(
             f"the loss became {losses[bad[0]].item()} at step {step}; training stopped without "
             f"saving it. The last good checkpoint is kept. Lower train.lr, set train.grad_clip, "
-            f"or use train.precision=bf16 instead of fp16, then resume.")
+            f"or use train.precision=bf16 instead of fp16, then resume."
+        )
 
 
 def resume(tr: Training) -> None:
     """Continue from the checkpoint checkpoint.resume names, if any."""
     path = tr.checkpoints.resume()
     if path is not None:
-        log.info(f"Resumed from {path} (step {tr.progress.step}, "
-                 f"{tr.progress.tokens:,} tokens)")
+        log.info(f"Resumed from {path} (step {tr.progress.step}, {tr.progress.tokens:,} tokens)")
 
 
 def announce(tr: Training) -> None:
@@ -596,24 +683,31 @@ def announce(tr: Training) -> None:
         f"{plan.processes} processes = {plan.samples_per_step} sequences x "
         f"{plan.context_length} tokens = {plan.tokens_per_step:,} tokens/step\n"
         f"{len(tr.train_windows):,} train windows; {plan.max_steps} steps "
-        f"({plan.epochs:.2f} epochs)" + (f"; resuming at step {step}" if step else ""))
+        f"({plan.epochs:.2f} epochs)" + (f"; resuming at step {step}" if step else "")
+    )
 
 
 def summary(progress: Progress, metrics: MetricsLog, started: float) -> dict:
     rows = metrics.rows()
     last = lambda key: next((r[key] for r in reversed(rows) if key in r), None)  # noqa: E731
     best = progress.best_val_loss
-    return {"steps": progress.step, "tokens": progress.tokens,
-            "seconds": time.perf_counter() - started,
-            "train_loss": last("loss"), "val_loss": last("val_loss"),
-            "best_val_loss": None if math.isinf(best) else best}
+    return {
+        "steps": progress.step,
+        "tokens": progress.tokens,
+        "seconds": time.perf_counter() - started,
+        "train_loss": last("loss"),
+        "val_loss": last("val_loss"),
+        "best_val_loss": None if math.isinf(best) else best,
+    }
 
 
 def print_summary(s: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    log.info(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s | "
-             f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} | "
-             f"best val loss {fmt(s['best_val_loss'])}")
+    log.info(
+        f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s | "
+        f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} | "
+        f"best val loss {fmt(s['best_val_loss'])}"
+    )
 
 
 if __name__ == "__main__":

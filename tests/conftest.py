@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
@@ -21,10 +23,12 @@ def pytest_configure(config):
 def free_port():
     """A function returning a TCP port free on 127.0.0.1 now: multi-process tests that
     pick fixed ports collide with each other and with ports still in TIME_WAIT."""
+
     def pick() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
+
     return pick
 
 
@@ -47,8 +51,9 @@ def small_disk(tmp_path):
     ENOSPC, not a simulated one."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         # Mounting needs root (CAP_SYS_ADMIN): a user's machine without it cannot run the
         # test. Where the tests run as root, a failed mount is a real failure, not a skip.
@@ -63,4 +68,5 @@ def stdlib_data(tmp_path_factory):
     """About 300k tokens of the standard library, prepared by the prepare stage once for
     the whole run of the suite (tests/train_runs.py): the root holding data.name=stdlib."""
     from train_runs import shared_stdlib
+
     return shared_stdlib(tmp_path_factory)

@@ -8,6 +8,7 @@ as configs/accelerate/fsdp.yaml asks Accelerate to do on GPUs), saves a checkpoi
 pipeline.training.checkpoint, loads it into a freshly wrapped model and trains on. Writes the
 per-step losses to OUT_DIR/losses.json.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ from pipeline.model.gpt import GPTModel
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.optim import build_optimizer, build_scheduler
 
-CFG = ModelConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
-                  tie_embeddings=True)
+CFG = ModelConfig(
+    context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, tie_embeddings=True
+)
 TRAIN = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6)
 
 
@@ -60,11 +62,20 @@ def main(mode: str, out: Path) -> None:
     model, optimizer, scheduler = wrapped(mode)
     losses = [step(model, optimizer, scheduler, n) for n in range(3)]
     meta = {"step": 3, "model": to_dict(CFG)}
-    path = save_checkpoint(out, 3, accelerator=state, model=model, optimizer=optimizer,
-                           parts={"scheduler": scheduler}, meta=meta, keep_last=0)
+    path = save_checkpoint(
+        out,
+        3,
+        accelerator=state,
+        model=model,
+        optimizer=optimizer,
+        parts={"scheduler": scheduler},
+        meta=meta,
+        keep_last=0,
+    )
     model, optimizer, scheduler = wrapped(mode)  # fresh weights, then the checkpoint's
-    load_checkpoint(path, accelerator=state, model=model, optimizer=optimizer,
-                    parts={"scheduler": scheduler})
+    load_checkpoint(
+        path, accelerator=state, model=model, optimizer=optimizer, parts={"scheduler": scheduler}
+    )
     losses += [step(model, optimizer, scheduler, n) for n in range(3, 6)]
     if state.is_main_process:
         (out / "losses.json").write_text(json.dumps(losses))

@@ -9,6 +9,7 @@ capability, the torch version and the digests of the data's shards; where the fi
 no entry for this machine, the reference is trained as before (a slower run, the same
 check). `make golden` retrains every reference and rewrites the entries of this machine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,10 @@ WRITE = os.environ.get("GOLDEN_WRITE") == "1"  # set by `make golden`
 
 
 def machine_key(data_dir: Path) -> str:
-    return (f"{torch.backends.cpu.get_cpu_capability()} torch {torch.__version__} "
-            f"data {data_digest(data_dir)}")
+    return (
+        f"{torch.backends.cpu.get_cpu_capability()} torch {torch.__version__} "
+        f"data {data_digest(data_dir)}"
+    )
 
 
 def data_digest(data_dir: Path) -> str:

@@ -7,6 +7,7 @@ them once it is dead. This process makes itself their "subreaper" (Linux's
 PR_SET_CHILD_SUBREAPER): orphans are handed to it instead of to init, and it can collect
 their exit codes. It prints one JSON object: {"workers": {pid: exit code or -signal}}.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,7 +49,7 @@ def reap_all(deadline: float) -> dict[int, int]:
 
 def main() -> None:
     run_dir, timeout = Path(sys.argv[1]), float(sys.argv[2])
-    command = sys.argv[sys.argv.index("--") + 1:]
+    command = sys.argv[sys.argv.index("--") + 1 :]
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
     deadline = time.time() + timeout
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,6 +2,7 @@
 model side never imports training, data imports neither, core imports nothing else.
 Read from the source (every import statement, function-level ones included), so a new
 cycle or a reach across rooms fails here before anyone has to untangle it."""
+
 from __future__ import annotations
 
 import ast
@@ -70,7 +71,7 @@ def test_there_is_no_import_cycle():
         state[node] = "open"
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                cycles.append(trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt])
+                cycles.append(trail[trail.index(nxt) :] + [nxt] if nxt in trail else [node, nxt])
             elif nxt not in state:
                 visit(nxt, trail + [nxt])
         state[node] = "done"
@@ -82,8 +83,13 @@ def test_there_is_no_import_cycle():
 
 
 def test_each_room_imports_only_what_it_may():
-    reaches = [f"{m} imports {dep}" for m, deps in graph().items() if room(m) in ALLOWED
-               for dep in sorted(deps) if room(dep) not in ALLOWED[room(m)]]
+    reaches = [
+        f"{m} imports {dep}"
+        for m, deps in graph().items()
+        if room(m) in ALLOWED
+        for dep in sorted(deps)
+        if room(dep) not in ALLOWED[room(m)]
+    ]
     assert not reaches, "\n".join(reaches)
 
 

@@ -1,5 +1,6 @@
 """Smoke test of `python -m benchmarks --quick`: it runs and writes results of the promised
 shape (no speed assertions: the machine is shared)."""
+
 import json
 
 import pytest
@@ -21,8 +22,9 @@ def test_quick_train_and_evaluate_write_their_tables(tmp_path, capsys):
     assert set(train["matmul_peak_flops"]) == precisions
     shape = train["shapes"][0]
     # same weights through both models: the same first loss
-    assert shape["first_loss"]["hf/fp32"] == pytest.approx(shape["first_loss"]["ours/fp32"],
-                                                            abs=1e-4)
+    assert shape["first_loss"]["hf/fp32"] == pytest.approx(
+        shape["first_loss"]["ours/fp32"], abs=1e-4
+    )
     rows = {r["contender"]: r for r in shape["rows"]}
     expected = {f"{who}/{p}" for who in ("hf", "ours", "ours-logits") for p in precisions}
     assert expected | {"hf-fast", "ours-fast"} == set(rows)  # the quick shape is not compiled
@@ -90,13 +92,16 @@ def test_quick_data_measures_prepare_memory(tmp_path, capsys):
 
 # ---------------------------------------------------------------- time to loss
 
+
 def test_crossing_interpolates_between_the_evaluations_around_the_target():
     from benchmarks.time_to_loss import crossing
 
-    evals = [{"step": 20, "train_s": 10.0, "val_loss": 5.0},
-             {"step": 40, "train_s": 20.0, "val_loss": 4.5},
-             {"step": 60, "train_s": 32.0, "val_loss": 3.5},
-             {"step": 80, "train_s": 40.0, "val_loss": 3.0}]
+    evals = [
+        {"step": 20, "train_s": 10.0, "val_loss": 5.0},
+        {"step": 40, "train_s": 20.0, "val_loss": 4.5},
+        {"step": 60, "train_s": 32.0, "val_loss": 3.5},
+        {"step": 80, "train_s": 40.0, "val_loss": 3.0},
+    ]
     # 4.0 is halfway from 4.5 (step 40, 20 s) to 3.5 (step 60, 32 s)
     assert crossing(evals, 4.0) == pytest.approx({"train_s": 26.0, "step": 50.0})
     assert crossing(evals, 6.0) == {"train_s": 10.0, "step": 20.0}  # at the first evaluation
@@ -106,13 +111,19 @@ def test_crossing_interpolates_between_the_evaluations_around_the_target():
 def test_our_evaluations_count_training_time_without_evaluation(tmp_path):
     from benchmarks.time_to_loss import Contender, evaluations
 
-    rows = [{"step": 10, "step_time": 0.5}, {"step": 20, "step_time": 1.0, "val_loss": 6.0},
-            {"step": 30, "step_time": 0.5}, {"step": 40, "step_time": 0.5, "val_loss": 5.0}]
+    rows = [
+        {"step": 10, "step_time": 0.5},
+        {"step": 20, "step_time": 1.0, "val_loss": 6.0},
+        {"step": 30, "step_time": 0.5},
+        {"step": 40, "step_time": 0.5, "val_loss": 5.0},
+    ]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = evaluations(Contender("ours", "configs/tiny.yaml", "ours"), tmp_path)
-    assert got == [{"step": 20, "train_s": 15.0, "val_loss": 6.0},
-                   {"step": 40, "train_s": 25.0, "val_loss": 5.0}]
+    assert got == [
+        {"step": 20, "train_s": 15.0, "val_loss": 6.0},
+        {"step": 40, "train_s": 25.0, "val_loss": 5.0},
+    ]
 
 
 def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_path):
@@ -131,17 +142,28 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
     from pipeline.model.gpt2 import to_hf
 
     rng = np.random.default_rng(0)
-    write_data_set(tmp_path / "data" / "d", {"train": [rng.integers(0, 50257, 700)],
-                                             "val": [rng.integers(0, 50257, 300)]})
-    config = load_config("configs/tiny.yaml", [
-        f"data.root={tmp_path / 'data'}", "data.name=d", "model.context_length=32",
-        "model.qkv_bias=true", "train.micro_batch_size=4", "eval.batches=2"])
+    write_data_set(
+        tmp_path / "data" / "d",
+        {"train": [rng.integers(0, 50257, 700)], "val": [rng.integers(0, 50257, 300)]},
+    )
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            f"data.root={tmp_path / 'data'}",
+            "data.name=d",
+            "model.context_length=32",
+            "model.qkv_bias=true",
+            "train.micro_batch_size=4",
+            "eval.batches=2",
+        ],
+    )
     val = Windows(TokenWindows(config.data_dir, "val", 32), 8)
     hf = gpt2_model(config)
     ours = GPTModel(config.model).eval()
     hf.load_state_dict(to_hf(ours.state_dict(), config.model), strict=False)
-    trainer = transformers.Trainer(model=hf, eval_dataset=val,
-                                   args=training_arguments(config, str(tmp_path / "t"), "no"))
+    trainer = transformers.Trainer(
+        model=hf, eval_dataset=val, args=training_arguments(config, str(tmp_path / "t"), "no")
+    )
     batch = next(iter(trainer.get_eval_dataloader()))
     assert set(batch) == {"input_ids", "labels", "shift_labels"}
     x, y = TokenWindows(config.data_dir, "val", 32).batch(np.arange(8))
@@ -149,7 +171,8 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
     with torch.no_grad():
         ours_loss = ours(x, targets=y).item()  # all 8 val windows: two eval batches of 4
         assert hf.eval()(**batch).loss.item() == pytest.approx(
-            ours(x[:4], targets=y[:4]).item(), abs=1e-5)
+            ours(x[:4], targets=y[:4]).item(), abs=1e-5
+        )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(ours_loss, abs=1e-5)
 
 

@@ -7,6 +7,7 @@ verdict recipe (model.init=torch_default, train.order=book, weight_decay_on=all,
 eval.first_step=1) makes ours draw the same numbers in the same order, so the printed
 tables agree to float noise, not just in shape.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -30,8 +31,15 @@ from pipeline.train import eval_due
 from pipeline.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
-             drop_rate=0.1, qkv_bias=False)
+SMALL = dict(
+    vocab_size=50257,
+    context_length=32,
+    emb_dim=64,
+    n_heads=4,
+    n_layers=2,
+    drop_rate=0.1,
+    qkv_bias=False,
+)
 
 
 def prose(chars: int) -> str:
@@ -39,8 +47,13 @@ def prose(chars: int) -> str:
     import argparse
     import doctest
     import json as json_module
-    docs = [inspect.getdoc(v) for m in (doctest, argparse, json_module) for v in vars(m).values()
-            if inspect.getdoc(v) and (inspect.isfunction(v) or inspect.isclass(v))]
+
+    docs = [
+        inspect.getdoc(v)
+        for m in (doctest, argparse, json_module)
+        for v in vars(m).values()
+        if inspect.getdoc(v) and (inspect.isfunction(v) or inspect.isclass(v))
+    ]
     return "\n\n".join(dict.fromkeys(docs))[:chars]
 
 
@@ -73,6 +86,7 @@ def test_gpt2_init_stays_the_default():
 
 class _Windows:
     """Stands in for TokenWindows: window i is the tensor [i]."""
+
     context_length, stride = 1, 1
 
     def __init__(self, n: int):
@@ -87,8 +101,9 @@ class _Windows:
 
 
 def _book_epochs(n: int, batch: int, epochs: int) -> list[list[int]]:
-    loader = torch.utils.data.DataLoader(list(range(n)), batch_size=batch, shuffle=True,
-                                         drop_last=True, num_workers=0)
+    loader = torch.utils.data.DataLoader(
+        list(range(n)), batch_size=batch, shuffle=True, drop_last=True, num_workers=0
+    )
     out = []
     for _ in range(epochs):
         for b in loader:
@@ -159,11 +174,19 @@ def test_weight_decay_on_all_is_the_books_single_group():
 
 def test_the_shipped_verdict_config_is_the_books_recipe():
     c = load_config(ROOT / "configs/verdict.yaml")
-    assert (c.seed, c.model.init, c.train.order, c.train.weight_decay_on) == \
-        (123, "torch_default", "book", "all")
+    assert (c.seed, c.model.init, c.train.order, c.train.weight_decay_on) == (
+        123,
+        "torch_default",
+        "book",
+        "all",
+    )
     assert (c.eval.first_step, c.eval.every_steps, c.eval.batches) == (1, 5, 5)
-    assert (c.train.lr, c.train.weight_decay, c.train.betas, c.train.grad_clip) == \
-        (4e-4, 0.1, (0.9, 0.999), None)
+    assert (c.train.lr, c.train.weight_decay, c.train.betas, c.train.grad_clip) == (
+        4e-4,
+        0.1,
+        (0.9, 0.999),
+        None,
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -174,8 +197,9 @@ def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[flo
     from pipeline.data.tokenizer import get_tokenizer
 
     split = int(0.9 * len(text))
-    common = dict(batch_size=2, max_length=cfg["context_length"],
-                  stride=cfg["context_length"], num_workers=0)
+    common = dict(
+        batch_size=2, max_length=cfg["context_length"], stride=cfg["context_length"], num_workers=0
+    )
     torch.manual_seed(123)
     train_loader = create_dataloader_v1(text[:split], drop_last=True, shuffle=True, **common)
     val_loader = create_dataloader_v1(text[split:], drop_last=False, shuffle=False, **common)
@@ -183,8 +207,17 @@ def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[flo
     model = BookGPTModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     train, val, _ = train_model_simple(
-        model, train_loader, val_loader, optimizer, "cpu", num_epochs=epochs, eval_freq=5,
-        eval_iter=5, start_context="Every effort moves you", tokenizer=get_tokenizer())
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        "cpu",
+        num_epochs=epochs,
+        eval_freq=5,
+        eval_iter=5,
+        start_context="Every effort moves you",
+        tokenizer=get_tokenizer(),
+    )
     return train, val
 
 
@@ -197,9 +230,15 @@ def _our_evaluations(tmp_path: Path, text: str, cfg: dict, *overrides: str) -> l
 
     (tmp_path / "story.txt").write_text(text)
     shape = [f"model.{k}={cfg[k]}" for k in ("context_length", "emb_dim", "n_heads", "n_layers")]
-    args = [f"data.root={tmp_path}/data", f"data.source.url=file://{tmp_path}/story.txt",
-            f"runs_root={tmp_path}/runs", *shape, "eval.max_new_tokens=4",
-            "checkpoint.every_steps=1000", *overrides]
+    args = [
+        f"data.root={tmp_path}/data",
+        f"data.source.url=file://{tmp_path}/story.txt",
+        f"runs_root={tmp_path}/runs",
+        *shape,
+        "eval.max_new_tokens=4",
+        "checkpoint.every_steps=1000",
+        *overrides,
+    ]
     prepare(load_config(ROOT / "configs" / "verdict.yaml", args))
     train_here(args, ROOT / "configs" / "verdict.yaml")
     rows = [json.loads(line) for line in (tmp_path / "runs/verdict/metrics.jsonl").open()]
@@ -226,8 +265,9 @@ def test_shortened_verdict_run_overfits_as_figure_5_12(tmp_path):
     """The chapter's shape, shortened (2 layers at width 128, 8 epochs on 2,500
     characters at lr 2e-3): the train loss falls far below the val loss, which bottoms
     out and turns back up, with no spike above the first evaluation."""
-    ours = _our_evaluations(tmp_path, prose(2500), {**SMALL, "emb_dim": 128},
-                            "train.epochs=8", "train.lr=2e-3")
+    ours = _our_evaluations(
+        tmp_path, prose(2500), {**SMALL, "emb_dim": 128}, "train.epochs=8", "train.lr=2e-3"
+    )
     train, val = [r["train_loss"] for r in ours], [r["val_loss"] for r in ours]
     low = int(np.argmin(val))
     assert train[-1] < 0.5 * val[-1]
@@ -237,6 +277,16 @@ def test_shortened_verdict_run_overfits_as_figure_5_12(tmp_path):
 
 def test_report_puts_each_evaluation_beside_the_books_line():
     lines = book.table([{"step": 1, "train_loss": 9.8, "val_loss": 9.9}])
-    assert lines[1].split() == ["0", "1", "|", "9.781", "9.800", "+0.019", "|", "9.933",
-                                "9.900", "-0.033"]
+    assert lines[1].split() == [
+        "0",
+        "1",
+        "|",
+        "9.781",
+        "9.800",
+        "+0.019",
+        "|",
+        "9.933",
+        "9.900",
+        "-0.033",
+    ]
     assert lines[2].split()[:5] == ["5", "6", "|", "8.111", "-"]  # not reached yet

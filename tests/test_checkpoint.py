@@ -4,6 +4,7 @@ In-process, on the real save/load path (Accelerate's state on a CPU, safetensors
 with weights_only loading): the train stage's own parts and one the test invents, which
 needs no change to train.py's save or resume code.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,32 +54,54 @@ def test_every_stateful_part_survives_a_save_and_resume(tmp_path):
     progress = Progress(step=7, tokens=112, best_val_loss=3.5, elapsed=12.0)
     parts = {"progress": progress, "scheduler": scheduler, "counter": Counter(41)}
     meta = {"step": 7, "model": to_dict(CFG)}
-    path = ckpt.save_checkpoint(tmp_path, 7, accelerator=state, model=model,
-                                optimizer=optimizer, parts=parts, meta=meta, keep_last=0)
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        7,
+        accelerator=state,
+        model=model,
+        optimizer=optimizer,
+        parts=parts,
+        meta=meta,
+        keep_last=0,
+    )
 
     model2, optimizer2, scheduler2 = trainer(1)  # other weights, a fresh schedule
     restored = {"progress": Progress(), "scheduler": scheduler2, "counter": Counter()}
-    got = ckpt.load_checkpoint(path, accelerator=state, model=model2, optimizer=optimizer2,
-                               parts=restored)
+    got = ckpt.load_checkpoint(
+        path, accelerator=state, model=model2, optimizer=optimizer2, parts=restored
+    )
     assert got["step"] == 7
     assert restored["progress"] == progress and restored["counter"].value == 41
     assert scheduler2.get_last_lr() == scheduler.get_last_lr()
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     exp_avg = [optimizer.state[p]["exp_avg"] for p in model.parameters()]
-    assert all(torch.equal(a, optimizer2.state[p]["exp_avg"])
-               for a, p in zip(exp_avg, model2.parameters()))
+    assert all(
+        torch.equal(a, optimizer2.state[p]["exp_avg"]) for a, p in zip(exp_avg, model2.parameters())
+    )
 
 
 def test_a_part_the_checkpoint_does_not_hold_is_named(tmp_path):
     state = PartialState(cpu=True)
     model, optimizer, scheduler = trainer(0)
-    path = ckpt.save_checkpoint(tmp_path, 1, accelerator=state, model=model,
-                                optimizer=optimizer, parts={"scheduler": scheduler},
-                                meta={"step": 1, "model": to_dict(CFG)}, keep_last=0)
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        1,
+        accelerator=state,
+        model=model,
+        optimizer=optimizer,
+        parts={"scheduler": scheduler},
+        meta={"step": 1, "model": to_dict(CFG)},
+        keep_last=0,
+    )
     with pytest.raises(PipelineError, match="no state for counter"):
-        ckpt.load_checkpoint(path, accelerator=state, model=model, optimizer=optimizer,
-                             parts={"scheduler": scheduler, "counter": Counter()})
+        ckpt.load_checkpoint(
+            path,
+            accelerator=state,
+            model=model,
+            optimizer=optimizer,
+            parts={"scheduler": scheduler, "counter": Counter()},
+        )
 
 
 def test_progress_round_trips_infinity():
@@ -99,10 +122,18 @@ def saved_run(tmp_path, steps=(1, 2)) -> list:
     for step in steps:
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
-        paths.append(ckpt.save_checkpoint(
-            tmp_path, step, accelerator=state, model=model, optimizer=optimizer,
-            parts={"scheduler": scheduler}, keep_last=0,
-            meta={"step": step, "model": to_dict(CFG), "num_processes": 1}))
+        paths.append(
+            ckpt.save_checkpoint(
+                tmp_path,
+                step,
+                accelerator=state,
+                model=model,
+                optimizer=optimizer,
+                parts={"scheduler": scheduler},
+                keep_last=0,
+                meta={"step": step, "model": to_dict(CFG), "num_processes": 1},
+            )
+        )
     return paths
 
 
@@ -117,7 +148,10 @@ def test_a_flipped_byte_in_any_file_is_found_and_resume_falls_back(tmp_path, nam
     older, newest = saved_run(tmp_path)
     assert ckpt.damage(newest, 1) is None
     flip_byte(newest / name, offset=len((newest / name).read_bytes()) // 2)
-    assert ckpt.damage(newest, 1) == f"{name} is damaged (its sha256 differs from the one in meta.json)"
+    assert (
+        ckpt.damage(newest, 1)
+        == f"{name} is damaged (its sha256 differs from the one in meta.json)"
+    )
     warnings = []
     assert ckpt.newest_intact(tmp_path, 1, warn=warnings.append) == older
     assert not newest.exists() and (newest.parent / "damaged_step_000002" / name).is_file()
@@ -155,8 +189,9 @@ def test_resume_never_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
     from pipeline.training.checkpoint_manager import checkpoint_to_resume
 
     saved_run(tmp_path / "runs" / "r", steps=(1,))
-    config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
-                                "checkpoint.resume=never"])
+    config = load_config(
+        None, [f"runs_root={tmp_path / 'runs'}", "name=r", "checkpoint.resume=never"]
+    )
     with pytest.raises(PipelineError, match="already holds checkpoints .latest step_000001."):
         checkpoint_to_resume(config, 1)
     assert ckpt.checkpoint_dirs(tmp_path / "runs" / "r")  # nothing deleted
@@ -174,9 +209,12 @@ def test_a_run_whose_checkpoints_are_all_damaged_stops_instead_of_starting_over(
         checkpoint_to_resume(config, 1)
     assert "checkpoint.resume=never" in str(stop.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "damaged_step_000001", "damaged_step_000002"]  # set aside, nothing deleted
-    never = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
-                               "checkpoint.resume=never"])
+        "damaged_step_000001",
+        "damaged_step_000002",
+    ]  # set aside, nothing deleted
+    never = load_config(
+        None, [f"runs_root={tmp_path / 'runs'}", "name=r", "checkpoint.resume=never"]
+    )
     assert checkpoint_to_resume(never, 1) is None  # the remedy it names works
 
 
@@ -186,16 +224,19 @@ def test_resuming_from_an_older_checkpoint_among_later_ones_is_refused(tmp_path)
 
     run = tmp_path / "runs" / "r"
     older, newest = saved_run(run)
-    rewind = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
-                                f"checkpoint.resume={older}"])
+    rewind = load_config(
+        None, [f"runs_root={tmp_path / 'runs'}", "name=r", f"checkpoint.resume={older}"]
+    )
     with pytest.raises(PipelineError, match="holds later checkpoints .step_000002.") as stop:
         checkpoint_to_resume(rewind, 1)
     assert "another name" in str(stop.value) and newest.is_dir()
-    branch = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=branch",
-                                f"checkpoint.resume={older}"])
+    branch = load_config(
+        None, [f"runs_root={tmp_path / 'runs'}", "name=branch", f"checkpoint.resume={older}"]
+    )
     assert checkpoint_to_resume(branch, 1) == str(older)  # the same state under a new name
-    latest = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
-                                f"checkpoint.resume={newest}"])
+    latest = load_config(
+        None, [f"runs_root={tmp_path / 'runs'}", "name=r", f"checkpoint.resume={newest}"]
+    )
     assert checkpoint_to_resume(latest, 1) == str(newest)
 
 
@@ -224,7 +265,9 @@ def test_readers_of_a_run_skip_a_damaged_newest_checkpoint_and_refuse_it_by_name
     assert resolve(tmp_path).path == older
     assert "step_000002 is damaged (model.safetensors is damaged" in capsys.readouterr().err
     assert newest.is_dir()  # a reader moves nothing
-    with pytest.raises(PipelineError, match="checkpoint .*step_000002 is damaged: model.safetensors"):
+    with pytest.raises(
+        PipelineError, match="checkpoint .*step_000002 is damaged: model.safetensors"
+    ):
         load_state(newest)
 
 
@@ -247,10 +290,19 @@ def test_a_process_keeps_and_restores_only_its_own_gpus_generator(monkeypatch):
     assert [int(s) for s in restored] == [3, 3]
 
 
-@pytest.mark.parametrize("override,words", [
-    ("model.n_layers=3", ["the model differs from the config", "model.n_layers: checkpoint 1, config 3"]),
-    ("train.optimizer=muon", ["trained with train.optimizer: adamw", "Set train.optimizer=adamw"]),
-])
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        (
+            "model.n_layers=3",
+            ["the model differs from the config", "model.n_layers: checkpoint 1, config 3"],
+        ),
+        (
+            "train.optimizer=muon",
+            ["trained with train.optimizer: adamw", "Set train.optimizer=adamw"],
+        ),
+    ],
+)
 def test_resume_refuses_another_model_shape_or_optimizer_naming_it(tmp_path, override, words):
     """(The run is refused before anything is loaded; the checkpoint stays as it was.)"""
     from pipeline.config import load_config
@@ -261,8 +313,9 @@ def test_resume_refuses_another_model_shape_or_optimizer_naming_it(tmp_path, ove
     config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r", *same])
     check_resumable(newest, config)  # the same shape and optimizer: resumable
     with pytest.raises(PipelineError) as refused:
-        check_resumable(newest, load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r",
-                                                   *same, override]))
+        check_resumable(
+            newest, load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r", *same, override])
+        )
     message = " ".join(str(refused.value).split())
     assert all(w in message for w in words), message
     assert ckpt.damage(newest, 1) is None

@@ -1,5 +1,6 @@
 """`gpt-pipeline`: one command for every stage, help that lists every config key from the
 schema, overrides in the three spellings other tools use, and suggestions for typos."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,9 @@ def test_train_help_lists_every_key_with_type_default_and_comment(capsys):
     assert "train.precision: Literal['auto', 'fp32', 'no', 'bf16', 'fp16'] = no" in out
 
 
-@pytest.mark.parametrize("spelling", [["train.lr=0.003"], ["--train.lr=0.003"],
-                                      ["--train.lr", "0.003"]])
+@pytest.mark.parametrize(
+    "spelling", [["train.lr=0.003"], ["--train.lr=0.003"], ["--train.lr", "0.003"]]
+)
 def test_overrides_in_all_three_spellings(capsys, spelling):
     code, out, err = run(capsys, "config", "--get", "train.lr", *spelling)
     assert code == 0, err
@@ -47,9 +49,9 @@ def test_overrides_in_all_three_spellings(capsys, spelling):
 
 
 def test_overrides_mix_with_a_stages_own_flags():
-    assert normalize_overrides(["--config", "c.yaml", "--model.n_layers", "4", "--force",
-                                "--name=x", "seed=3"]) == [
-        "--config", "c.yaml", "model.n_layers=4", "--force", "name=x", "seed=3"]
+    assert normalize_overrides(
+        ["--config", "c.yaml", "--model.n_layers", "4", "--force", "--name=x", "seed=3"]
+    ) == ["--config", "c.yaml", "model.n_layers=4", "--force", "name=x", "seed=3"]
 
 
 def test_a_mistyped_key_suggests_the_nearest(capsys):
@@ -86,31 +88,84 @@ def test_model_stages_take_trains_dialect_and_keep_their_flags():
     from pipeline.export import parse_args as export_args
     from pipeline.generate import parse_args as generate_args
 
-    flags = generate_args(["--model", "gpt2", "--prompt", "a", "--prompt", "yes",
-                           "--max-new-tokens", "5", "--top-k=3", "--no-cache", "--dtype", "bf16"])
-    keys = generate_args(["model=gpt2", "prompt=a", "prompt=yes", "max_new_tokens=5",
-                          "--top_k", "3", "cache=false", "dtype=bfloat16"])
+    flags = generate_args(
+        [
+            "--model",
+            "gpt2",
+            "--prompt",
+            "a",
+            "--prompt",
+            "yes",
+            "--max-new-tokens",
+            "5",
+            "--top-k=3",
+            "--no-cache",
+            "--dtype",
+            "bf16",
+        ]
+    )
+    keys = generate_args(
+        [
+            "model=gpt2",
+            "prompt=a",
+            "prompt=yes",
+            "max_new_tokens=5",
+            "--top_k",
+            "3",
+            "cache=false",
+            "dtype=bfloat16",
+        ]
+    )
     assert flags == keys
     assert (keys.prompt, keys.max_new_tokens, keys.top_k, keys.cache, keys.dtype) == (
-        ["a", "yes"], 5, 3, False, "bf16")  # a prompt stays the text typed, not YAML's True
+        ["a", "yes"],
+        5,
+        3,
+        False,
+        "bf16",
+    )  # a prompt stays the text typed, not YAML's True
     assert export_args(["model=runs/x", "dtype=float16"]).dtype == "fp16"  # one spelling
     assert export_args(["--model", "runs/x"]).dtype == "fp32"
-    e = evaluate_args(["--model", "runs/x", "task=mc", "--task-file", "t.jsonl",
-                       "batch_size=4", "--text", "a.txt", "text=b.txt", "precision=fp32"])
+    e = evaluate_args(
+        [
+            "--model",
+            "runs/x",
+            "task=mc",
+            "--task-file",
+            "t.jsonl",
+            "batch_size=4",
+            "--text",
+            "a.txt",
+            "text=b.txt",
+            "precision=fp32",
+        ]
+    )
     assert (e.task, e.task_file, e.batch_size, e.text, e.precision) == (
-        "mc", "t.jsonl", 4, ["a.txt", "b.txt"], "fp32")
+        "mc",
+        "t.jsonl",
+        4,
+        ["a.txt", "b.txt"],
+        "fp32",
+    )
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["generate", "--model", "gpt2", "--max-new-token", "5"],
-     ["unknown option '--max-new-token'", "did you mean --max-new-tokens"]),
-    (["generate", "--model", "gpt2", "temprature=0.5"], ["did you mean --temperature"]),
-    (["generate", "--model", "gpt2", "--top-k", "many"], ["--top-k must be int, got 'many'"]),
-    (["generate", "--model", "gpt2", "--top-k"], ["--top-k needs a value"]),
-    (["export", "--dtype", "bf16"], ["--model is required"]),
-    (["evaluate", "--model", "gpt2", "task=mmlu"], ["--task='mmlu' is not one of: val, "
-                                                    "hellaswag, mc"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (
+            ["generate", "--model", "gpt2", "--max-new-token", "5"],
+            ["unknown option '--max-new-token'", "did you mean --max-new-tokens"],
+        ),
+        (["generate", "--model", "gpt2", "temprature=0.5"], ["did you mean --temperature"]),
+        (["generate", "--model", "gpt2", "--top-k", "many"], ["--top-k must be int, got 'many'"]),
+        (["generate", "--model", "gpt2", "--top-k"], ["--top-k needs a value"]),
+        (["export", "--dtype", "bf16"], ["--model is required"]),
+        (
+            ["evaluate", "--model", "gpt2", "task=mmlu"],
+            ["--task='mmlu' is not one of: val, hellaswag, mc"],
+        ),
+    ],
+)
 def test_model_stages_refuse_bad_options_in_one_paragraph_before_any_work(capsys, argv, words):
     code, _, err = run(capsys, *argv)
     message = " ".join(err.split())

@@ -1,12 +1,21 @@
 """The config schema: YAML + overrides in, typed values out, clear errors for bad keys."""
+
 import pytest
 
 from pipeline.config import ConfigError, load_config
 
 
 def test_overrides_are_parsed_as_yaml_into_the_schema_types():
-    c = load_config(None, ["train.lr=3e-4", "train.betas=[0.9,0.99]", "model.qkv_bias=true",
-                           "train.max_tokens=1e6", "tracking.wandb.tags=[a,b]"])
+    c = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "train.betas=[0.9,0.99]",
+            "model.qkv_bias=true",
+            "train.max_tokens=1e6",
+            "tracking.wandb.tags=[a,b]",
+        ],
+    )
     assert c.train.lr == 3e-4 and c.train.betas == (0.9, 0.99) and c.model.qkv_bias is True
     assert c.train.max_tokens == 1_000_000 and isinstance(c.train.max_tokens, int)
     assert c.tracking.wandb.tags == ["a", "b"]
@@ -28,14 +37,18 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 def test_wrong_type_and_choice_are_named():
     with pytest.raises(ConfigError, match="train.micro_batch_size must be int"):
         load_config(None, ["train.micro_batch_size=big"])
-    with pytest.raises(ConfigError, match="train.precision='fp8' is not one of: auto, fp32, no, bf16, fp16"):
+    with pytest.raises(
+        ConfigError, match="train.precision='fp8' is not one of: auto, fp32, no, bf16, fp16"
+    ):
         load_config(None, ["train.precision=fp8"])
 
 
 def test_source_keys_must_belong_to_the_source_kind():
     with pytest.raises(ConfigError, match="data.source.url does not apply to kind 'files'"):
-        load_config(None, ["data.source.kind=files", "data.source.paths=[a.txt]",
-                           "data.source.url=http://x"])
+        load_config(
+            None,
+            ["data.source.kind=files", "data.source.paths=[a.txt]", "data.source.url=http://x"],
+        )
 
 
 def test_cross_field_checks():
@@ -61,8 +74,10 @@ def test_a_section_names_its_keys_where_it_sits():
 
     with pytest.raises(ConfigError, match=r"^data\.source\.max_bytes=0 is not allowed"):
         load_config(None, ["data.source.max_bytes=0"])
-    mixture = ("data.sources=[{name: a, source: {kind: python-stdlib}}, "
-               "{name: b, source: {kind: python-stdlib, max_bytes: 0}}]")
+    mixture = (
+        "data.sources=[{name: a, source: {kind: python-stdlib}}, "
+        "{name: b, source: {kind: python-stdlib, max_bytes: 0}}]"
+    )
     with pytest.raises(ConfigError, match=r"^data\.sources\[1\]\.source\.max_bytes=0 is not"):
         load_config(None, [mixture])
     with pytest.raises(ConfigError, match=r"^data\.source\.paths is empty"):

@@ -1,5 +1,6 @@
 """pipeline.core.console: a standard stream whose reader goes away never raises, and its text
 goes on to the fallback file. In-process, on real pipes and /dev/full."""
+
 from __future__ import annotations
 
 import io
@@ -74,7 +75,8 @@ def test_wrapping_twice_keeps_one_layer(monkeypatch):
 
 
 def test_the_log_speaks_once_per_job_above_any_progress_bar_and_hushes_on_request(
-        monkeypatch, capsys):
+    monkeypatch, capsys
+):
     """log.info/warn/note: the main process only (RANK 0 or no launcher), `everywhere`
     for a process's own news, lines above a progress bar, GPT_PIPELINE_QUIET=1 keeping
     only warnings."""

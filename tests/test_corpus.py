@@ -1,5 +1,6 @@
 """Every source kind yields the documents it names, in a fixed order, and bad input is
 reported (undecodable bytes) or refused (no files, no text) with a message saying what to do."""
+
 import functools
 import hashlib
 import http.server
@@ -37,7 +38,12 @@ def test_txt_files_directory_and_glob_are_sorted_one_document_per_file(tmp_path)
     (tmp_path / "d" / "empty.txt").write_text("")
     (tmp_path / "single").write_text("named explicitly, so read whatever its extension")
     src = SourceConfig(kind="files", paths=[str(tmp_path / "d"), str(tmp_path / "single")])
-    assert read(src, tmp_path) == ["ay", "bee", "sea", "named explicitly, so read whatever its extension"]
+    assert read(src, tmp_path) == [
+        "ay",
+        "bee",
+        "sea",
+        "named explicitly, so read whatever its extension",
+    ]
     glob_src = SourceConfig(kind="files", paths=[str(tmp_path / "d" / "**" / "*.txt")])
     assert read(glob_src, tmp_path) == ["ay", "bee", "sea"]
     limited = SourceConfig(kind="files", paths=[str(tmp_path / "d")], max_documents=2)
@@ -69,7 +75,9 @@ def test_hf_kind_streams_a_dataset_directory_offline(tmp_path):
     # The Hub is unreachable here; a local dataset directory goes through the same call,
     # datasets.load_dataset(path, name, split=..., streaming=True).
     (tmp_path / "ds").mkdir()
-    pq.write_table(pa.table({"text": [f"row {i}" for i in range(5)]}), tmp_path / "ds" / "train.parquet")
+    pq.write_table(
+        pa.table({"text": [f"row {i}" for i in range(5)]}), tmp_path / "ds" / "train.parquet"
+    )
     src = SourceConfig(kind="hf", path=str(tmp_path / "ds"), split="train", max_documents=4)
     assert read(src, tmp_path) == ["row 0", "row 1", "row 2", "row 3"]
 
@@ -77,8 +85,11 @@ def test_hf_kind_streams_a_dataset_directory_offline(tmp_path):
 def test_missing_text_field_names_the_columns(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"content": "hi"}])
     src = SourceConfig(kind="files", paths=[str(tmp_path / "x.jsonl")])
-    with pytest.raises(CorpusError, match=r"has a 'text' field \(the fields the rows have: "
-                                          r"content\).*text_field"):
+    with pytest.raises(
+        CorpusError,
+        match=r"has a 'text' field \(the fields the rows have: "
+        r"content\).*text_field",
+    ):
         read(src, tmp_path)
 
 
@@ -123,7 +134,7 @@ def test_stdlib_is_sorted_capped_and_skips_site_packages(tmp_path):
     assert 0 < sizes <= 200_000
     everything = stdlib_files()
     assert not any("site-packages" in f.parts for f in everything)
-    assert [f.relative_to(root).as_posix() for f in everything][:len(files)] == rel
+    assert [f.relative_to(root).as_posix() for f in everything][: len(files)] == rel
     # The next file would have crossed the cap.
     assert sizes + everything[len(files)].stat().st_size > 200_000
     docs = read(SourceConfig(kind="python-stdlib", max_bytes=200_000), tmp_path)
@@ -150,6 +161,7 @@ def test_url_file_scheme_is_downloaded_once(tmp_path):
 def test_url_over_http(tmp_path):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "t.txt").write_text("served over http")
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -172,8 +184,10 @@ def test_url_over_http(tmp_path):
 
 
 def test_rows_without_text_are_skipped_and_counted_in_one_warning_per_source(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"body": "no text field"},
-                                       {"text": None}, {"text": 7}, {"text": "two"}])
+    write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"text": "one"}, {"body": "no text field"}, {"text": None}, {"text": 7}, {"text": "two"}],
+    )
     (tmp_path / "b.txt").write_text("three")
     write_jsonl(tmp_path / "c.jsonl", [{"text": "four", "id": 1}, {"id": 2}])
     src = SourceConfig(kind="files", paths=[str(tmp_path)])
@@ -183,14 +197,17 @@ def test_rows_without_text_are_skipped_and_counted_in_one_warning_per_source(tmp
     where = f"{tmp_path / 'a.jsonl'}, {tmp_path / 'c.jsonl'}"
     assert warnings[0] == (
         f"3 of 7 rows of {where} had no 'text' field (or a null one); "
-        f"1 of 7 rows of {where} held int, not text, in 'text'; they were skipped")
+        f"1 of 7 rows of {where} held int, not text, in 'text'; they were skipped"
+    )
     # Stopped early by max_documents: the rows skipped until then are still reported.
     warnings.clear()
     src.max_documents = 2
     assert read(src, tmp_path, warnings) == ["one", "two"]
-    assert warnings == [f"2 of 5 rows of {tmp_path / 'a.jsonl'} had no 'text' field (or a null "
-                        f"one); 1 of 5 rows of {tmp_path / 'a.jsonl'} held int, not text, in "
-                        f"'text'; they were skipped"]
+    assert warnings == [
+        f"2 of 5 rows of {tmp_path / 'a.jsonl'} had no 'text' field (or a null "
+        f"one); 1 of 5 rows of {tmp_path / 'a.jsonl'} held int, not text, in "
+        f"'text'; they were skipped"
+    ]
 
 
 def test_no_row_with_text_is_an_error_naming_the_fields_the_rows_have(tmp_path):
@@ -198,14 +215,20 @@ def test_no_row_with_text_is_an_error_naming_the_fields_the_rows_have(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"body": "a", "id": 1}, {"text": None, "body": "b"}])
     warnings = []
     src = SourceConfig(kind="files", paths=[str(tmp_path / "x.jsonl")])
-    with pytest.raises(CorpusError, match=r"no row of .*x\.jsonl \(2 rows\) has a 'text' field "
-                                          r"\(the fields the rows have: body, id\); set "
-                                          r"data\.source\.text_field"):
+    with pytest.raises(
+        CorpusError,
+        match=r"no row of .*x\.jsonl \(2 rows\) has a 'text' field "
+        r"\(the fields the rows have: body, id\); set "
+        r"data\.source\.text_field",
+    ):
         read(src, tmp_path, warnings)
     assert warnings == []
     write_jsonl(tmp_path / "x.jsonl", [{"text": 1}, {"text": 2}])
-    with pytest.raises(CorpusError, match=r"no row of .*x\.jsonl \(2 rows\) has text in 'text': "
-                                          r"it holds int where it is not null"):
+    with pytest.raises(
+        CorpusError,
+        match=r"no row of .*x\.jsonl \(2 rows\) has text in 'text': "
+        r"it holds int where it is not null",
+    ):
         read(src, tmp_path, warnings)
 
 
@@ -213,8 +236,10 @@ def test_parquet_rows_with_null_text_are_counted(tmp_path):
     pq.write_table(pa.table({"text": ["a", None, None, "b"]}), tmp_path / "t.parquet")
     warnings = []
     assert read(SourceConfig(kind="files", paths=[str(tmp_path)]), tmp_path, warnings) == ["a", "b"]
-    assert warnings == [f"2 of 4 rows of {tmp_path / 't.parquet'} had no 'text' field "
-                        f"(or a null one); they were skipped"]
+    assert warnings == [
+        f"2 of 4 rows of {tmp_path / 't.parquet'} had no 'text' field "
+        f"(or a null one); they were skipped"
+    ]
 
 
 # ----------------------------------------------------------------------------- hf revision
@@ -234,7 +259,8 @@ def test_hf_revision_reaches_load_dataset_and_the_fingerprint(tmp_path, monkeypa
     assert read(src, tmp_path) == ["pinned"]
     assert calls and all(  # the plan opens it, then the reader of its one part
         c == ("org/ds", None, {"split": "train", "streaming": True, "revision": "v1.2"})
-        for c in calls)
+        for c in calls
+    )
     assert describe(src)["revision"] == "v1.2"
     # Unpinned, the description is the one data sets were prepared with before the key.
     assert "revision" not in describe(SourceConfig(kind="hf", path="org/ds"))
@@ -252,8 +278,10 @@ def test_url_describe_has_sha256_but_not_the_download_limit():
     assert describe(SourceConfig(kind="url", url=url)) == {"kind": "url", "url": url}
     pinned = describe(SourceConfig(kind="url", url=url, sha256="AB" * 32))
     assert pinned == {"kind": "url", "url": url, "sha256": "ab" * 32}
-    assert describe(SourceConfig(kind="url", url=url, sha256="ab" * 32,
-                                 max_download_bytes=None)) == pinned
+    assert (
+        describe(SourceConfig(kind="url", url=url, sha256="ab" * 32, max_download_bytes=None))
+        == pinned
+    )
 
 
 def test_url_download_is_checked_against_sha256(tmp_path):
@@ -285,8 +313,10 @@ def test_url_download_is_checked_against_sha256(tmp_path):
 
     # Offline (the URL is gone) with a cached copy that does not match: refused.
     book.unlink()
-    with pytest.raises(CorpusError, match=r"could not download .*; the cached .* has sha256 "
-                                          + sha(b"the old copy")):
+    with pytest.raises(
+        CorpusError,
+        match=r"could not download .*; the cached .* has sha256 " + sha(b"the old copy"),
+    ):
         read(src, tmp_path, [])
     assert cached.read_bytes() == b"the old copy"
 
@@ -295,8 +325,10 @@ def test_url_wrong_sha256_leaves_nothing(tmp_path):
     book = tmp_path / "book.txt"
     book.write_bytes(b"some text")
     src = SourceConfig(kind="url", url=book.as_uri(), sha256="0" * 64)
-    with pytest.raises(CorpusError, match=f"has sha256 {sha(b'some text')}, but "
-                                          f"data.source.sha256 expects {'0' * 64}"):
+    with pytest.raises(
+        CorpusError,
+        match=f"has sha256 {sha(b'some text')}, but data.source.sha256 expects {'0' * 64}",
+    ):
         read(src, tmp_path)
     assert list((tmp_path / "download").iterdir()) == []
 
@@ -305,8 +337,11 @@ def test_url_larger_than_its_announced_limit_is_refused(tmp_path):
     book = tmp_path / "book.txt"
     book.write_bytes(b"x" * 100)
     src = SourceConfig(kind="url", url=book.as_uri(), max_download_bytes=99)
-    with pytest.raises(CorpusError, match=r"larger than data\.source\.max_download_bytes "
-                                          r"\(99 bytes\); the download was stopped and deleted"):
+    with pytest.raises(
+        CorpusError,
+        match=r"larger than data\.source\.max_download_bytes "
+        r"\(99 bytes\); the download was stopped and deleted",
+    ):
         read(src, tmp_path)
     # Refused on the announced length, before the download directory is even made.
     assert not (tmp_path / "download").exists()
@@ -350,30 +385,63 @@ def test_url_stream_past_the_limit_is_stopped_and_its_temporary_file_deleted(tmp
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.source.kind=url", "data.source.url=http://x", "data.source.sha256=abc"],
-     "data.source.sha256='abc' is not allowed: it must be 64 hexadecimal digits"),
-    (["data.source.kind=url", "data.source.url=http://x", "data.source.sha256=" + "g" * 64],
-     "data.source.sha256='ggg"),
-    (["data.source.kind=url", "data.source.url=http://x", "data.source.max_download_bytes=0"],
-     "data.source.max_download_bytes=0 is not allowed: it must be a positive number of bytes"),
-    (["data.source.kind=hf", "data.source.path=a/b", "data.source.revision=' '"],
-     "data.source.revision=' ' is not allowed: it must be a branch, tag or commit"),
-    (["data.source.kind=hf", "data.source.path=a/b", "data.source.sha256=" + "a" * 64],
-     "data.source.sha256 does not apply to kind 'hf'"),
-    (["data.source.kind=url", "data.source.url=http://x", "data.source.revision=main"],
-     "data.source.revision does not apply to kind 'url'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.source.kind=url", "data.source.url=http://x", "data.source.sha256=abc"],
+            "data.source.sha256='abc' is not allowed: it must be 64 hexadecimal digits",
+        ),
+        (
+            ["data.source.kind=url", "data.source.url=http://x", "data.source.sha256=" + "g" * 64],
+            "data.source.sha256='ggg",
+        ),
+        (
+            [
+                "data.source.kind=url",
+                "data.source.url=http://x",
+                "data.source.max_download_bytes=0",
+            ],
+            "data.source.max_download_bytes=0 is not allowed: it must be a positive number of bytes",
+        ),
+        (
+            ["data.source.kind=hf", "data.source.path=a/b", "data.source.revision=' '"],
+            "data.source.revision=' ' is not allowed: it must be a branch, tag or commit",
+        ),
+        (
+            ["data.source.kind=hf", "data.source.path=a/b", "data.source.sha256=" + "a" * 64],
+            "data.source.sha256 does not apply to kind 'hf'",
+        ),
+        (
+            ["data.source.kind=url", "data.source.url=http://x", "data.source.revision=main"],
+            "data.source.revision does not apply to kind 'url'",
+        ),
+    ],
+)
 def test_new_source_keys_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
 
 
 def test_new_source_keys_accept_good_values():
-    config = load_config(None, ["data.source.kind=url", "data.source.url=http://x",
-                                "data.source.sha256=" + "aB" * 32,
-                                "data.source.max_download_bytes=null"])
+    config = load_config(
+        None,
+        [
+            "data.source.kind=url",
+            "data.source.url=http://x",
+            "data.source.sha256=" + "aB" * 32,
+            "data.source.max_download_bytes=null",
+        ],
+    )
     assert config.data.source.max_download_bytes is None
-    assert load_config(None, ["data.source.kind=hf", "data.source.path=a/b",
-                              "data.source.revision=refs/convert/parquet"]).data.source.revision \
+    assert (
+        load_config(
+            None,
+            [
+                "data.source.kind=hf",
+                "data.source.path=a/b",
+                "data.source.revision=refs/convert/parquet",
+            ],
+        ).data.source.revision
         == "refs/convert/parquet"
+    )

@@ -1,5 +1,6 @@
 """Evaluation over the whole val split: the loss against a direct computation, and the same
 numbers from two processes as from one."""
+
 import json
 import math
 import os
@@ -22,16 +23,25 @@ from pipeline.data.shards import shard_name
 from pipeline.evaluate import main
 from pipeline.model.gpt import GPTModel
 
-CFG = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
-                  drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+CFG = ModelConfig(
+    vocab_size=50257,
+    context_length=16,
+    emb_dim=32,
+    n_heads=2,
+    n_layers=2,
+    drop_rate=0.0,
+    qkv_bias=True,
+    tie_embeddings=True,
+)
 SHARDS = {"train": [200], "val": [170, 75]}  # val: 10 + 4 windows of 16 tokens
 
 
 def make_data(root: Path) -> Path:
     data = root / "data" / "tiny"
     rng = np.random.default_rng(0)
-    write_data_set(data, {split: [rng.integers(0, 50257, n) for n in sizes]
-                          for split, sizes in SHARDS.items()})
+    write_data_set(
+        data, {split: [rng.integers(0, 50257, n) for n in sizes] for split, sizes in SHARDS.items()}
+    )
     return data
 
 
@@ -46,10 +56,14 @@ def run(tmp_path):
     ckpt.mkdir(parents=True)
     state = {k: v for k, v in model.state_dict().items() if k != "out_head.weight"}
     save_file(state, str(ckpt / "model.safetensors"))
-    config = {"name": "tiny", "data": {"root": str(data.parent), "name": "tiny"},
-              "train": {"micro_batch_size": 3}}
-    (ckpt / "meta.json").write_text(json.dumps({"step": 10, "tokens": 0, "model": asdict(CFG),
-                                                "config": config}))
+    config = {
+        "name": "tiny",
+        "data": {"root": str(data.parent), "name": "tiny"},
+        "train": {"micro_batch_size": 3},
+    }
+    (ckpt / "meta.json").write_text(
+        json.dumps({"step": 10, "tokens": 0, "model": asdict(CFG), "config": config})
+    )
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run, model, data
 
@@ -60,8 +74,8 @@ def direct_loss(model, data: Path, windows: int | None = None) -> tuple[float, i
     for i, n in enumerate(SHARDS["val"]):
         raw = np.fromfile(data / shard_name("val", i), dtype="<u2", offset=1024).astype(np.int64)
         for s in range(0, n - CFG.context_length, CFG.context_length):
-            xs.append(raw[s:s + 16])
-            ys.append(raw[s + 1:s + 17])
+            xs.append(raw[s : s + 16])
+            ys.append(raw[s + 1 : s + 17])
     x, y = torch.tensor(np.array(xs[:windows])), torch.tensor(np.array(ys[:windows]))
     with torch.no_grad():
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -92,6 +106,7 @@ def test_max_batches_caps_the_windows(run):
 
 def test_a_model_without_a_data_set_asks_for_one(run, tmp_path, capsys):
     from pipeline.export import export
+
     out, _ = export(run[0], tmp_path / "exported")
     with pytest.raises(SystemExit):
         main(["--model", str(out)])
@@ -104,15 +119,42 @@ def test_a_model_without_a_data_set_asks_for_one(run, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(run, tmp_path, free_port):
     run_dir, model, data = run
-    single = main(["--model", str(run_dir), "--batch-size", "4", "--out", str(tmp_path / "one.json")])
+    single = main(
+        ["--model", str(run_dir), "--batch-size", "4", "--out", str(tmp_path / "one.json")]
+    )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--main_process_port",
-              str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "pipeline.evaluate", "--model", str(run_dir), "--batch-size", "4",
-              "--out", str(tmp_path / "two.json")]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parent.parent)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "pipeline.evaluate",
+        "--model",
+        str(run_dir),
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
+    done = subprocess.run(
+        launch,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["processes"] == 2 and done.stdout.count("val loss") == 1
@@ -123,6 +165,7 @@ def test_two_processes_give_the_numbers_of_one(run, tmp_path, free_port):
 def test_unknown_source_is_a_clean_error():
     with pytest.raises(PipelineError, match="neither an existing path nor a GPT-2 name"):
         from pipeline.model.weights import resolve
+
         resolve("no/such/model")
 
 

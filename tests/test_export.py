@@ -1,5 +1,6 @@
 """Export of trained checkpoints to the Hugging Face GPT-2 layout, checked by loading the
 export in transformers (the reference) and in this project."""
+
 import json
 from dataclasses import asdict, replace
 
@@ -15,8 +16,16 @@ from pipeline.model.weights import load_model
 
 transformers = pytest.importorskip("transformers")
 
-TINY = ModelConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
-                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+TINY = ModelConfig(
+    vocab_size=50257,
+    context_length=32,
+    emb_dim=64,
+    n_heads=4,
+    n_layers=2,
+    drop_rate=0.0,
+    qkv_bias=True,
+    tie_embeddings=True,
+)
 
 
 def trained_model(cfg: ModelConfig, seed=0) -> GPTModel:
@@ -38,8 +47,12 @@ def write_checkpoint(run_dir, model: GPTModel, step=100):
     if model.cfg.tie_embeddings:
         del state["out_head.weight"]
     save_file(state, str(path / "model.safetensors"))
-    meta = {"step": step, "tokens": step * 1024, "model": asdict(model.cfg),
-            "config": {"name": run_dir.name}}
+    meta = {
+        "step": step,
+        "tokens": step * 1024,
+        "model": asdict(model.cfg),
+        "config": {"name": run_dir.name},
+    }
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -48,8 +61,9 @@ def tokens(n=20, seed=1):
     return torch.randint(0, 50257, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("qkv_bias,tie", [(True, True), (False, False)],
-                         ids=["gpt2-like", "untied-no-qkv-bias"])
+@pytest.mark.parametrize(
+    "qkv_bias,tie", [(True, True), (False, False)], ids=["gpt2-like", "untied-no-qkv-bias"]
+)
 def test_export_loads_in_transformers_with_the_checkpoints_logits(tmp_path, qkv_bias, tie):
     cfg = replace(TINY, qkv_bias=qkv_bias, tie_embeddings=tie)
     model = trained_model(cfg)
@@ -75,8 +89,10 @@ def test_bfloat16_export_stores_the_rounded_weights(tmp_path):
     out, _ = export(tmp_path / "run", tmp_path / "bf16", dtype="bfloat16")
     stored = load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in stored.values())
-    assert torch.equal(stored["transformer.h.1.mlp.c_fc.weight"],
-                       model.trf_blocks[1].ff.fc.weight.t().to(torch.bfloat16))
+    assert torch.equal(
+        stored["transformer.h.1.mlp.c_fc.weight"],
+        model.trf_blocks[1].ff.fc.weight.t().to(torch.bfloat16),
+    )
     reference = transformers.GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
     rounded, _ = load_model(out)
     with torch.no_grad():
@@ -98,8 +114,15 @@ def test_reexport_replaces_the_previous_export_and_refuses_other_directories(tmp
     write_checkpoint(tmp_path / "run", trained_model(TINY, seed=1), step=200)
     out, info = export(tmp_path / "run")
     assert info.meta["step"] == 200 and sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
-        "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     second = load_file(str(out / "model.safetensors"))
     assert not torch.equal(first["transformer.wte.weight"], second["transformer.wte.weight"])
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
@@ -115,8 +138,14 @@ def test_cli_reports_the_export_and_fails_cleanly(tmp_path, capsys):
     main(["--model", str(tmp_path / "run")])
     assert "(step 100)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
-        main(["--model", str(tmp_path / "run" / "checkpoints" / "step_000100"),
-              "--out", str(tmp_path / "run" / "checkpoints" / "step_000100")])
+        main(
+            [
+                "--model",
+                str(tmp_path / "run" / "checkpoints" / "step_000100"),
+                "--out",
+                str(tmp_path / "run" / "checkpoints" / "step_000100"),
+            ]
+        )
     message = " ".join(capsys.readouterr().err.split())  # the message is wrapped at 100 columns
     assert exit_.value.code == 2 and "is the source itself" in message
 
@@ -131,8 +160,11 @@ def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
     write_checkpoint(tmp_path / "run", model)
     out, _ = export(tmp_path / "run")
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    texts = ["Every effort moves you", " leading space, tabs\tand  spaces ",
-             "naïve café — 東京 😀\n\nnew lines"]
+    texts = [
+        "Every effort moves you",
+        " leading space, tabs\tand  spaces ",
+        "naïve café — 東京 😀\n\nnew lines",
+    ]
     for text in texts:
         assert tok(text)["input_ids"] == encode(text), text
         assert tok.decode(encode(text)) == text
@@ -142,10 +174,12 @@ def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
     assert tok(marked)["input_ids"] == [437, 50256, 9688]
     assert tok(marked, split_special_tokens=True)["input_ids"] == encode(marked)
     assert len(tok) == 50257 and tok.eos_token_id == 50256
-    generator = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out),
-                                      device="cpu")
-    got = generator("Every effort moves you", max_new_tokens=8, do_sample=False,
-                    return_full_text=False)[0]["generated_text"]
+    generator = transformers.pipeline(
+        "text-generation", model=str(out), tokenizer=str(out), device="cpu"
+    )
+    got = generator(
+        "Every effort moves you", max_new_tokens=8, do_sample=False, return_full_text=False
+    )[0]["generated_text"]
     _, ours = continue_text(model, "Every effort moves you", 8, temperature=0.0)
     assert got == ours and len(encode(got)) >= 1
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
@@ -155,8 +189,9 @@ def test_an_export_is_a_complete_model_directory_for_transformers(tmp_path):
 def test_the_model_card_says_what_the_model_is_and_how_it_did(tmp_path):
     model = trained_model(TINY)
     write_checkpoint(tmp_path / "run", model)
-    (tmp_path / "run" / "eval.json").write_text(json.dumps(
-        {"loss": 3.25, "perplexity": 25.79, "tokens": 12345}))
+    (tmp_path / "run" / "eval.json").write_text(
+        json.dumps({"loss": 3.25, "perplexity": 25.79, "tokens": 12345})
+    )
     out, _ = export(tmp_path / "run")
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")

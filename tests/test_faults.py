@@ -7,6 +7,7 @@ weights are bit-exact with an uninterrupted run's, and metrics.jsonl holds every
 once. `make test` runs FAULT_TRIALS=2 trials of each (FAULT_SEED fixes the kill times);
 `make faults` runs FAULT_TRIALS=10. Each trial prints where its kill landed.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,23 @@ PARTS = 28  # what prepare_args' corpus is cut into (1 MB of stdlib, data.part_b
 SEED = int(os.environ.get("FAULT_SEED", "20261122"))
 pytestmark = pytest.mark.slow
 
-TRAIN = ["model.context_length=32", "model.emb_dim=32", "model.n_heads=2", "model.n_layers=2",
-         "model.drop_rate=0.1", "train.micro_batch_size=4", "train.lr=3e-3",
-         "train.warmup_steps=3", "train.max_steps=12", "train.log_every_steps=1",
-         "eval.every_steps=6", "eval.batches=2", "eval.max_new_tokens=4",
-         "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+TRAIN = [
+    "model.context_length=32",
+    "model.emb_dim=32",
+    "model.n_heads=2",
+    "model.n_layers=2",
+    "model.drop_rate=0.1",
+    "train.micro_batch_size=4",
+    "train.lr=3e-3",
+    "train.warmup_steps=3",
+    "train.max_steps=12",
+    "train.log_every_steps=1",
+    "eval.every_steps=6",
+    "eval.batches=2",
+    "eval.max_new_tokens=4",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=2",
+]
 
 
 def env() -> dict:
@@ -51,16 +64,30 @@ def stage(name: str, *args: str) -> list[str]:
 def prepare_args(root: Path, *extra: str) -> list[str]:
     # Small parts and shards: many commits and atomic writes, so that kills land in every
     # phase.
-    return [f"data.root={root}", "data.name=std", "data.source.kind=python-stdlib",
-            "data.source.max_bytes=1000000", "data.shard_tokens=5000", "data.num_workers=2",
-            "data.part_bytes=40000", "model.context_length=32", *extra]
+    return [
+        f"data.root={root}",
+        "data.name=std",
+        "data.source.kind=python-stdlib",
+        "data.source.max_bytes=1000000",
+        "data.shard_tokens=5000",
+        "data.num_workers=2",
+        "data.part_bytes=40000",
+        "model.context_length=32",
+        *extra,
+    ]
 
 
 def kill_at(cmd: list[str], when, poll: float = 0.001) -> tuple[float, bool]:
     """Start `cmd`, SIGKILL its whole process group once `when(elapsed)` is true; return
     (seconds until the kill, whether it finished before)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     start = time.monotonic()
     while proc.poll() is None and not when(time.monotonic() - start):
         time.sleep(poll)
@@ -79,8 +106,11 @@ def completed(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def data_set(directory: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(directory.glob("*"))
-            if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.glob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -101,8 +131,10 @@ def test_sigkilled_prepare_reruns_to_identical_bytes(reference_data, tmp_path, t
     at = rng.uniform(0.2, 1.0) * seconds
     args = prepare_args(tmp_path)
     killed_after, finished = kill_at(stage("prepare", *args), lambda t: t >= at)
-    print(f"prepare trial {trial}: killed after {killed_after:.2f} s of {seconds:.2f} s"
-          + (" (it had finished)" if finished else ""))
+    print(
+        f"prepare trial {trial}: killed after {killed_after:.2f} s of {seconds:.2f} s"
+        + (" (it had finished)" if finished else "")
+    )
     completed(stage("prepare", *args))
     assert data_set(tmp_path / "std") == data_set(reference)
     assert not (tmp_path / "std" / ".staging").exists()
@@ -110,12 +142,13 @@ def test_sigkilled_prepare_reruns_to_identical_bytes(reference_data, tmp_path, t
 
 def committed_parts(data_dir: Path) -> dict[str, tuple[int, int]]:
     """The part records of an unfinished build, by name: (inode, mtime_ns)."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in (data_dir / ".staging" / "parts").glob("*.json")}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in (data_dir / ".staging" / "parts").glob("*.json")
+    }
 
 
-def test_prepare_killed_again_and_again_redoes_only_uncommitted_parts(reference_data,
-                                                                       tmp_path):
+def test_prepare_killed_again_and_again_redoes_only_uncommitted_parts(reference_data, tmp_path):
     """KILLS SIGKILLs, each a random few milliseconds after 1 to 3 more parts have been
     committed (once all are, at a random moment of what follows: cutting the shards, the
     swap); every part committed before a kill is still there untouched after the next
@@ -137,18 +170,23 @@ def test_prepare_killed_again_and_again_redoes_only_uncommitted_parts(reference_
 
         killed_after, finished = kill_at(stage("prepare", *args), when)
         now = committed_parts(data_dir)
-        print(f"kill {kill}: at {killed_after:.2f} s, {len(now)} of {PARTS} parts committed"
-              + (" (it had finished)" if finished else ""))
-        assert all(now.get(name) == stamp for name, stamp in kept.items()) or not now, \
+        print(
+            f"kill {kill}: at {killed_after:.2f} s, {len(now)} of {PARTS} parts committed"
+            + (" (it had finished)" if finished else "")
+        )
+        assert all(now.get(name) == stamp for name, stamp in kept.items()) or not now, (
             "a part committed before the kill was rebuilt or lost"
+        )
         kept = now
         if finished or not (data_dir / ".staging").exists():
             break
     resumable = (data_dir / ".staging" / "plan.json").exists()
     out = completed(stage("prepare", *args))
     if resumable:
-        assert (f"{len(kept)} of {PARTS} parts were committed by an earlier run; building "
-                f"the other {PARTS - len(kept)}") in out.stdout
+        assert (
+            f"{len(kept)} of {PARTS} parts were committed by an earlier run; building "
+            f"the other {PARTS - len(kept)}"
+        ) in out.stdout
     assert data_set(data_dir) == data_set(reference)
     assert not (data_dir / ".staging").exists()
 
@@ -169,7 +207,8 @@ def test_a_sigkilled_force_rebuild_leaves_one_whole_data_set(reference_data, tmp
     if state != "mid-swap":  # the data set there is whole, and every shard checks out
         assert verify(tmp_path / "std") == []
         assert load_manifest(tmp_path / "std").settings["val_fraction"] == (
-            0.2 if state == "old" else 0.1)
+            0.2 if state == "old" else 0.1
+        )
     completed(stage("prepare", *new_args))
     assert data_set(tmp_path / "std") == data_set(reference)
 
@@ -216,20 +255,28 @@ def test_sigkilled_training_resumes_bit_exact(train_data, reference_run, tmp_pat
         seen: list[float] = []
 
         def when(t):
-            if not seen and len(list(checkpoints.glob("*step_*"))) >= writes_seen and any(
-                    checkpoints.glob(".tmp_step_*")):
+            if (
+                not seen
+                and len(list(checkpoints.glob("*step_*"))) >= writes_seen
+                and any(checkpoints.glob(".tmp_step_*"))
+            ):
                 seen.append(t)
             return bool(seen) and t >= seen[0] + delay
+
     args = train_args(train_data, tmp_path)
     killed_after, finished = kill_at(stage("train", *args), when)
     left = sorted(p.name for p in checkpoints.glob("*")) if checkpoints.exists() else []
-    print(f"train trial {trial}: killed after {killed_after:.2f} s of {seconds:.2f} s, "
-          f"leaving {left}" + (" (it had finished)" if finished else ""))
+    print(
+        f"train trial {trial}: killed after {killed_after:.2f} s of {seconds:.2f} s, "
+        f"leaving {left}" + (" (it had finished)" if finished else "")
+    )
     completed(stage("train", *args))
     expected, actual = final_weights(reference), final_weights(tmp_path / "run")
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 12

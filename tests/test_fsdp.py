@@ -6,6 +6,7 @@ FSDP2 (`fully_shard`) over gloo, two processes under torchrun. This checks the p
 the FSDP path that are this project's code: the model sharded per TransformerBlock,
 the optimizer, and checkpoint save/resume through full (gathered) state dicts.
 """
+
 import json
 import os
 import subprocess
@@ -22,8 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(mode: str, out: Path) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # --standalone: a rendezvous on a free local port, so runs never collide on one
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_worker.py"), mode, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "fsdp_worker.py"),
+        mode,
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "losses.json").read_text())

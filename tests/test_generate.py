@@ -1,5 +1,6 @@
 """Generation: KV cache against no cache and against transformers' generate; sampling
 filters; per-row end-of-text; prompt cropping; the streaming CLI."""
+
 import pytest
 import torch
 
@@ -12,8 +13,16 @@ from pipeline.model.gpt2 import hf_config, to_hf
 
 transformers = pytest.importorskip("transformers")
 
-TINY = ModelConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
-                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+TINY = ModelConfig(
+    vocab_size=50257,
+    context_length=32,
+    emb_dim=64,
+    n_heads=4,
+    n_layers=2,
+    drop_rate=0.0,
+    qkv_bias=True,
+    tie_embeddings=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +37,13 @@ def model():
 
 
 def reference(model: GPTModel):
-    config = transformers.GPT2Config(**{k: v for k, v in hf_config(model.cfg).items()
-                                        if k not in ("architectures", "model_type")})
+    config = transformers.GPT2Config(
+        **{
+            k: v
+            for k, v in hf_config(model.cfg).items()
+            if k not in ("architectures", "model_type")
+        }
+    )
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.load_state_dict(to_hf(model.state_dict(), model.cfg), strict=False)  # lm_head is tied
     return hf
@@ -44,8 +58,13 @@ def test_greedy_with_cache_equals_without_and_equals_transformers(model):
     cached = generate(model, idx, 20, use_cache=True, eos_id=None)
     full = generate(model, idx, 20, use_cache=False, eos_id=None)
     expected = reference(model).generate(
-        idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, min_new_tokens=20,
-        do_sample=False, pad_token_id=50256)
+        idx,
+        attention_mask=torch.ones_like(idx),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        pad_token_id=50256,
+    )
     assert cached.shape == (2, 26)
     assert torch.equal(cached, full) and torch.equal(cached, expected)
 
@@ -61,12 +80,15 @@ def test_each_row_stops_at_end_of_text_on_its_own(model):
     idx = prompts(seed=2)
     free = generate(model, idx, 12, eos_id=None)[:, 6:]
     # Choose as "end of text" a token the first row produces that the second never does.
-    step = next(i for i, t in enumerate(free[0].tolist())
-                if t not in free[1].tolist() and t not in free[0, :i].tolist())
+    step = next(
+        i
+        for i, t in enumerate(free[0].tolist())
+        if t not in free[1].tolist() and t not in free[0, :i].tolist()
+    )
     eos = int(free[0, step])
     out = generate(model, idx, 12, eos_id=eos)[:, 6:]
     assert torch.equal(out[1], free[1])  # untouched by the other row's end
-    assert torch.equal(out[0, :step + 1], free[0, :step + 1])
+    assert torch.equal(out[0, : step + 1], free[0, : step + 1])
     assert (out[0, step:] == eos).all()
 
 
@@ -137,11 +159,31 @@ def test_generate_restores_training_mode(model):
 
 def test_cli_streams_the_sample_it_generates(model, tmp_path, capsys):
     reference(model).save_pretrained(tmp_path)
-    main(["--model", str(tmp_path), "--prompt", "Every effort moves you", "--max-new-tokens",
-          "8", "--temperature", "0.9", "--top-k", "20", "--seed", "7"])
+    main(
+        [
+            "--model",
+            str(tmp_path),
+            "--prompt",
+            "Every effort moves you",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "20",
+            "--seed",
+            "7",
+        ]
+    )
     streamed = capsys.readouterr().out
-    expected = text_sample(model, "Every effort moves you", 8, temperature=0.9, top_k=20,
-                           generator=torch.Generator().manual_seed(7))
+    expected = text_sample(
+        model,
+        "Every effort moves you",
+        8,
+        temperature=0.9,
+        top_k=20,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert streamed.startswith(expected + "\n---")
 
 
@@ -165,8 +207,18 @@ def test_cli_dtype_bf16_generates_with_bf16_weights_and_cache(model, tmp_path, c
     import copy
 
     reference(model).save_pretrained(tmp_path)
-    main(["--model", str(tmp_path), "--prompt", "Every effort moves you", "--max-new-tokens",
-          "8", "--dtype", "bf16"])
+    main(
+        [
+            "--model",
+            str(tmp_path),
+            "--prompt",
+            "Every effort moves you",
+            "--max-new-tokens",
+            "8",
+            "--dtype",
+            "bf16",
+        ]
+    )
     captured = capsys.readouterr()
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     ids = torch.tensor([encode("Every effort moves you")])
@@ -216,7 +268,13 @@ def test_ids_past_the_tokenizer_are_never_drawn_and_never_crash_decoding():
         padded.out_head.weight[50257:, 0] = 1.0
         padded.final_norm.weight.zero_()
         padded.final_norm.bias.fill_(1.0)
-    out = generate(padded, torch.tensor([encode("Hello")]), 20, temperature=1.0, eos_id=None,
-                   generator=torch.Generator().manual_seed(0))
+    out = generate(
+        padded,
+        torch.tensor([encode("Hello")]),
+        20,
+        temperature=1.0,
+        eos_id=None,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert int(out[0, 1:].max()) < 50257
     assert decode([15496, 50300, 995, -1]) == "Hello\ufffd world\ufffd"

@@ -1,5 +1,6 @@
 """Importing GPT-2 (HF layout) and the book's model.pth, against transformers and the book's
 architecture as references; and the errors a user sees for bad sources."""
+
 import json
 import math
 
@@ -16,8 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 def hf_gpt2(n_embd=64, n_layer=2, n_head=4, n_positions=64, tie=True, seed=0):
     """A random transformers GPT-2 with nonzero biases and norms (so any misplaced tensor shows)."""
-    config = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                     n_positions=n_positions, tie_word_embeddings=tie)
+    config = transformers.GPT2Config(
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_positions=n_positions,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
@@ -61,8 +67,9 @@ def test_gpt2_124m_shape_imports_as_the_default_config_with_its_logits(tmp_path)
     reference = hf_gpt2(n_embd=768, n_layer=12, n_head=12, n_positions=1024)
     reference.save_pretrained(tmp_path / "hf")
     ours, _ = load_model(tmp_path / "hf")
-    assert ours.cfg == ModelConfig(context_length=1024, qkv_bias=True, tie_embeddings=True,
-                                   drop_rate=ours.cfg.drop_rate)
+    assert ours.cfg == ModelConfig(
+        context_length=1024, qkv_bias=True, tie_embeddings=True, drop_rate=ours.cfg.drop_rate
+    )
     idx = tokens(n=64, batch=1)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), reference(idx).logits, rtol=0, atol=1e-5)
@@ -114,7 +121,7 @@ class BookLayerNorm(nn.Module):
 
 class BookGELU(nn.Module):
     def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 class BookAttention(nn.Module):
@@ -133,7 +140,7 @@ class BookAttention(nn.Module):
         split = lambda y: y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
         scores = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:t, :t], -torch.inf)
-        weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
+        weights = self.dropout(torch.softmax(scores / self.head_dim**0.5, dim=-1))
         return self.out_proj((weights @ v).transpose(1, 2).reshape(b, t, d))
 
 
@@ -154,7 +161,9 @@ class BookGPT(nn.Module):
     def __init__(self, vocab, ctx, d, n_heads, n_layers, qkv_bias):
         super().__init__()
         self.tok_emb, self.pos_emb = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.trf_blocks = nn.Sequential(*[BookBlock(d, ctx, n_heads, qkv_bias) for _ in range(n_layers)])
+        self.trf_blocks = nn.Sequential(
+            *[BookBlock(d, ctx, n_heads, qkv_bias) for _ in range(n_layers)]
+        )
         self.final_norm = BookLayerNorm(d)
         self.out_head = nn.Linear(d, vocab, bias=False)
         with torch.no_grad():  # random norms and biases, so a misplaced tensor shows
@@ -180,15 +189,26 @@ def test_book_model_pth_gives_the_book_architectures_logits(tmp_path, qkv_bias):
     book = book_pth(tmp_path / "model.pth", qkv_bias)
     ours, info = load_model(tmp_path / "model.pth", n_heads=4)
     assert info.kind == "book"
-    assert (ours.cfg.context_length, ours.cfg.qkv_bias, ours.cfg.tie_embeddings) == (32, qkv_bias, False)
+    assert (ours.cfg.context_length, ours.cfg.qkv_bias, ours.cfg.tie_embeddings) == (
+        32,
+        qkv_bias,
+        False,
+    )
     idx = tokens(n=20, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), book(idx), rtol=0, atol=1e-5)
 
 
 def test_book_heads_come_from_gpt2_widths_and_model_and_optimizer_pth_loads(tmp_path):
-    book = book_pth(tmp_path / "model_and_optimizer.pth", False, d=768, n_heads=12, n_layers=1,
-                    vocab=1000, wrap=True)
+    book = book_pth(
+        tmp_path / "model_and_optimizer.pth",
+        False,
+        d=768,
+        n_heads=12,
+        n_layers=1,
+        vocab=1000,
+        wrap=True,
+    )
     ours, _ = load_model(tmp_path / "model_and_optimizer.pth")
     assert (ours.cfg.n_heads, ours.cfg.vocab_size) == (12, 1000)
     idx = tokens(n=12, seed=5) % 1000
@@ -210,12 +230,15 @@ def test_an_8_head_book_model_of_gpt2_width_is_read_with_the_heads_given(tmp_pat
     assert capsys.readouterr().err == ""  # given, not guessed: nothing to announce
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), book(idx), rtol=0, atol=1e-5)
-    cfg, _ = init_from_weights(ModelConfig(context_length=32, emb_dim=768, n_heads=8),
-                               str(tmp_path / "model.pth"))
+    cfg, _ = init_from_weights(
+        ModelConfig(context_length=32, emb_dim=768, n_heads=8), str(tmp_path / "model.pth")
+    )
     assert cfg.n_heads == 8
     from pipeline.export import main as export_main
-    export_main(["--model", str(tmp_path / "model.pth"), "--n-heads", "8",
-                 "--out", str(tmp_path / "hf")])
+
+    export_main(
+        ["--model", str(tmp_path / "model.pth"), "--n-heads", "8", "--out", str(tmp_path / "hf")]
+    )
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_head"] == 8
 
 
@@ -239,7 +262,12 @@ def test_init_weights_takes_the_architecture_from_the_weights(tiny):
     user = ModelConfig(context_length=32, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.2)
     cfg, state = init_from_weights(user, str(path))
     assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.qkv_bias, cfg.tie_embeddings) == (
-        64, 2, 4, True, True)
+        64,
+        2,
+        4,
+        True,
+        True,
+    )
     assert (cfg.context_length, cfg.drop_rate, cfg.init_from) == (32, 0.2, str(path))
     assert state["pos_emb.weight"].shape == (32, 64)
 
@@ -271,12 +299,15 @@ def test_shapes_that_do_not_fit_the_config_are_named(tiny, tmp_path):
     config = json.loads((path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
-    with pytest.raises(PipelineError, match=r"transformer\.wte\.weight \(50257, 64\) \(expected \(50257, 128\)\)"):
+    with pytest.raises(
+        PipelineError, match=r"transformer\.wte\.weight \(50257, 64\) \(expected \(50257, 128\)\)"
+    ):
         load_state(tmp_path)
 
 
 def test_hub_name_offline_says_how_to_proceed(monkeypatch, tmp_path):
     import huggingface_hub.constants as hub
+
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(PipelineError, match="HF_HUB_OFFLINE") as e:
@@ -286,14 +317,19 @@ def test_hub_name_offline_says_how_to_proceed(monkeypatch, tmp_path):
 
 def test_init_weights_on_a_book_file_takes_heads_from_the_config_where_they_fit(tmp_path, capsys):
     book_pth(tmp_path / "narrow.pth", True)  # width 64: not a GPT-2 width
-    cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "narrow.pth"))
+    cfg, _ = init_from_weights(
+        ModelConfig(context_length=32, n_heads=4), str(tmp_path / "narrow.pth")
+    )
     assert (cfg.emb_dim, cfg.n_heads, cfg.qkv_bias, cfg.tie_embeddings) == (64, 4, True, False)
     book_pth(tmp_path / "wide.pth", False, d=768, n_heads=12, n_layers=1, vocab=1000)
-    cfg, _ = init_from_weights(ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth"))
+    cfg, _ = init_from_weights(
+        ModelConfig(context_length=32, n_heads=4), str(tmp_path / "wide.pth")
+    )
     assert cfg.n_heads == 4  # model.n_heads wins over GPT-2's count at that width
     assert capsys.readouterr().err == ""
     # a config of its own width (40 / 5 heads) whose head count does not divide the file's 768
-    cfg, _ = init_from_weights(ModelConfig(context_length=32, emb_dim=40, n_heads=5),
-                               str(tmp_path / "wide.pth"))
+    cfg, _ = init_from_weights(
+        ModelConfig(context_length=32, emb_dim=40, n_heads=5), str(tmp_path / "wide.pth")
+    )
     assert cfg.n_heads == 12  # 5 does not divide 768: GPT-2's count, announced as a guess
     assert "using 12 (GPT-2's head count at width 768)" in " ".join(capsys.readouterr().err.split())

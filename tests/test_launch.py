@@ -6,6 +6,7 @@ as on two hosts. launch/slurm.sbatch runs with stand-ins for srun / scontrol / s
 that start each node's task here, so its c10d rendezvous, its preemption path
 (USR1 -> SIGTERM -> checkpoint -> requeue) and the resume after the requeue are real.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,33 @@ BIN = Path(sys.executable).parent
 LAUNCH_SCRIPTS = [ROOT / "launch" / "multinode.sh", ROOT / "launch" / "slurm.sbatch"]
 
 # Small enough that a step takes a fraction of a second on one CPU thread.
-TINY = ["model.context_length=32", "model.emb_dim=32", "model.n_heads=2", "model.n_layers=2",
-        "model.tie_embeddings=true", "model.drop_rate=0.0", "train.micro_batch_size=2",
-        "eval.batches=2", "eval.max_new_tokens=4", "train.log_every_steps=1",
-        "checkpoint.keep_last=0", "tracking.wandb.mode=disabled"]
+TINY = [
+    "model.context_length=32",
+    "model.emb_dim=32",
+    "model.n_heads=2",
+    "model.n_layers=2",
+    "model.tie_embeddings=true",
+    "model.drop_rate=0.0",
+    "train.micro_batch_size=2",
+    "eval.batches=2",
+    "eval.max_new_tokens=4",
+    "train.log_every_steps=1",
+    "checkpoint.keep_last=0",
+    "tracking.wandb.mode=disabled",
+]
 
 
 def env(**extra: str) -> dict:
-    e = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
-         "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-         "ACCELERATE": str(BIN / "accelerate"), "PYTHON": sys.executable, **extra}
+    e = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "ACCELERATE": str(BIN / "accelerate"),
+        "PYTHON": sys.executable,
+        **extra,
+    }
     e.pop("WANDB_API_KEY", None)
     return e
 
@@ -48,9 +66,17 @@ def config_file(tmp_path_factory) -> Path:
     from pipeline.prepare import prepare
 
     root = tmp_path_factory.mktemp("launch")
-    config = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"data.root={root / 'data'}", "data.name=stdlib-200k", "data.source.max_bytes=200000",
-        "data.num_workers=1", f"runs_root={root / 'runs'}", *TINY])
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"data.root={root / 'data'}",
+            "data.name=stdlib-200k",
+            "data.source.max_bytes=200000",
+            "data.num_workers=1",
+            f"runs_root={root / 'runs'}",
+            *TINY,
+        ],
+    )
     prepare(config)
     path = root / "tiny-launch.yaml"
     save_config(config, path)
@@ -70,8 +96,9 @@ def test_every_shipped_config_loads_and_comments_each_key(path):
         is_leaf = sep and key.strip() and not key.lstrip().startswith("#") and value.strip()
         if is_leaf and not value.strip().startswith("#"):  # a key with a value: documented
             above = lines[number - 2].strip() if number > 1 else ""  # on its line or above
-            assert "#" in value or above.startswith(f"# {key.strip()}:"), \
+            assert "#" in value or above.startswith(f"# {key.strip()}:"), (
                 f"{path.name}:{number}: say what {key.strip()} means: {line!r}"
+            )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -109,16 +136,23 @@ def test_the_mixture_shown_in_the_124m_config_loads_when_uncommented():
         if not line.startswith("  # "):
             break
         block.append("  " + line[4:])
-    text = "\n".join(lines).replace("\n".join(lines[start:start + len(block)]), "\n".join(block))
-    config = from_dict({**parse_yaml(text), "data": {
-        **{k: v for k, v in parse_yaml(text)["data"].items() if k != "source"}}})
-    assert [(s.name, s.weight) for s in config.data.sources] == [("fineweb-edu", 0.9),
-                                                                 ("python", 0.1)]
+    text = "\n".join(lines).replace("\n".join(lines[start : start + len(block)]), "\n".join(block))
+    config = from_dict(
+        {
+            **parse_yaml(text),
+            "data": {**{k: v for k, v in parse_yaml(text)["data"].items() if k != "source"}},
+        }
+    )
+    assert [(s.name, s.weight) for s in config.data.sources] == [
+        ("fineweb-edu", 0.9),
+        ("python", 0.1),
+    ]
     assert config.data.sources[1].source.text_field == "content"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_accelerate_config_parses_as_accelerate_reads_it(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -152,29 +186,44 @@ def test_launch_scripts_parse_and_are_executable(script):
 
 def test_multinode_script_refuses_bad_rank_and_missing_data(config_file, tmp_path):
     script = str(ROOT / "launch" / "multinode.sh")
-    bad = subprocess.run([script, str(config_file)], env=env(NUM_NODES="2", NODE_RANK="2"),
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [script, str(config_file)],
+        env=env(NUM_NODES="2", NODE_RANK="2"),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "NODE_RANK=2" in bad.stderr
-    empty = subprocess.run([script, str(config_file), f"data.root={tmp_path}"], env=env(),
-                           capture_output=True, text=True)
+    empty = subprocess.run(
+        [script, str(config_file), f"data.root={tmp_path}"],
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     assert empty.returncode == 2 and "make data" in empty.stderr
-    stage = subprocess.run([script, str(config_file)], env=env(STAGE="evaluate"),
-                           capture_output=True, text=True)
+    stage = subprocess.run(
+        [script, str(config_file)], env=env(STAGE="evaluate"), capture_output=True, text=True
+    )
     assert stage.returncode == 2 and "STAGE=evaluate must be train or prepare" in stage.stderr
 
 
 def test_makefile_resolves_the_experiment_paths_from_config_and_args(stand_in_venv):
     """`make -n` shows the commands the chain would run, with ARGS moving the paths."""
     make = ["make", "-n", f"VENV={stand_in_venv}", "NUM_GPUS=0"]
-    out = subprocess.run(make + ["eval", "ARGS=name=probe data.name=probe-data"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert ("ARGS='name=probe data.name=probe-data'; set -f; " in out
-            and "pipeline.prepare --config 'configs/tiny.yaml' $ARGS" in out)
+    out = subprocess.run(
+        make + ["eval", "ARGS=name=probe data.name=probe-data"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        "ARGS='name=probe data.name=probe-data'; set -f; " in out
+        and "pipeline.prepare --config 'configs/tiny.yaml' $ARGS" in out
+    )
     assert "touch 'data/probe-data/manifest.json'" in out
     assert "ACCELERATE_USE_CPU=1" in out and "--config_file 'configs/accelerate/cpu.yaml'" in out
     assert "-m pipeline.evaluate --model 'runs/probe'" in out
-    bad = subprocess.run(make + ["train", "ARGS=nope=1"], cwd=ROOT, capture_output=True,
-                         text=True)
+    bad = subprocess.run(make + ["train", "ARGS=nope=1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown config key 'nope'" in bad.stderr
 
 
@@ -183,8 +232,15 @@ def test_makefile_resolves_the_experiment_paths_from_config_and_args(stand_in_ve
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
     """A launch in its own process group, so that a hung one is killed whole."""
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
@@ -215,11 +271,18 @@ def assert_trained_together(run_dir: Path, steps: int) -> dict:
 @pytest.mark.slow
 def test_two_machines_on_localhost_train_together_through_multinode_sh(config_file, free_port):
     port = str(free_port())
-    args = [str(ROOT / "launch" / "multinode.sh"), str(config_file), "name=two-machines",
-            "train.max_steps=3"]
-    nodes = [start(args, env(NUM_NODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=port))
-             for rank in (0, 1)]
+    args = [
+        str(ROOT / "launch" / "multinode.sh"),
+        str(config_file),
+        "name=two-machines",
+        "train.max_steps=3",
+    ]
+    nodes = [
+        start(
+            args, env(NUM_NODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        )
+        for rank in (0, 1)
+    ]
     logs = [finish(node, timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n\n".join(logs)
     assert "2 process(es)" in logs[0]
@@ -267,16 +330,24 @@ exit 0
 
 @pytest.mark.slow
 def test_slurm_script_checkpoints_on_time_limit_signal_requeues_and_resumes(
-        config_file, tmp_path, free_port):
+    config_file, tmp_path, free_port
+):
     fake = tmp_path / "slurm"
     fake.mkdir()
     for name, text in FAKE_SLURM.items():
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (fake / "tasks").write_text("")
-    job = env(PATH=f"{fake}:{os.environ['PATH']}", FAKE_SLURM=str(fake), SLURM_JOB_ID="4242",
-              SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=str(ROOT),
-              GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
+    job = env(
+        PATH=f"{fake}:{os.environ['PATH']}",
+        FAKE_SLURM=str(fake),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        GPUS_PER_NODE="1",
+        MASTER_PORT=str(free_port()),
+    )
     config = load_config(config_file, ["name=slurm"])
     script = [str(ROOT / "launch" / "slurm.sbatch"), str(config_file), "name=slurm"]
 

@@ -1,5 +1,6 @@
 """Windows equal slices of the raw tokens; the train order is a seeded permutation per epoch,
 split disjointly over ranks and resumable by sample count; validation is fixed and complete."""
+
 import json
 
 import numpy as np
@@ -32,7 +33,7 @@ def book_windows(shards, context_length, stride):
     out = []
     for tokens in shards:
         for i in range(0, len(tokens) - context_length, stride):
-            out.append((tokens[i:i + context_length], tokens[i + 1:i + context_length + 1]))
+            out.append((tokens[i : i + context_length], tokens[i + 1 : i + context_length + 1]))
     return out
 
 
@@ -72,8 +73,11 @@ def test_window_count_matches_the_book_and_out_of_range_fails(tmp_path):
 
 def test_too_small_split_says_what_to_change(tmp_path):
     make_data(tmp_path, [500], val_sizes=(40, 64))
-    with pytest.raises(PipelineError, match=r"val split .* too small.*104 tokens.*65.*"
-                                            r"context_length"):
+    with pytest.raises(
+        PipelineError,
+        match=r"val split .* too small.*104 tokens.*65.*"
+        r"context_length",
+    ):
         TokenWindows(tmp_path, "val", 64)
     TokenWindows(tmp_path, "val", 63)  # 64 tokens give exactly one window of 63
 
@@ -91,7 +95,7 @@ def test_order_is_seeded_and_differs_by_epoch(tmp_path):
     def epochs(seed, count=2):
         xs = drain(TrainBatches(w, 4, seed), count * len(w) // 4)
         ids = first_column_ids([x for x, _ in xs], w)
-        return [ids[e * len(w):(e + 1) * len(w)] for e in range(count)]
+        return [ids[e * len(w) : (e + 1) * len(w)] for e in range(count)]
 
     e0, e1 = epochs(seed=1)
     assert sorted(e0) == sorted(e1) == list(range(len(w)))  # each epoch: every window once
@@ -113,11 +117,12 @@ def test_two_ranks_cover_an_epoch_once_and_interleave_into_the_single_stream(tmp
             assert torch.equal(got[r][1], single[2 * step + r][1])
         if (step + 1) * 2 * b <= len(w):  # within the first epoch, ranks never share a window
             assert set(first_column_ids([got[0][0]], w)).isdisjoint(
-                first_column_ids([got[1][0]], w))
+                first_column_ids([got[1][0]], w)
+            )
         assert ranks[0].samples == ranks[1].samples == 2 * b * (step + 1)
     ids = first_column_ids([x for x, _ in single], w)
     n = len(w)
-    assert sorted(ids[:n]) == list(range(n)) and sorted(ids[n:2 * n]) == list(range(n))
+    assert sorted(ids[:n]) == list(range(n)) and sorted(ids[n : 2 * n]) == list(range(n))
     assert ranks[0].epoch == pytest.approx(120 / n)
 
 
@@ -169,16 +174,18 @@ def test_resume_rejects_a_position_between_global_batches_and_other_data(tmp_pat
 def test_fixed_batches_are_fixed_disjoint_and_complete(tmp_path, world_size):
     make_data(tmp_path, [100], val_sizes=(8 * 11 + 1, 8 * 6 + 5))  # 17 val windows
     w = TokenWindows(tmp_path, "val", 8)
-    per_rank = [list(fixed_batches(w, 4, rank=r, world_size=world_size))
-                for r in range(world_size)]
+    per_rank = [list(fixed_batches(w, 4, rank=r, world_size=world_size)) for r in range(world_size)]
     ids = [first_column_ids([x for x, _ in batches], w) for batches in per_rank]
     assert sorted(sum(ids, [])) == list(range(17))  # every window once over all ranks
-    chunks = [sorted(ids[k % world_size][4 * (k // world_size):4 * (k // world_size) + 4])
-              for k in range(5)]
+    chunks = [
+        sorted(ids[k % world_size][4 * (k // world_size) : 4 * (k // world_size) + 4])
+        for k in range(5)
+    ]
     assert chunks == [list(range(4 * k, min(4 * k + 4, 17))) for k in range(5)]  # fixed order
     again = list(fixed_batches(w, 4, rank=0, world_size=world_size))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-               for a, b in zip(again, per_rank[0]))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, per_rank[0])
+    )
     x, y = per_rank[0][0]
     assert torch.equal(x[:, 1:], y[:, :-1])
 

@@ -1,6 +1,7 @@
 """`make install` installs exactly the lock: the venv the suite runs in holds every
 package of requirements/ at its locked version, and nothing else (but torch, pinned by
 the Makefile, the project itself and pip)."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,8 @@ NOT_IN_A_LOCK_FILE = {"torch", "gpt-pipeline", "pip"}
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("GPT_PIPELINE_UNLOCKED") == "1" or Path(sys.prefix) != ROOT / ".venv",
-    reason="the suite runs outside the locked .venv (make test-latest, or another env)")
+    reason="the suite runs outside the locked .venv (make test-latest, or another env)",
+)
 
 
 def normalize(name: str) -> str:
@@ -44,8 +46,11 @@ def the_lock() -> dict[str, str]:
 
 def test_every_locked_package_is_installed_at_its_version():
     have = installed()
-    wrong = {name: (version, have.get(name)) for name, version in the_lock().items()
-             if have.get(name) != version}
+    wrong = {
+        name: (version, have.get(name))
+        for name, version in the_lock().items()
+        if have.get(name) != version
+    }
     assert not wrong, f"locked (want, have): {wrong}; run `make install`"
 
 

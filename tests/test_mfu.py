@@ -1,6 +1,7 @@
 """The CPU peak behind MFU: the best figure ever measured is cached per machine and setup,
 so that a busy moment at startup cannot shrink the peak (and flatter MFU) silently; the
 cache never breaks a run."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def write(path, data) -> None:
 def test_the_real_measurement_is_positive_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     real = mfu.measure_matmul_peak  # once, small and short: 2 shared cores in CI
-    monkeypatch.setattr(mfu, "measure_matmul_peak",
-                        lambda dtype, size, device: real(dtype, 256, 0.05, device))
+    monkeypatch.setattr(
+        mfu, "measure_matmul_peak", lambda dtype, size, device: real(dtype, 256, 0.05, device)
+    )
     peak, source = mfu.peak_flops(CPU, "no", None)
     assert 0 < peak < float("inf") and source.startswith("measured torch.float32")
     cached = json.loads((tmp_path / "gpt-pipeline" / "matmul_peak.json").read_text())
@@ -87,11 +89,25 @@ def test_a_cached_figure_for_another_setup_is_not_used(cache, monkeypatch):
     assert mfu.peak_cache_key(torch.bfloat16, 1024, "cpu") != this_key()  # another dtype
 
 
-@pytest.mark.parametrize("content", [
-    "{not json", b"\xff\xfe{}", "[1, 2]", "null",
-    {"@": -1.0}, {"@": "NaN"}, {"@": "1e30"}, {"@": float("nan")}, {"@": float("inf")},
-    {"@": 0}, {"@": True}, {"@": None}, {"@": [1e12]}, {"@": 10**400},
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        b"\xff\xfe{}",
+        "[1, 2]",
+        "null",
+        {"@": -1.0},
+        {"@": "NaN"},
+        {"@": "1e30"},
+        {"@": float("nan")},
+        {"@": float("inf")},
+        {"@": 0},
+        {"@": True},
+        {"@": None},
+        {"@": [1e12]},
+        {"@": 10**400},
+    ],
+)
 def test_a_bad_cache_is_ignored_and_replaced(cache, content):
     if isinstance(content, dict):
         content = json.dumps({this_key(): content["@"]})
@@ -133,5 +149,8 @@ def test_the_override_and_gpu_data_sheets_skip_the_measurement(cache, monkeypatc
     monkeypatch.setattr(mfu, "measure_matmul_peak", lambda *a, **k: pytest.fail("measured"))
     assert mfu.peak_flops(CPU, "bf16", 5e12) == (5e12, "train.peak_flops")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 PCIe")
-    assert mfu.peak_flops(torch.device("cuda"), "bf16", None) == (756e12, "NVIDIA H100 PCIe data sheet")
+    assert mfu.peak_flops(torch.device("cuda"), "bf16", None) == (
+        756e12,
+        "NVIDIA H100 PCIe data sheet",
+    )
     assert not cache.exists()

@@ -4,6 +4,7 @@ the data set's; the train stream draws each sample from a source by the weights,
 stated tolerance, each source walking a permutation of its windows, resumable on any
 process count; bad configs are refused naming the key; evaluate reports each source's
 val loss. The real 1-process-with-accumulation = 2-processes run is test_train.py's."""
+
 import json
 import random
 import shutil
@@ -21,8 +22,10 @@ from pipeline.prepare import PrepareError, prepare
 
 VOCAB = 50257
 CTX = 8
-WORDS = ("every effort moves you toward the picture that Jack Gisburn painted at the "
-         "Riviera, a cheap genius, though a good fellow enough; ünïcode & emoji 🙂 too").split()
+WORDS = (
+    "every effort moves you toward the picture that Jack Gisburn painted at the "
+    "Riviera, a cheap genius, though a good fellow enough; ünïcode & emoji 🙂 too"
+).split()
 
 
 # ----------------------------------------------------------------------------- prepared data
@@ -38,12 +41,16 @@ def write_texts(directory: Path, seed: int, count: int) -> Path:
 
 
 # Each source as its own data.source, and the same three as one mixture.
-ALONE = {"code": ["data.source.kind=python-stdlib", "data.source.max_bytes=40000"],
-         "prose": ["data.source.kind=files", "data.source.paths=[{prose}]"],
-         "notes": ["data.source.kind=files", "data.source.paths=[{notes}]"]}
-MIX = ("data.sources=[{{name: code, weight: 0.5, source: {{kind: python-stdlib, "
-       "max_bytes: 40000}}}}, {{name: prose, weight: 0.3, source: {{kind: files, paths: "
-       "[{prose}]}}}}, {{name: notes, weight: 0.2, source: {{kind: files, paths: [{notes}]}}}}]")
+ALONE = {
+    "code": ["data.source.kind=python-stdlib", "data.source.max_bytes=40000"],
+    "prose": ["data.source.kind=files", "data.source.paths=[{prose}]"],
+    "notes": ["data.source.kind=files", "data.source.paths=[{notes}]"],
+}
+MIX = (
+    "data.sources=[{{name: code, weight: 0.5, source: {{kind: python-stdlib, "
+    "max_bytes: 40000}}}}, {{name: prose, weight: 0.3, source: {{kind: files, paths: "
+    "[{prose}]}}}}, {{name: notes, weight: 0.2, source: {{kind: files, paths: [{notes}]}}}}]"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +58,33 @@ def prepared(tmp_path_factory):
     """A three-source mixture prepared into data/mix, and each source prepared alone into
     data/<name>, all with the same settings (small shards, so sources span several)."""
     root = tmp_path_factory.mktemp("mixture")
-    dirs = {"prose": write_texts(root / "prose", 1, 40),
-            "notes": write_texts(root / "notes", 2, 25)}
-    common = [f"data.root={root / 'data'}", "data.num_workers=1", f"model.context_length={CTX}",
-              "data.shard_tokens=1500", "data.val_fraction=0.2"]
+    dirs = {
+        "prose": write_texts(root / "prose", 1, 40),
+        "notes": write_texts(root / "notes", 2, 25),
+    }
+    common = [
+        f"data.root={root / 'data'}",
+        "data.num_workers=1",
+        f"model.context_length={CTX}",
+        "data.shard_tokens=1500",
+        "data.val_fraction=0.2",
+    ]
     mix = MIX.format(**dirs)
     manifest = prepare(load_config(None, [*common, "data.name=mix", mix]))
-    alone = {name: prepare(load_config(None, [*common, f"data.name={name}",
-                                              *(o.format(**dirs) for o in keys)]))
-             for name, keys in ALONE.items()}
-    return {"root": root, "common": common, "mix": mix, "manifest": manifest, "alone": alone,
-            "dirs": dirs}
+    alone = {
+        name: prepare(
+            load_config(None, [*common, f"data.name={name}", *(o.format(**dirs) for o in keys)])
+        )
+        for name, keys in ALONE.items()
+    }
+    return {
+        "root": root,
+        "common": common,
+        "mix": mix,
+        "manifest": manifest,
+        "alone": alone,
+        "dirs": dirs,
+    }
 
 
 def test_each_source_is_laid_out_as_it_would_be_alone(prepared):
@@ -76,10 +99,12 @@ def test_each_source_is_laid_out_as_it_would_be_alone(prepared):
             assert entry["splits"][split] == files  # <data_dir>/<name>/train_000000.bin ...
             assert entry["documents"][split] == single.documents[split] > 0
             assert entry["tokens"][split] == single.tokens(split) > 0
-            for info, own in zip([i for i in manifest.splits[split] if i.file in files],
-                                 single.splits[split]):  # the very bytes of the lone data set
-                assert (data / "mix" / info.file).read_bytes() == \
-                    (data / name / own.file).read_bytes()
+            for info, own in zip(
+                [i for i in manifest.splits[split] if i.file in files], single.splits[split]
+            ):  # the very bytes of the lone data set
+                assert (data / "mix" / info.file).read_bytes() == (
+                    data / name / own.file
+                ).read_bytes()
                 assert (info.tokens, info.sha256) == (own.tokens, own.sha256)
             listed += files
         # splits holds every shard, source after source; no shard outside a source's directory
@@ -96,33 +121,41 @@ def test_each_source_is_laid_out_as_it_would_be_alone(prepared):
         assert torch.equal(own.batch(np.arange(len(own)))[0], single.batch(np.arange(len(own)))[0])
 
 
-def test_weights_are_not_in_the_fingerprint_but_names_and_settings_are(prepared, tmp_path,
-                                                                       capsys):
+def test_weights_are_not_in_the_fingerprint_but_names_and_settings_are(prepared, tmp_path, capsys):
     shutil.copytree(prepared["root"] / "data" / "mix", tmp_path / "mix")
     common = [*prepared["common"], f"data.root={tmp_path}", "data.name=mix"]
-    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()
-              and p.name != ".lock"}
+    before = {
+        p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
     capsys.readouterr()
-    reweighted = prepared["mix"].replace("weight: 0.5", "weight: 7").replace("weight: 0.2",
-                                                                             "weight: 1")
+    reweighted = (
+        prepared["mix"].replace("weight: 0.5", "weight: 7").replace("weight: 0.2", "weight: 1")
+    )
     assert reweighted != prepared["mix"]
     prepare(load_config(None, [*common, reweighted]))
     assert "up to date" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in before} == before
     renamed = prepared["mix"].replace("name: prose", "name: story")
-    with pytest.raises(PrepareError, match=r"(?s)already holds data prepared with other "
-                                           r"settings: data.sources\[1\].name was 'prose', "
-                                           r"now 'story'.*--force"):
+    with pytest.raises(
+        PrepareError,
+        match=r"(?s)already holds data prepared with other "
+        r"settings: data.sources\[1\].name was 'prose', "
+        r"now 'story'.*--force",
+    ):
         prepare(load_config(None, [*common, renamed]))
     resized = prepared["mix"].replace("max_bytes: 40000", "max_bytes: 30000")
     with pytest.raises(PrepareError, match=r"(?s)other settings.*40000.*30000.*--force"):
         prepare(load_config(None, [*common, resized]))
     assert {p: p.read_bytes() for p in before} == before  # refused: nothing touched
     prepare(load_config(None, [*common, renamed]), force=True)
-    assert sorted(p.name for p in (tmp_path / "mix").iterdir() if p.is_dir()) == \
-        ["code", "notes", "story"]  # the old source's directory went with its shards
-    assert (tmp_path / "mix" / "story" / "train_000000.bin").read_bytes() == \
-        (prepared["root"] / "data" / "prose" / "train_000000.bin").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "mix").iterdir() if p.is_dir()) == [
+        "code",
+        "notes",
+        "story",
+    ]  # the old source's directory went with its shards
+    assert (tmp_path / "mix" / "story" / "train_000000.bin").read_bytes() == (
+        prepared["root"] / "data" / "prose" / "train_000000.bin"
+    ).read_bytes()
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -131,9 +164,11 @@ def test_weights_are_not_in_the_fingerprint_but_names_and_settings_are(prepared,
 # Synthetic sources whose tokens are one running counter (below the vocabulary), so a
 # window's first token tells its source and its window. Train windows: a 97, b 41, c 33;
 # val windows: a 5, b 11, c 3.
-SIZES = {"a": {"train": [CTX * 60 + 1, CTX * 37 + 3], "val": [CTX * 5 + 1]},
-         "b": {"train": [CTX * 41 + 1], "val": [CTX * 9 + 1, CTX * 2 + 7]},
-         "c": {"train": [CTX * 23 + 5, CTX * 10 + 1], "val": [CTX * 3 + 1]}}
+SIZES = {
+    "a": {"train": [CTX * 60 + 1, CTX * 37 + 3], "val": [CTX * 5 + 1]},
+    "b": {"train": [CTX * 41 + 1], "val": [CTX * 9 + 1, CTX * 2 + 7]},
+    "c": {"train": [CTX * 23 + 5, CTX * 10 + 1], "val": [CTX * 3 + 1]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -152,22 +187,32 @@ def synthetic(tmp_path_factory) -> Path:
                 start += n
                 file = f"{name}/{shard_name(split, k)}"
                 (directory / name).mkdir(exist_ok=True)
-                splits[split].append(ShardInfo(file, n, write_shard(directory / file, tokens,
-                                                                    np.dtype("<u2"))))
+                splits[split].append(
+                    ShardInfo(file, n, write_shard(directory / file, tokens, np.dtype("<u2")))
+                )
                 files.append(file)
             sources[name]["splits"][split] = files
             sources[name]["documents"][split] = 1
             sources[name]["tokens"][split] = sum(sizes)
     assert start < VOCAB
-    Manifest(tokenizer="gpt2", vocab_size=VOCAB, dtype="uint16", eot_token=50256,
-             splits=splits, documents={"train": 3, "val": 3}, source={}, settings={},
-             sources=sources).save(directory)
+    Manifest(
+        tokenizer="gpt2",
+        vocab_size=VOCAB,
+        dtype="uint16",
+        eot_token=50256,
+        splits=splits,
+        documents={"train": 3, "val": 3},
+        source={},
+        settings={},
+        sources=sources,
+    ).save(directory)
     return directory
 
 
 def mixed(directory, weights: dict[str, float], seed=5, **kwargs):
-    windows, mixture = mixed_train_windows(directory, list(weights), list(weights.values()),
-                                           CTX, None, seed)
+    windows, mixture = mixed_train_windows(
+        directory, list(weights), list(weights.values()), CTX, None, seed
+    )
     return TrainBatches(windows, kwargs.pop("micro", 4), seed, mixture=mixture, **kwargs)
 
 
@@ -204,13 +249,29 @@ def test_sources_are_drawn_in_the_weights_proportions(synthetic, weights):
     share = np.array(list(weights.values())) / sum(weights.values())
     epoch = batches.epoch_samples
     assert epoch == sum(len(w) for w in batches.windows.sources)
-    stretches = [(0, L) for L in (1, 2, 3, 5, 10, 99, epoch, 2 * epoch + 7, 999, 5000,
-                                  Mixture.PERIOD, Mixture.PERIOD + 1, n)]
+    stretches = [
+        (0, L)
+        for L in (
+            1,
+            2,
+            3,
+            5,
+            10,
+            99,
+            epoch,
+            2 * epoch + 7,
+            999,
+            5000,
+            Mixture.PERIOD,
+            Mixture.PERIOD + 1,
+            n,
+        )
+    ]
     stretches += [(k * epoch, epoch) for k in range(n // epoch)]  # every epoch, not only the first
     stretches += [(9990, 20), (Mixture.PERIOD - 1, 2), (12345, 6789)]  # across the period
     for s, w in enumerate(share):
         for start, L in stretches:
-            got = np.count_nonzero(source[start:start + L] == s) / L
+            got = np.count_nonzero(source[start : start + L] == s) / L
             assert abs(got - w) <= 1 / Mixture.PERIOD + 1 / L + 1e-12, (s, start, L, got, w)
         # every stretch at once: counts minus weight x length vary by at most one sample
         # plus the rounding of the weight to slots (none for 3:1 and 0.5/0.3/0.2)
@@ -219,7 +280,8 @@ def test_sources_are_drawn_in_the_weights_proportions(synthetic, weights):
         drift = np.concatenate([[0], np.cumsum(source == s)]) - np.arange(n + 1) * slots
         assert drift.max() - drift.min() <= 1 + 1e-9
     assert batches.tokens_by_source() == {
-        name: int(np.count_nonzero(source == s)) * CTX for s, name in enumerate(weights)}
+        name: int(np.count_nonzero(source == s)) * CTX for s, name in enumerate(weights)
+    }
     assert sum(batches.tokens_by_source().values()) == n * CTX
 
 
@@ -231,10 +293,16 @@ def test_tokens_by_source_count_all_ranks_draws(synthetic):
         for r in ranks:
             next(r)
         next(single)
-    want = {"a": int(np.count_nonzero(source == 0)) * CTX,
-            "b": int(np.count_nonzero(source == 1)) * CTX}
-    assert ranks[0].tokens_by_source() == ranks[1].tokens_by_source() == \
-        single.tokens_by_source() == want
+    want = {
+        "a": int(np.count_nonzero(source == 0)) * CTX,
+        "b": int(np.count_nonzero(source == 1)) * CTX,
+    }
+    assert (
+        ranks[0].tokens_by_source()
+        == ranks[1].tokens_by_source()
+        == single.tokens_by_source()
+        == want
+    )
     assert mixed(synthetic, {"a": 3, "b": 1}).tokens_by_source() == {"a": 0, "b": 0}
 
 
@@ -246,7 +314,7 @@ def test_each_sources_draws_walk_a_permutation_of_its_windows_epoch_after_epoch(
         n = len(own)
         drawn = window[source == s]
         assert len(drawn) >= 3 * n
-        epochs = [drawn[k * n:(k + 1) * n].tolist() for k in range(3)]
+        epochs = [drawn[k * n : (k + 1) * n].tolist() for k in range(3)]
         for e in epochs:  # over exactly n draws of the source, each of its windows once
             assert sorted(e) == list(range(n))
         assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(n))
@@ -277,8 +345,10 @@ def test_resume_continues_the_same_stream_on_any_process_count(synthetic):
     resumed = mixed(synthetic, weights, micro=4)
     resumed.load_state_dict(state)
     assert all(same(want, got) for want, got in zip(reference[13:], drain(resumed, 47)))
-    assert resumed.tokens_by_source() == mixed(synthetic, weights, micro=4,
-                                               start_sample=240).tokens_by_source()
+    assert (
+        resumed.tokens_by_source()
+        == mixed(synthetic, weights, micro=4, start_sample=240).tokens_by_source()
+    )
     # Saved by 1 process of micro batch 4, continued by 2 ranks of micro batch 2.
     ranks = [mixed(synthetic, weights, micro=2, rank=r, world_size=2) for r in range(2)]
     for r in ranks:
@@ -290,8 +360,11 @@ def test_resume_continues_the_same_stream_on_any_process_count(synthetic):
     scaled.load_state_dict(state)
     assert same(next(scaled), reference[13])
     for other in ({"a": 1, "b": 1}, {"b": 1, "a": 3}):  # other slots; other source order
-        with pytest.raises(PipelineError, match=r"made with mixture = \[\['a', 7500\], "
-                                                r"\['b', 2500\]\].*data\.sources weights"):
+        with pytest.raises(
+            PipelineError,
+            match=r"made with mixture = \[\['a', 7500\], "
+            r"\['b', 2500\]\].*data\.sources weights",
+        ):
             mixed(synthetic, other, micro=4).load_state_dict(state)
     with pytest.raises(PipelineError, match="data.sources weights"):  # another source
         mixed(synthetic, {"a": 3, "c": 1}, micro=4).load_state_dict(state)
@@ -315,8 +388,10 @@ def test_one_process_equals_two_ranks_per_global_step(synthetic, micro):
     Started just before the end of a period, so the steps cross it and the epochs."""
     weights = {"a": 0.5, "b": 0.3, "c": 0.2}
     start = (Mixture.PERIOD // (2 * micro) - 10) * 2 * micro
-    ranks = [mixed(synthetic, weights, micro=micro, rank=r, world_size=2, start_sample=start)
-             for r in range(2)]
+    ranks = [
+        mixed(synthetic, weights, micro=micro, rank=r, world_size=2, start_sample=start)
+        for r in range(2)
+    ]
     wide = mixed(synthetic, weights, micro=2 * micro, start_sample=start)
     accumulating = mixed(synthetic, weights, micro=micro, start_sample=start)
     for _ in range(10 + 200 // micro):
@@ -337,48 +412,97 @@ def sources_config(*entries, extra=()):
 FILES = "source: {kind: files, paths: [x.txt]}"
 
 
-@pytest.mark.parametrize("entries,extra,message", [
-    ([f"{{name: a, {FILES}}}"], ["data.source.kind=files", "data.source.paths=[y.txt]"],
-     "data.source and data.sources are both set"),
-    ([f"{{name: a, {FILES}}}"], ["data.source.max_bytes=5"],
-     "data.source and data.sources are both set"),
-    ([f"{{name: a, {FILES}}}", f"{{name: b, {FILES}}}", f"{{name: a, {FILES}}}"], [],
-     r"data.sources names=\['a', 'b', 'a'\] is not allowed: it must be distinct names"),
-    ([f"{{name: a, weight: 0, {FILES}}}"], [], r"data.sources\[0\].weight=0.0 is not allowed"),
-    ([f"{{name: a, {FILES}}}", f"{{name: b, weight: -1, {FILES}}}"], [],
-     r"data.sources\[1\].weight=-1.0 is not allowed: it must be a positive number"),
-    ([f"{{name: a, weight: .inf, {FILES}}}"], [], r"data.sources\[0\].weight=inf"),
-    ([f"{{name: a/b, {FILES}}}"], [], r"data.sources\[0\].name='a/b' is not allowed: it must "
-                                      r"be a short plain name"),
-    ([f"{{name: '..', {FILES}}}"], [], r"data.sources\[0\].name='..' is not allowed"),
-    ([f"{{name: ../up, {FILES}}}"], [], r"data.sources\[0\].name='../up' is not allowed"),
-    ([f"{{name: .hidden, {FILES}}}"], [], r"data.sources\[0\].name='.hidden' is not allowed"),
-    ([f"{{{FILES}}}"], [], r"data.sources\[0\].name='' is not allowed"),
-    ([f"{{name: a, {FILES}}}"], ["train.order=book"],
-     "train.order='book' is not allowed: it must be shuffle with data.sources"),
-    ([f"{{name: a, {FILES}}}", "{name: b, source: {kind: files, paths: [x], max_bytes: 5}}"],
-     [], r"data.sources\[1\].source.max_bytes does not apply to kind 'files'"),
-    (["{name: a, source: {kind: python-stdlib, url: http://x}}"], [],
-     r"data.sources\[0\].source.url does not apply to kind 'python-stdlib'"),
-    (["{name: a, source: {kind: files}}"], [], r"data.sources\[0\].source.paths is empty"),
-], ids=["both", "both-stdlib-key", "duplicate", "zero-weight", "negative-weight", "inf-weight",
-        "slash", "dotdot", "dotdot-slash", "dot", "no-name", "book-order", "stray-key",
-        "stray-key-stdlib", "empty-paths"])
+@pytest.mark.parametrize(
+    "entries,extra,message",
+    [
+        (
+            [f"{{name: a, {FILES}}}"],
+            ["data.source.kind=files", "data.source.paths=[y.txt]"],
+            "data.source and data.sources are both set",
+        ),
+        (
+            [f"{{name: a, {FILES}}}"],
+            ["data.source.max_bytes=5"],
+            "data.source and data.sources are both set",
+        ),
+        (
+            [f"{{name: a, {FILES}}}", f"{{name: b, {FILES}}}", f"{{name: a, {FILES}}}"],
+            [],
+            r"data.sources names=\['a', 'b', 'a'\] is not allowed: it must be distinct names",
+        ),
+        ([f"{{name: a, weight: 0, {FILES}}}"], [], r"data.sources\[0\].weight=0.0 is not allowed"),
+        (
+            [f"{{name: a, {FILES}}}", f"{{name: b, weight: -1, {FILES}}}"],
+            [],
+            r"data.sources\[1\].weight=-1.0 is not allowed: it must be a positive number",
+        ),
+        ([f"{{name: a, weight: .inf, {FILES}}}"], [], r"data.sources\[0\].weight=inf"),
+        (
+            [f"{{name: a/b, {FILES}}}"],
+            [],
+            r"data.sources\[0\].name='a/b' is not allowed: it must "
+            r"be a short plain name",
+        ),
+        ([f"{{name: '..', {FILES}}}"], [], r"data.sources\[0\].name='..' is not allowed"),
+        ([f"{{name: ../up, {FILES}}}"], [], r"data.sources\[0\].name='../up' is not allowed"),
+        ([f"{{name: .hidden, {FILES}}}"], [], r"data.sources\[0\].name='.hidden' is not allowed"),
+        ([f"{{{FILES}}}"], [], r"data.sources\[0\].name='' is not allowed"),
+        (
+            [f"{{name: a, {FILES}}}"],
+            ["train.order=book"],
+            "train.order='book' is not allowed: it must be shuffle with data.sources",
+        ),
+        (
+            [f"{{name: a, {FILES}}}", "{name: b, source: {kind: files, paths: [x], max_bytes: 5}}"],
+            [],
+            r"data.sources\[1\].source.max_bytes does not apply to kind 'files'",
+        ),
+        (
+            ["{name: a, source: {kind: python-stdlib, url: http://x}}"],
+            [],
+            r"data.sources\[0\].source.url does not apply to kind 'python-stdlib'",
+        ),
+        (["{name: a, source: {kind: files}}"], [], r"data.sources\[0\].source.paths is empty"),
+    ],
+    ids=[
+        "both",
+        "both-stdlib-key",
+        "duplicate",
+        "zero-weight",
+        "negative-weight",
+        "inf-weight",
+        "slash",
+        "dotdot",
+        "dotdot-slash",
+        "dot",
+        "no-name",
+        "book-order",
+        "stray-key",
+        "stray-key-stdlib",
+        "empty-paths",
+    ],
+)
 def test_bad_mixture_configs_name_the_key(entries, extra, message):
     with pytest.raises(ConfigError, match=message):
         sources_config(*entries, extra=extra)
 
 
 def test_good_mixture_configs_load():
-    config = sources_config(f"{{name: a, weight: 3, {FILES}}}", "{name: b-2_x, source: {}}",
-                            extra=["data.source=null"])
-    assert [(s.name, s.weight, s.source.kind) for s in config.data.sources] == \
-        [("a", 3.0, "files"), ("b-2_x", 1.0, "python-stdlib")]
+    config = sources_config(
+        f"{{name: a, weight: 3, {FILES}}}", "{name: b-2_x, source: {}}", extra=["data.source=null"]
+    )
+    assert [(s.name, s.weight, s.source.kind) for s in config.data.sources] == [
+        ("a", 3.0, "files"),
+        ("b-2_x", 1.0, "python-stdlib"),
+    ]
 
 
 def test_a_weight_below_one_slot_per_period_is_refused():
-    with pytest.raises(PipelineError, match=r"data.sources weight of tiny is below "
-                                            r"1/10,000 of the total"):
+    with pytest.raises(
+        PipelineError,
+        match=r"data.sources weight of tiny is below "
+        r"1/10,000 of the total",
+    ):
         Mixture(["big", "tiny"], [1.0, 0.4 / Mixture.PERIOD], [10, 10], seed=0)
     Mixture(["big", "small"], [1.0, 1 / Mixture.PERIOD], [10, 10], seed=0)  # one slot: fine
 
@@ -406,8 +530,18 @@ def test_evaluate_reports_each_sources_val_loss(synthetic, tmp_path):
     ckpt.mkdir()
     save_file(model.state_dict(), str(ckpt / "model.safetensors"))
     (ckpt / "meta.json").write_text(json.dumps({"step": 3, "tokens": 0, "model": asdict(cfg)}))
-    record = main(["--model", str(ckpt), "--data", str(synthetic), "--batch-size", "4",
-                   "--out", str(tmp_path / "eval.json")])
+    record = main(
+        [
+            "--model",
+            str(ckpt),
+            "--data",
+            str(synthetic),
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert json.loads((tmp_path / "eval.json").read_text()) == record
     assert list(record["sources"]) == ["a", "b", "c"]
     accelerator = Accelerator()

@@ -1,4 +1,5 @@
 """The GPT against transformers' GPT-2 (the reference), and its size arithmetic."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,13 +11,22 @@ from pipeline.model.head_loss import head_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 
-TINY = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2,
-                   drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+TINY = ModelConfig(
+    vocab_size=50257,
+    context_length=64,
+    emb_dim=64,
+    n_heads=4,
+    n_layers=2,
+    drop_rate=0.0,
+    qkv_bias=True,
+    tie_embeddings=True,
+)
 
 
 def hf_model(cfg: ModelConfig):
-    config = transformers.GPT2Config(**{k: v for k, v in hf_config(cfg).items()
-                                        if k not in ("architectures", "model_type")})
+    config = transformers.GPT2Config(
+        **{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")}
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     # random (not zero) biases and norms, so a wrong mapping of any tensor shows
@@ -94,7 +104,7 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
         full = model(idx)
         cache = KVCache(TINY, batch_size=2, max_len=TINY.context_length)
         parts = [model(idx[:, :7], cache), model(idx[:, 7:12], cache)]
-        parts += [model(idx[:, i:i + 1], cache) for i in range(12, 20)]
+        parts += [model(idx[:, i : i + 1], cache) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
 
 
@@ -169,13 +179,22 @@ def test_the_fused_head_keeps_its_gradients_under_low_precision_and_loss_scaling
     (Before: fp16 stored (softmax - one_hot) / count in the fp16 block, 99% of it 0,
     and the worst parameter gradient was 0.61 off fp32's.)"""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50257, context_length=256, emb_dim=32, n_heads=2, n_layers=1,
-                      drop_rate=0.0, tie_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=50257,
+        context_length=256,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=1,
+        drop_rate=0.0,
+        tie_embeddings=False,
+    )
     model = GPTModel(cfg)
     ids = torch.randint(0, 50257, (4, 257))
     fused = lambda m: m(ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
-    plain = lambda m: F.cross_entropy(m(ids[:, :-1]).flatten(0, 1).float(),  # noqa: E731
-                                      ids[:, 1:].flatten())
+
+    def plain(m):
+        return F.cross_entropy(m(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+
     exact = _grads(model, plain, torch.float32, 1.0)
     worst = {}
     for name, fn in (("fused", fused), ("plain", plain)):
@@ -188,8 +207,15 @@ def test_the_fused_head_keeps_its_gradients_under_low_precision_and_loss_scaling
 def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout():
     """Recomputed blocks replay the forward's RNG: with dropout on, the loss and every
     gradient equal a normal step's; generation (no grad, KV cache) is untouched."""
-    cfg = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=3,
-                      drop_rate=0.2, qkv_bias=True)
+    cfg = ModelConfig(
+        vocab_size=50257,
+        context_length=16,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=3,
+        drop_rate=0.2,
+        qkv_bias=True,
+    )
     torch.manual_seed(0)
     model = GPTModel(cfg)
     ids = torch.randint(0, 50257, (2, 17))

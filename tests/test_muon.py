@@ -1,5 +1,6 @@
 """train.optimizer: muon — our Muon against torch.optim.Muon, the split of parameters,
 and the combined optimizer through the scheduler, Accelerate and the checkpoint files."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -18,8 +19,15 @@ from pipeline.training.muon import Muon, Optimizers, fast_orthogonalize_dtype, o
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.precision import cpu_bf16_flags
 
-CFG = ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=2,
-                  drop_rate=0.0, tie_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=64,
+    context_length=8,
+    emb_dim=16,
+    n_heads=2,
+    n_layers=2,
+    drop_rate=0.0,
+    tie_embeddings=False,
+)
 MUON = TrainConfig(optimizer="muon", lr=1e-2, warmup_steps=2)
 
 
@@ -71,7 +79,8 @@ def test_muon_takes_the_block_matrices_and_adamw_everything_else():
     in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[i] for i in in_muon) == sorted(
-        n for n, p in model.named_parameters() if n.startswith("trf_blocks.") and p.dim() == 2)
+        n for n, p in model.named_parameters() if n.startswith("trf_blocks.") and p.dim() == 2
+    )
     assert {"tok_emb.weight", "pos_emb.weight", "out_head.weight"} <= {names[i] for i in in_adamw}
     assert not in_muon & in_adamw and in_muon | in_adamw == set(names)
     assert optimizer.param_groups == adamw.param_groups + muon.param_groups
@@ -106,7 +115,9 @@ def test_the_schedule_reaches_both_optimizers_after_accelerate_wraps_them():
     _train(model, wrapped, scheduler, range(3))
     expected = scheduler.get_last_lr()[0]
     for part in optimizer.parts:
-        assert [g["lr"] for g in part.param_groups] == pytest.approx([expected] * len(part.param_groups))
+        assert [g["lr"] for g in part.param_groups] == pytest.approx(
+            [expected] * len(part.param_groups)
+        )
         assert all(p in optimizer.state for g in part.param_groups for p in g["params"])
 
 
@@ -117,16 +128,25 @@ def test_a_resumed_muon_run_continues_exactly_as_an_uninterrupted_one(tmp_path):
     reference, ref_opt, ref_sched = _fresh(0)
     _train(reference, ref_opt, ref_sched, range(5))
     meta = {"step": 3, "model": to_dict(CFG)}
-    path = ckpt.save_checkpoint(tmp_path, 5, accelerator=state, model=model, optimizer=optimizer,
-                                parts={"scheduler": scheduler}, meta=meta, keep_last=0)
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        5,
+        accelerator=state,
+        model=model,
+        optimizer=optimizer,
+        parts={"scheduler": scheduler},
+        meta=meta,
+        keep_last=0,
+    )
     saved = torch.load(path / ckpt.OPTIMIZER_FILE, weights_only=True)
     # torch's format, keyed by parameter name: Muon's momentum and AdamW's moments
     assert "momentum_buffer" in saved["state"]["trf_blocks.0.ff.fc.weight"]
     assert "exp_avg" in saved["state"]["tok_emb.weight"]
 
     resumed, res_opt, res_sched = _fresh(1)  # other weights, a fresh optimizer
-    ckpt.load_checkpoint(path, accelerator=state, model=resumed, optimizer=res_opt,
-                         parts={"scheduler": res_sched})
+    ckpt.load_checkpoint(
+        path, accelerator=state, model=resumed, optimizer=res_opt, parts={"scheduler": res_sched}
+    )
     _train(resumed, res_opt, res_sched, range(5, 8))
     _train(reference, ref_opt, ref_sched, range(5, 8))
     for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):

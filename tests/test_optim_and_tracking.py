@@ -1,6 +1,7 @@
 """The learning-rate schedule, the optimizer's groups, the run length, checkpoint pruning,
 the W&B mode and the metrics log: small rules, each checked against numbers worked out by
 hand."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,7 @@ def test_warmup_then_cosine_hits_its_endpoints():
 
 
 def test_scheduler_defaults_min_lr_to_a_tenth_and_steps_once_per_call():
-    model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2,
-                                 n_layers=1))
+    model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
     optimizer = build_optimizer(model, TrainConfig(lr=1e-3), "cpu")
     scheduler = build_scheduler(optimizer, TrainConfig(lr=1e-3), max_steps=4)
     lrs = []
@@ -41,11 +41,16 @@ def test_scheduler_defaults_min_lr_to_a_tenth_and_steps_once_per_call():
 
 
 def test_matrices_decay_and_a_tied_head_is_counted_once():
-    model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2,
-                                 n_layers=1, tie_embeddings=True))
+    model = GPTModel(
+        ModelConfig(
+            vocab_size=32, context_length=4, emb_dim=8, n_heads=2, n_layers=1, tie_embeddings=True
+        )
+    )
     decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.3), "cpu").param_groups
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
-    assert {p.dim() for p in decay["params"]} == {2} and {p.dim() for p in no_decay["params"]} == {1}
+    assert {p.dim() for p in decay["params"]} == {2} and {p.dim() for p in no_decay["params"]} == {
+        1
+    }
     assert sum(p is model.tok_emb.weight for p in decay["params"]) == 1
 
 
@@ -64,8 +69,16 @@ def test_pruning_keeps_the_newest_checkpoints(tmp_path):
     model = GPTModel(cfg)
     optimizer = build_optimizer(model, TrainConfig(), "cpu")
     for step in (5, 10, 15, 20):
-        ckpt.save_checkpoint(tmp_path, step, accelerator=state, model=model, optimizer=optimizer,
-                             parts={}, meta={"step": step, "model": to_dict(cfg)}, keep_last=2)
+        ckpt.save_checkpoint(
+            tmp_path,
+            step,
+            accelerator=state,
+            model=model,
+            optimizer=optimizer,
+            parts={},
+            meta={"step": step, "model": to_dict(cfg)},
+            keep_last=2,
+        )
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_000015", "step_000020"]
     ckpt.prune_checkpoints(tmp_path, keep_last=0)  # 0 keeps every one
     assert len(ckpt.checkpoint_dirs(tmp_path)) == 2
@@ -129,15 +142,21 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_pa
         log.rows()
 
 
-def test_trackers_are_checked_and_wandb_settings_fall_back_to_its_environment(monkeypatch, tmp_path):
+def test_trackers_are_checked_and_wandb_settings_fall_back_to_its_environment(
+    monkeypatch, tmp_path
+):
     from pipeline.config import ConfigError
     from pipeline.training.tracking import trackers, wandb_init_kwargs, wandb_project
 
     with pytest.raises(ConfigError, match=r"tracking.log_with=\['neptune'\] is not allowed"):
         load_config(None, ["tracking.log_with=[neptune]"])
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert trackers(load_config(None, ["tracking.log_with=[wandb, tensorboard]"])) == ["tensorboard"]
-    with pytest.raises(PipelineError, match="names aim, which is not installed here: pip install aim"):
+    assert trackers(load_config(None, ["tracking.log_with=[wandb, tensorboard]"])) == [
+        "tensorboard"
+    ]
+    with pytest.raises(
+        PipelineError, match="names aim, which is not installed here: pip install aim"
+    ):
         trackers(load_config(None, ["tracking.log_with=[aim]"]))
     monkeypatch.setenv("WANDB_PROJECT", "p-env")
     monkeypatch.setenv("WANDB_ENTITY", "e-env")
@@ -145,7 +164,10 @@ def test_trackers_are_checked_and_wandb_settings_fall_back_to_its_environment(mo
     config = load_config(None, [f"runs_root={tmp_path}"])
     kwargs = wandb_init_kwargs(config, tmp_path, "offline")
     assert (wandb_project(config.tracking.wandb), kwargs["entity"], kwargs["group"]) == (
-        "p-env", "e-env", "g-env")
+        "p-env",
+        "e-env",
+        "g-env",
+    )
     config = load_config(None, ["tracking.wandb.project=p", "tracking.wandb.group=g"])
     assert wandb_project(config.tracking.wandb) == "p"  # the config, when set, wins
     assert wandb_init_kwargs(config, tmp_path, "offline")["group"] == "g"

@@ -1,5 +1,6 @@
 """train.precision: auto picks bf16 only where the hardware has bf16 units (a CPU without
 them runs bf16 ~40x slower than fp32), and an explicit bf16 there is warned about."""
+
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def test_auto_on_a_gpu_with_only_emulated_bf16_picks_fp16(monkeypatch):
 
     def v100(including_emulation: bool = True) -> bool:
         return including_emulation
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", v100)
     assert precision.resolve("auto", "cuda")[0] == "fp16"
     assert fast_orthogonalize_dtype("cuda") == "float32"

@@ -2,6 +2,7 @@
 book's text split is the book's, reruns are no-ops, other settings are refused without
 --force, a rebuild is swapped in only when whole, and bad input ends in one paragraph with
 exit code 2. SIGKILL at random moments is test_faults.py's."""
+
 import hashlib
 import os
 import random
@@ -20,13 +21,23 @@ from pipeline.data.tokenizer import EOT_ID, get_tokenizer
 from pipeline.prepare import PrepareError, main, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("every effort moves you toward the picture that Jack Gisburn painted at the "
-         "Riviera, a cheap genius, though a good fellow enough; ünïcode & emoji 🙂 too").split()
+WORDS = (
+    "every effort moves you toward the picture that Jack Gisburn painted at the "
+    "Riviera, a cheap genius, though a good fellow enough; ünïcode & emoji 🙂 too"
+).split()
 
 
 def config(tmp_path, *overrides, name="d"):
-    return load_config(None, [f"data.root={tmp_path / 'data'}", f"data.name={name}",
-                              "data.num_workers=1", "model.context_length=8", *overrides])
+    return load_config(
+        None,
+        [
+            f"data.root={tmp_path / 'data'}",
+            f"data.name={name}",
+            "data.num_workers=1",
+            "model.context_length=8",
+            *overrides,
+        ],
+    )
 
 
 def text_of(seed: int, words: int) -> str:
@@ -48,8 +59,11 @@ def read_split(data_dir: Path, split: str) -> list[np.ndarray]:
 
 def snapshot(directory: Path) -> dict:
     """Every file's bytes and mtime (not the lock file, whose content is its last holder)."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def spec_is_val(doc: str, val_fraction: float) -> bool:
@@ -63,8 +77,13 @@ def test_shards_equal_a_direct_encode_with_eot_before_each_document(tmp_path):
     (tmp_path / "src").mkdir()
     for i, doc in enumerate(docs):
         (tmp_path / "src" / f"{i:03d}.txt").write_text(doc)
-    cfg = config(tmp_path, "data.source.kind=files", f"data.source.paths=[{tmp_path / 'src'}]",
-                 "data.val_fraction=0.3", "data.shard_tokens=50")
+    cfg = config(
+        tmp_path,
+        "data.source.kind=files",
+        f"data.source.paths=[{tmp_path / 'src'}]",
+        "data.val_fraction=0.3",
+        "data.shard_tokens=50",
+    )
     manifest = prepare(cfg)
     enc = get_tokenizer()
     expected = {"train": [], "val": []}
@@ -75,8 +94,9 @@ def test_shards_equal_a_direct_encode_with_eot_before_each_document(tmp_path):
         assert np.concatenate(shards).tolist() == expected[split]
         assert [len(s) for s in shards[:-1]] == [50] * (len(shards) - 1) and len(shards[-1]) <= 50
         assert [s.tokens for s in manifest.splits[split]] == [len(s) for s in shards]
-    assert manifest.documents == {s: sum(spec_is_val(d, 0.3) == (s == "val") for d in docs)
-                                  for s in ("train", "val")}
+    assert manifest.documents == {
+        s: sum(spec_is_val(d, 0.3) == (s == "val") for d in docs) for s in ("train", "val")
+    }
     assert manifest.documents["val"] > 0 and manifest.dtype == "uint16"
 
 
@@ -92,8 +112,13 @@ def test_text_split_is_the_books_split(tmp_path):
     # configs/verdict.yaml names the book's file by URL; a file:// URL takes the same path.
     book = tmp_path / "the-verdict.txt"
     book.write_text(text_of(7, 900))
-    cfg = config(tmp_path, "data.source.kind=url", f"data.source.url={book.as_uri()}",
-                 "data.split_by=text", "data.val_fraction=0.1")
+    cfg = config(
+        tmp_path,
+        "data.source.kind=url",
+        f"data.source.url={book.as_uri()}",
+        "data.split_by=text",
+        "data.val_fraction=0.1",
+    )
     prepare(cfg)
     text, enc = book.read_text(), get_tokenizer()
     split_idx = int(0.90 * len(text))
@@ -108,20 +133,32 @@ def test_text_split_joins_documents_with_eot(tmp_path):
     a, b = text_of(1, 200), text_of(2, 50)
     (tmp_path / "src" / "a.txt").write_text(a)
     (tmp_path / "src" / "b.txt").write_text(b)
-    cfg = config(tmp_path, "data.source.kind=files", f"data.source.paths=[{tmp_path / 'src'}]",
-                 "data.split_by=text", "data.val_fraction=0.1")
+    cfg = config(
+        tmp_path,
+        "data.source.kind=files",
+        f"data.source.paths=[{tmp_path / 'src'}]",
+        "data.split_by=text",
+        "data.val_fraction=0.1",
+    )
     prepare(cfg)
     cut, enc = int(0.9 * (len(a) + len(b))), get_tokenizer()
     assert cut > len(a)  # the cut falls inside the second document
     train = np.concatenate(read_split(cfg.data_dir, "train")).tolist()
     val = np.concatenate(read_split(cfg.data_dir, "val")).tolist()
-    assert train == enc.encode_ordinary(a) + [EOT_ID] + enc.encode_ordinary(b[:cut - len(a)])
-    assert val == enc.encode_ordinary(b[cut - len(a):])
+    assert train == enc.encode_ordinary(a) + [EOT_ID] + enc.encode_ordinary(b[: cut - len(a)])
+    assert val == enc.encode_ordinary(b[cut - len(a) :])
 
 
 def stdlib_args(tmp_path, *extra):
-    return [f"data.root={tmp_path / 'data'}", "data.name=std", "data.source.max_bytes=300000",
-            "data.shard_tokens=20000", "data.num_workers=1", "model.context_length=64", *extra]
+    return [
+        f"data.root={tmp_path / 'data'}",
+        "data.name=std",
+        "data.source.max_bytes=300000",
+        "data.shard_tokens=20000",
+        "data.num_workers=1",
+        "model.context_length=64",
+        *extra,
+    ]
 
 
 def test_rerun_is_a_no_op_and_says_so(tmp_path, capsys):
@@ -233,13 +270,24 @@ def test_shards_too_short_for_a_window_are_refused_by_prepare_not_later_by_train
     (windows never cross a shard) would refuse the data set, so prepare does."""
     from pipeline.data.loader import TokenWindows
 
-    cfg = config(tmp_path, "data.source.kind=python-stdlib", "data.source.max_bytes=20000",
-                 "data.split_by=text", "data.shard_tokens=8")
+    cfg = config(
+        tmp_path,
+        "data.source.kind=python-stdlib",
+        "data.source.max_bytes=20000",
+        "data.split_by=text",
+        "data.shard_tokens=8",
+    )
     with pytest.raises(PrepareError, match="inside one shard.*raise data.shard_tokens"):
         prepare(cfg)
     assert not (cfg.data_dir / "manifest.json").exists()
-    ok = config(tmp_path, "data.source.kind=python-stdlib", "data.source.max_bytes=20000",
-                "data.split_by=text", "data.shard_tokens=9", name="ok")
+    ok = config(
+        tmp_path,
+        "data.source.kind=python-stdlib",
+        "data.source.max_bytes=20000",
+        "data.split_by=text",
+        "data.shard_tokens=9",
+        name="ok",
+    )
     prepare(ok)  # 9 tokens per shard: exactly one window of 8 + 1 in each
     assert len(TokenWindows(ok.data_dir, "val", 8)) > 0
 
@@ -248,8 +296,12 @@ def test_undecodable_bytes_are_reported_during_prepare(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text(text_of(3, 300))
     (tmp_path / "src" / "latin1.txt").write_bytes("na\xefve caf\xe9 ".encode("latin-1") * 40)
-    cfg = config(tmp_path, "data.source.kind=files", f"data.source.paths=[{tmp_path / 'src'}]",
-                 "data.split_by=text")
+    cfg = config(
+        tmp_path,
+        "data.source.kind=files",
+        f"data.source.paths=[{tmp_path / 'src'}]",
+        "data.split_by=text",
+    )
     prepare(cfg)
     err = capsys.readouterr().err
     assert "latin1.txt: 80 undecodable bytes (not utf-8-sig) replaced with U+FFFD" in err
@@ -261,9 +313,14 @@ def snapshot_bytes(directory: Path) -> dict:
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def run_in_process(capsys, *args) -> tuple[int, str]:
@@ -278,18 +335,29 @@ def run_in_process(capsys, *args) -> tuple[int, str]:
 def test_empty_corpus_exits_2_without_traceback(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("")
-    code, err = run_in_process(capsys, "data.source.kind=files",
-                               f"data.source.paths=[{tmp_path / 'src'}]", "data.name=e",
-                               f"data.root={tmp_path / 'data'}", "data.num_workers=1")
+    code, err = run_in_process(
+        capsys,
+        "data.source.kind=files",
+        f"data.source.paths=[{tmp_path / 'src'}]",
+        "data.name=e",
+        f"data.root={tmp_path / 'data'}",
+        "data.num_workers=1",
+    )
     assert code == 2 and "error: the corpus is empty" in err and "Traceback" not in err
 
 
 def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_path, capsys):
     (tmp_path / "book.txt").write_text(text_of(5, 300))
-    code, err = run_in_process(capsys, "data.source.kind=files",
-                               f"data.source.paths=[{tmp_path / 'book.txt'}]", "data.name=s",
-                               f"data.root={tmp_path / 'data'}", "data.split_by=text",
-                               "model.context_length=256", "data.num_workers=1")
+    code, err = run_in_process(
+        capsys,
+        "data.source.kind=files",
+        f"data.source.paths=[{tmp_path / 'book.txt'}]",
+        "data.name=s",
+        f"data.root={tmp_path / 'data'}",
+        "data.split_by=text",
+        "model.context_length=256",
+        "data.num_workers=1",
+    )
     assert code == 2 and "Traceback" not in err
     message = " ".join(err.split())
     assert "too small: its val split holds no window of model.context_length + 1 = 257" in message
@@ -304,10 +372,22 @@ def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path
     prepare(load_config(None, args))
     data_dir = tmp_path / "data" / "std"
     before = snapshot_bytes(data_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", *args,
-                             "data.val_fraction=0.2", "data.num_workers=2", "--force"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.prepare",
+            *args,
+            "data.val_fraction=0.2",
+            "data.num_workers=2",
+            "--force",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not list(data_dir.glob(".staging/parts/*.json")) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -328,9 +408,15 @@ def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path
 def test_a_full_disk_during_a_rebuild_keeps_the_old_data_set(small_disk, capsys):
     import shutil
 
-    args = [f"data.root={small_disk}", "data.name=std", "data.source.max_bytes=300000",
-            "data.shard_tokens=20000", "data.num_workers=1", "model.context_length=64",
-            "data.part_bytes=30000"]
+    args = [
+        f"data.root={small_disk}",
+        "data.name=std",
+        "data.source.max_bytes=300000",
+        "data.shard_tokens=20000",
+        "data.num_workers=1",
+        "model.context_length=64",
+        "data.part_bytes=30000",
+    ]
     main(args)
     data_dir = small_disk / "std"
     before = snapshot_bytes(data_dir)
@@ -358,15 +444,21 @@ def test_a_data_directory_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     assert (tmp_path / "data" / "std").read_text() == "my notes"
 
 
-@pytest.mark.parametrize("env, says", [
-    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT is not set"),
-    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
-     "RANK=2 is not below WORLD_SIZE=2"),
-    ({"WORLD_SIZE": "2", "RANK": "abc"}, "RANK='abc' is not a whole number"),
-    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 and LOCAL_WORLD_SIZE=1 must be at least 1"),
-])
-def test_launcher_variables_that_cannot_work_are_one_paragraph(tmp_path, capsys, monkeypatch,
-                                                               env, says):
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT is not set"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+            "RANK=2 is not below WORLD_SIZE=2",
+        ),
+        ({"WORLD_SIZE": "2", "RANK": "abc"}, "RANK='abc' is not a whole number"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 and LOCAL_WORLD_SIZE=1 must be at least 1"),
+    ],
+)
+def test_launcher_variables_that_cannot_work_are_one_paragraph(
+    tmp_path, capsys, monkeypatch, env, says
+):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as exit_:

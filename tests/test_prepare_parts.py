@@ -11,6 +11,7 @@ document decoded as utf-8-sig with undecodable bytes replaced by U+FFFD; a jsonl
 row with a string 'text' is one document; empty documents are skipped), each tokenized
 with `encode_ordinary`, laid out per data.split_by.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 PART_BYTES, SEGMENT_BYTES, SHARD_TOKENS, VAL_FRACTION = 20_000, 4096, 3000, 0.3
-SIZES = [f"data.part_bytes={PART_BYTES}", f"data.segment_bytes={SEGMENT_BYTES}",
-         f"data.shard_tokens={SHARD_TOKENS}", f"data.val_fraction={VAL_FRACTION}"]
+SIZES = [
+    f"data.part_bytes={PART_BYTES}",
+    f"data.segment_bytes={SEGMENT_BYTES}",
+    f"data.shard_tokens={SHARD_TOKENS}",
+    f"data.val_fraction={VAL_FRACTION}",
+]
 BIG = "10_big.txt"
 BOM = b"\xef\xbb\xbf"
 
@@ -62,8 +67,9 @@ def big_line() -> bytes:
     pieces = []
     for i in range(16):
         pieces.append(text_of(100 + i, 1000).replace("\n", " "))
-        pieces.append(stdlib_prose(["inspect.py", "textwrap.py", "argparse.py"][i % 3], 4000)
-                      [i * 300:])
+        pieces.append(
+            stdlib_prose(["inspect.py", "textwrap.py", "argparse.py"][i % 3], 4000)[i * 300 :]
+        )
         if i == 4:
             pieces.append("漢字かな交じり文テスト" * 600 + " ")  # ~20 KB with no safe cut
         if i == 7:
@@ -80,8 +86,13 @@ def bom_file() -> bytes:
     ends, undecodable bytes, and a multi-byte character cut short at the very end."""
     lines = [text_of(200 + i, 40).rstrip("\n") for i in range(30)]
     body = "\r\n".join(lines).encode("utf-8")
-    return (BOM + body[:3000] + b"\n\xff\xff tail \xed\xa0\x80 surrogate\n" + body[3000:]
-            + b"\n\n  \t\n\xe2\x82")
+    return (
+        BOM
+        + body[:3000]
+        + b"\n\xff\xff tail \xed\xa0\x80 surrogate\n"
+        + body[3000:]
+        + b"\n\n  \t\n\xe2\x82"
+    )
 
 
 def jsonl_rows() -> list[dict]:
@@ -115,8 +126,11 @@ def make_corpus(directory: Path) -> Path:
     for i in range(4):
         (directory / f"40_small_{i}.txt").write_text(text_of(40 + i, 20 + 10 * i))
     (directory / "45_medium.txt").write_text(text_of(45, 1000))  # ~6 KB
-    pq.write_table(pa.table({"text": parquet_rows(), "n": list(range(30))}),
-                   directory / "50_table.parquet", row_group_size=10)
+    pq.write_table(
+        pa.table({"text": parquet_rows(), "n": list(range(30))}),
+        directory / "50_table.parquet",
+        row_group_size=10,
+    )
     (directory / "60_small.txt").write_text(text_of(60, 25))
     (directory / "sub").mkdir()
     (directory / "sub" / "70_small.txt").write_text(text_of(70, 25))
@@ -134,8 +148,9 @@ def corpus(tmp_path_factory) -> Path:
 def spec_documents(directory: Path) -> list[str]:
     """The corpus's documents as the spec defines them, read without pipeline code."""
     docs: list = []
-    for path in sorted((p for p in directory.rglob("*") if p.is_file()),
-                       key=lambda p: p.as_posix()):
+    for path in sorted(
+        (p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.as_posix()
+    ):
         if path.suffix == ".txt":
             docs.append(path.read_bytes().decode("utf-8-sig", errors="replace"))
         elif path.suffix == ".jsonl":
@@ -170,9 +185,9 @@ def by_text(docs: list[str], val_fraction: float) -> tuple[dict, dict]:
     for doc in docs:
         end = start + len(doc)
         if start < cut:
-            sides["train"].append(doc[:cut - start])
+            sides["train"].append(doc[: cut - start])
         if end > cut:
-            sides["val"].append(doc[max(0, cut - start):])
+            sides["val"].append(doc[max(0, cut - start) :])
         start = end
     tokens = {}
     for split, texts in sides.items():
@@ -192,14 +207,21 @@ def assert_data_set(data_dir: Path, manifest, expected: dict, documents: dict) -
         sizes = [len(s) for s in shards]
         assert sizes[:-1] == [SHARD_TOKENS] * (len(sizes) - 1) and 0 < sizes[-1] <= SHARD_TOKENS
         assert [s.tokens for s in manifest.splits[split]] == sizes
-        assert [s.file for s in manifest.splits[split]] == [f"{split}_{k:06d}.bin"
-                                                           for k in range(len(sizes))]
+        assert [s.file for s in manifest.splits[split]] == [
+            f"{split}_{k:06d}.bin" for k in range(len(sizes))
+        ]
     assert manifest.documents == documents
 
 
 def files_config(tmp_path, corpus: Path, *overrides, name="d"):
-    return config(tmp_path, "data.source.kind=files", f"data.source.paths=[{corpus}]", *SIZES,
-                  *overrides, name=name)
+    return config(
+        tmp_path,
+        "data.source.kind=files",
+        f"data.source.paths=[{corpus}]",
+        *SIZES,
+        *overrides,
+        name=name,
+    )
 
 
 # ----------------------------------------------------------------------------- fast tests
@@ -235,13 +257,15 @@ def test_the_corpus_is_cut_where_the_test_means_it_to_be(corpus, tmp_path):
     assert len([p for p in small if p.items[0]["path"].endswith("45_medium.txt")]) >= 2
 
 
-@pytest.mark.parametrize("part_bytes,segment_bytes", [(PART_BYTES, SEGMENT_BYTES),
-                                                      (7_000, 5_000), (3_000, 8_192),
-                                                      (10**9, 10**9)],
-                         ids=["cut", "cut-finer", "parts-under-segments", "uncut"])
+@pytest.mark.parametrize(
+    "part_bytes,segment_bytes",
+    [(PART_BYTES, SEGMENT_BYTES), (7_000, 5_000), (3_000, 8_192), (10**9, 10**9)],
+    ids=["cut", "cut-finer", "parts-under-segments", "uncut"],
+)
 def test_split_by_document_equals_the_spec(corpus, tmp_path, part_bytes, segment_bytes, capsys):
-    cfg = files_config(tmp_path, corpus, f"data.part_bytes={part_bytes}",
-                       f"data.segment_bytes={segment_bytes}")
+    cfg = files_config(
+        tmp_path, corpus, f"data.part_bytes={part_bytes}", f"data.segment_bytes={segment_bytes}"
+    )
     manifest = prepare(cfg)
     docs = spec_documents(corpus)
     expected, documents = by_document(docs, VAL_FRACTION)
@@ -253,11 +277,19 @@ def test_split_by_document_equals_the_spec(corpus, tmp_path, part_bytes, segment
     assert f"{BIG}: 3 undecodable bytes" in err
 
 
-@pytest.mark.parametrize("part_bytes,segment_bytes", [(PART_BYTES, SEGMENT_BYTES),
-                                                      (7_000, 5_000)], ids=["cut", "cut-finer"])
+@pytest.mark.parametrize(
+    "part_bytes,segment_bytes",
+    [(PART_BYTES, SEGMENT_BYTES), (7_000, 5_000)],
+    ids=["cut", "cut-finer"],
+)
 def test_split_by_text_equals_the_spec(corpus, tmp_path, part_bytes, segment_bytes):
-    cfg = files_config(tmp_path, corpus, "data.split_by=text", f"data.part_bytes={part_bytes}",
-                       f"data.segment_bytes={segment_bytes}")
+    cfg = files_config(
+        tmp_path,
+        corpus,
+        "data.split_by=text",
+        f"data.part_bytes={part_bytes}",
+        f"data.segment_bytes={segment_bytes}",
+    )
     manifest = prepare(cfg)
     expected, documents = by_text(spec_documents(corpus), VAL_FRACTION)
     assert_data_set(cfg.data_dir, manifest, expected, documents)
@@ -268,8 +300,7 @@ def test_max_documents_takes_exactly_the_first_documents(corpus, tmp_path, n):
     """3: the big single-line file, cut over several parts, is the last document taken;
     4: the next one starts a new part; 40: the limit falls inside the jsonl."""
     docs = spec_documents(corpus)
-    cfg = files_config(tmp_path, corpus, f"data.source.max_documents={n}",
-                       "data.val_fraction=0.5")
+    cfg = files_config(tmp_path, corpus, f"data.source.max_documents={n}", "data.val_fraction=0.5")
     manifest = prepare(cfg)
     expected, documents = by_document(docs[:n], 0.5)
     if n >= 3:
@@ -305,17 +336,23 @@ def corpus_offsets(corpus: Path, tmp_path) -> dict[str, int]:
     # Aiming only: the spec's documents give the characters, the plan says where cuts are.
     first = [len(s.text) for s in parts.read(big[0], cfg.data.source, SEGMENT_BYTES, parts.Notes())]
     assert len(first) >= 3
-    return {"document-boundary": starts[3], "part-boundary": starts[2] + sum(first),
-            "segment-boundary": starts[2] + first[0] + first[1], "inside-a-row": starts[10] + 7}
+    return {
+        "document-boundary": starts[3],
+        "part-boundary": starts[2] + sum(first),
+        "segment-boundary": starts[2] + first[0] + first[1],
+        "inside-a-row": starts[10] + 7,
+    }
 
 
-@pytest.mark.parametrize("where", ["document-boundary", "part-boundary", "segment-boundary",
-                                   "inside-a-row"])
+@pytest.mark.parametrize(
+    "where", ["document-boundary", "part-boundary", "segment-boundary", "inside-a-row"]
+)
 def test_split_by_text_cut_at_a_boundary(corpus, tmp_path, where):
     docs = spec_documents(corpus)
     vf = boundary_fraction(sum(map(len, docs)), corpus_offsets(corpus, tmp_path)[where])
-    cfg = files_config(tmp_path, corpus, "data.split_by=text", f"data.val_fraction={vf!r}",
-                       name="t")
+    cfg = files_config(
+        tmp_path, corpus, "data.split_by=text", f"data.val_fraction={vf!r}", name="t"
+    )
     manifest = prepare(cfg)
     expected, documents = by_text(docs, vf)
     assert_data_set(cfg.data_dir, manifest, expected, documents)
@@ -341,13 +378,19 @@ def hf_directory(directory: Path) -> list:
 def test_hf_dataset_shards_are_parts_and_give_its_rows_in_order(tmp_path, split_by, limit):
     """3 parquet files: 3 shards, so 3 parts; the 9th row with text is in the second file."""
     docs = hf_directory(tmp_path / "ds")[:limit]
-    cfg = config(tmp_path, "data.source.kind=hf", f"data.source.path={tmp_path / 'ds'}",
-                 "data.source.split=train", f"data.split_by={split_by}", "data.val_fraction=0.4",
-                 "data.shard_tokens=300", "data.part_bytes=1000",
-                 f"data.source.max_documents={limit or 'null'}")
+    cfg = config(
+        tmp_path,
+        "data.source.kind=hf",
+        f"data.source.path={tmp_path / 'ds'}",
+        "data.source.split=train",
+        f"data.split_by={split_by}",
+        "data.val_fraction=0.4",
+        "data.shard_tokens=300",
+        "data.part_bytes=1000",
+        f"data.source.max_documents={limit or 'null'}",
+    )
     found = parts.plan(cfg.data.source, 0, tmp_path, 1000, SEGMENT_BYTES)
-    assert [(p.kind, p.items) for p in found] == [("hf", [{"shard": k, "of": 3}])
-                                                 for k in range(3)]
+    assert [(p.kind, p.items) for p in found] == [("hf", [{"shard": k, "of": 3}]) for k in range(3)]
     manifest = prepare(cfg)
     expected, documents = (by_text if split_by == "text" else by_document)(docs, 0.4)
     for split in ("train", "val"):
@@ -361,9 +404,15 @@ def test_hf_dataset_shards_are_parts_and_give_its_rows_in_order(tmp_path, split_
 
 def launch_env(**extra: str) -> dict:
     """As tests/test_launch.py runs launch/multinode.sh: this venv's accelerate, CPU only."""
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-         "ACCELERATE_USE_CPU": "1", "ACCELERATE": str(BIN / "accelerate"),
-         "PYTHON": sys.executable, **extra}
+    e = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "ACCELERATE": str(BIN / "accelerate"),
+        "PYTHON": sys.executable,
+        **extra,
+    }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if key not in extra:
             e.pop(key, None)
@@ -371,8 +420,15 @@ def launch_env(**extra: str) -> dict:
 
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, deadline: float) -> str:
@@ -386,8 +442,11 @@ def finish(proc: subprocess.Popen, deadline: float) -> str:
 
 def data_set_bytes(data_dir: Path) -> dict[str, bytes]:
     """Every file of a data set but the hidden ones (.lock, .verified.json)."""
-    return {p.name: p.read_bytes() for p in sorted(data_dir.iterdir())
-            if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(data_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 @pytest.mark.slow
@@ -399,28 +458,58 @@ def test_bytes_are_the_same_for_any_number_of_workers_and_machines(corpus, tmp_p
     runs = {}
     for workers in (1, 2, 3):
         runs[f"{workers}-workers"] = start(
-            [sys.executable, "-m", "pipeline.prepare", "--config", str(config_file),
-             f"data.root={tmp_path / f'w{workers}'}", f"data.num_workers={workers}"],
-            launch_env())
+            [
+                sys.executable,
+                "-m",
+                "pipeline.prepare",
+                "--config",
+                str(config_file),
+                f"data.root={tmp_path / f'w{workers}'}",
+                f"data.num_workers={workers}",
+            ],
+            launch_env(),
+        )
     # The other layout and a document limit, on 3 workers too (checked against the spec).
     for name, extra in [("text", "data.split_by=text"), ("limit", "data.source.max_documents=40")]:
         runs[f"{name}-3-workers"] = start(
-            [sys.executable, "-m", "pipeline.prepare", "--config", str(config_file),
-             f"data.root={tmp_path / name}", "data.num_workers=3", extra], launch_env())
+            [
+                sys.executable,
+                "-m",
+                "pipeline.prepare",
+                "--config",
+                str(config_file),
+                f"data.root={tmp_path / name}",
+                "data.num_workers=3",
+                extra,
+            ],
+            launch_env(),
+        )
     port = str(free_port())
     for rank in (0, 1):
         runs[f"machine-{rank}"] = start(
-            [str(ROOT / "launch" / "multinode.sh"), str(config_file),
-             f"data.root={tmp_path / 'machines'}", "data.num_workers=2"],
-            launch_env(STAGE="prepare", NUM_NODES="2", NODE_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            [
+                str(ROOT / "launch" / "multinode.sh"),
+                str(config_file),
+                f"data.root={tmp_path / 'machines'}",
+                "data.num_workers=2",
+            ],
+            launch_env(
+                STAGE="prepare",
+                NUM_NODES="2",
+                NODE_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+        )
     logs = {name: finish(proc, deadline) for name, proc in runs.items()}
     codes = {name: proc.returncode for name, proc in runs.items()}
-    assert set(codes.values()) == {0}, "\n\n".join(f"== {n}: {codes[n]}\n{log[-3000:]}"
-                                                  for n, log in logs.items())
+    assert set(codes.values()) == {0}, "\n\n".join(
+        f"== {n}: {codes[n]}\n{log[-3000:]}" for n, log in logs.items()
+    )
     for rank in (0, 1):
-        assert re.search(rf"prepare \(machine {rank} of 2\): built [1-9]\d* parts",
-                         logs[f"machine-{rank}"]), logs[f"machine-{rank}"][-3000:]
+        assert re.search(
+            rf"prepare \(machine {rank} of 2\): built [1-9]\d* parts", logs[f"machine-{rank}"]
+        ), logs[f"machine-{rank}"][-3000:]
     assert "prepared " in logs["machine-0"] and "prepared " not in logs["machine-1"]
 
     reference = data_set_bytes(tmp_path / "w1" / "mixed")
@@ -430,8 +519,10 @@ def test_bytes_are_the_same_for_any_number_of_workers_and_machines(corpus, tmp_p
         assert sorted(other) == sorted(reference), name
         assert [f for f in reference if other[f] != reference[f]] == [], name
     docs = spec_documents(corpus)
-    for root, (expected, documents) in [("w1", by_document(docs, VAL_FRACTION)),
-                                        ("text", by_text(docs, VAL_FRACTION)),
-                                        ("limit", by_document(docs[:40], VAL_FRACTION))]:
+    for root, (expected, documents) in [
+        ("w1", by_document(docs, VAL_FRACTION)),
+        ("text", by_text(docs, VAL_FRACTION)),
+        ("limit", by_document(docs[:40], VAL_FRACTION)),
+    ]:
         data_dir = tmp_path / root / "mixed"
         assert_data_set(data_dir, load_manifest(data_dir), expected, documents)

@@ -1,6 +1,7 @@
 """The shard format is llm.c's bytes (checked with plain numpy), and damaged data sets
 are caught: a truncated shard, a wrong magic, a count that disagrees with the manifest,
 a changed byte."""
+
 import hashlib
 
 import numpy as np
@@ -52,9 +53,13 @@ def test_truncated_or_foreign_files_are_refused(tmp_path):
 
 
 def make_data_set(tmp_path):
-    return write_data_set(tmp_path, {"train": [np.arange(10), np.arange(4)], "val": []},
-                          documents={"train": 2, "val": 0}, source={"kind": "files"},
-                          settings={"split_by": "document"})
+    return write_data_set(
+        tmp_path,
+        {"train": [np.arange(10), np.arange(4)], "val": []},
+        documents={"train": 2, "val": 0},
+        source={"kind": "files"},
+        settings={"split_by": "document"},
+    )
 
 
 def test_manifest_round_trips_and_opens_its_shards(tmp_path):
@@ -86,7 +91,9 @@ def test_opening_a_split_checks_sha256_once_per_change_of_the_file(tmp_path, mon
     make_data_set(tmp_path)
     scans = []
     real_scan = shards.scan_shard
-    monkeypatch.setattr(shards, "scan_shard", lambda path: scans.append(path.name) or real_scan(path))
+    monkeypatch.setattr(
+        shards, "scan_shard", lambda path: scans.append(path.name) or real_scan(path)
+    )
     open_split(tmp_path, "train")
     assert scans == ["train_000000.bin", "train_000001.bin"]
     open_split(tmp_path, "train")  # unchanged since: remembered by size + mtime

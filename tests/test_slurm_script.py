@@ -2,6 +2,7 @@
 on are checked before anything runs, and the config path and overrides reach the launcher
 as plain arguments. Runs the script with bash and stand-ins for srun, scontrol and
 accelerate that only record what they were given (the real launch is in test_launch.py)."""
+
 from __future__ import annotations
 
 import os
@@ -42,22 +43,38 @@ def run_script(tmp_path: Path, args: list[str], **env: str) -> subprocess.Comple
     for name, text in STUBS.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-                "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1",
-                "SLURM_SUBMIT_DIR": str(job), "ACCELERATE": str(bin_dir / "accelerate"),
-                "PYTHON": str(bin_dir / "python"), **env}
-    return subprocess.run(["bash", str(SCRIPT), *args], env=full_env, capture_output=True,
-                          text=True, timeout=60, cwd=job)
+    full_env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORD": str(record),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_SUBMIT_DIR": str(job),
+        "ACCELERATE": str(bin_dir / "accelerate"),
+        "PYTHON": str(bin_dir / "python"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=job,
+    )
 
 
-@pytest.mark.parametrize("name, value", [
-    ("GPUS_PER_NODE", "1; touch {marker}"),
-    ("GPUS_PER_NODE", "x[$(touch {marker})]"),  # bash arithmetic would run this
-    ("GPUS_PER_NODE", "0"),
-    ("MASTER_PORT", "29500; touch {marker}"),
-    ("MASTER_PORT", "65536"),
-    ("SLURM_JOB_NUM_NODES", "2 $(touch {marker})"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("GPUS_PER_NODE", "1; touch {marker}"),
+        ("GPUS_PER_NODE", "x[$(touch {marker})]"),  # bash arithmetic would run this
+        ("GPUS_PER_NODE", "0"),
+        ("MASTER_PORT", "29500; touch {marker}"),
+        ("MASTER_PORT", "65536"),
+        ("SLURM_JOB_NUM_NODES", "2 $(touch {marker})"),
+    ],
+)
 def test_bad_numbers_stop_the_job_before_anything_runs(tmp_path, name, value):
     marker = tmp_path / "MARKER"
     value = value.format(marker=marker)
@@ -74,18 +91,45 @@ def test_config_path_and_overrides_reach_the_launcher_as_plain_arguments(tmp_pat
     marker = tmp_path / "MARKER"
     config = f"configs/x$(touch {marker}).yaml"
     overrides = [f"name=`touch {marker}`", f"train.lr='; touch {marker}; '", "data.name=$HOME"]
-    result = run_script(tmp_path, [config, *overrides], GPUS_PER_NODE="2", MASTER_PORT="1234",
-                        SLURM_JOB_NUM_NODES="3")
+    result = run_script(
+        tmp_path,
+        [config, *overrides],
+        GPUS_PER_NODE="2",
+        MASTER_PORT="1234",
+        SLURM_JOB_NUM_NODES="3",
+    )
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
     record = tmp_path / "record"
     assert (record / "prepare").read_text().splitlines() == [
-        "-m", "pipeline.prepare", "--config", config, *overrides]
+        "-m",
+        "pipeline.prepare",
+        "--config",
+        config,
+        *overrides,
+    ]
     assert (record / "accelerate").read_text().splitlines() == [
-        "launch", "--machine_rank", "0", "--config_file", "configs/accelerate/multi-node.yaml",
-        "--num_machines", "3", "--num_processes", "6", "--main_process_ip", "127.0.0.1",
-        "--main_process_port", "1234", "--rdzv_backend", "c10d",
-        "-m", "pipeline.train", "--config", config, *overrides]
+        "launch",
+        "--machine_rank",
+        "0",
+        "--config_file",
+        "configs/accelerate/multi-node.yaml",
+        "--num_machines",
+        "3",
+        "--num_processes",
+        "6",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        "1234",
+        "--rdzv_backend",
+        "c10d",
+        "-m",
+        "pipeline.train",
+        "--config",
+        config,
+        *overrides,
+    ]
 
 
 def test_every_srun_gets_the_jobs_cpus_per_task(tmp_path):

@@ -1,4 +1,5 @@
 """The GPT-2 BPE resolves without a network and gives OpenAI's ids."""
+
 import hashlib
 import os
 import subprocess
@@ -30,11 +31,16 @@ def test_endoftext_is_50256_and_text_roundtrips():
 
 def test_resolves_offline_into_an_empty_cache(tmp_path):
     # A fresh cache directory and no network: the files come from the local copy.
-    code = ("from pipeline.data.tokenizer import encode; print(encode('Every effort moves you'))")
-    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
-           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    code = "from pipeline.data.tokenizer import encode; print(encode('Every effort moves you'))"
+    env = {
+        "TIKTOKEN_CACHE_DIR": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[6109, 3626, 6100, 345]"
     assert len(list(tmp_path.iterdir())) == 2

@@ -7,6 +7,7 @@ computes and writes call the stage's own `run` in this process (train_runs.train
 Signals, dead launchers and exit codes are test_train_signals.py's, SIGKILL and resume
 test_faults.py's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,10 @@ def data_root(stdlib_data) -> Path:
     return stdlib_data
 
 
-MIXTURE = ("data.sources=[{name: py, weight: 3, source: {kind: python-stdlib, max_bytes: "
-           "600000}}, {name: prose, weight: 1, source: {kind: files, paths: [%s]}}]")
+MIXTURE = (
+    "data.sources=[{name: py, weight: 3, source: {kind: python-stdlib, max_bytes: "
+    "600000}}, {name: prose, weight: 1, source: {kind: files, paths: [%s]}}]"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +44,25 @@ def mixture_root(tmp_path_factory) -> tuple[Path, str]:
     prose.mkdir()
     words = "every effort moves you toward the picture that the painter made at last".split()
     for i in range(40):
-        (prose / f"{i:02d}.txt").write_text(" ".join(words[(i + k) % len(words)]
-                                                     for k in range(600)) + "\n")
+        (prose / f"{i:02d}.txt").write_text(
+            " ".join(words[(i + k) % len(words)] for k in range(600)) + "\n"
+        )
     sources = MIXTURE % prose
-    subprocess.run([sys.executable, "-m", "pipeline.prepare", f"data.root={root}",
-                    "data.name=mix", sources, "data.num_workers=2"],
-                   cwd=ROOT, env=env(), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.prepare",
+            f"data.root={root}",
+            "data.name=mix",
+            sources,
+            "data.num_workers=2",
+        ],
+        cwd=ROOT,
+        env=env(),
+        check=True,
+        capture_output=True,
+    )
     return root, sources
 
 
@@ -59,10 +75,18 @@ def trained_run(data_root, tmp_path_factory):
     """One 60-step run (offline W&B) that several tests read: (its directory, what it
     printed)."""
     runs = tmp_path_factory.mktemp("runs")
-    args = train_args(data_root, runs, "falls", "train.max_steps=60", "eval.every_steps=30",
-                      "train.log_every_steps=1", "train.warmup_steps=5",
-                      "checkpoint.every_steps=60", "tracking.wandb.mode=offline",
-                      "train.precision=auto")
+    args = train_args(
+        data_root,
+        runs,
+        "falls",
+        "train.max_steps=60",
+        "eval.every_steps=30",
+        "train.log_every_steps=1",
+        "train.warmup_steps=5",
+        "checkpoint.every_steps=60",
+        "tracking.wandb.mode=offline",
+        "train.precision=auto",
+    )
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.delenv("WANDB_MODE", raising=False)  # the config's offline decides
@@ -79,8 +103,17 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     first_loss = next(r["loss"] for r in rows if "loss" in r)
     assert first_loss > 10.0  # about ln(50257) = 10.8 at the start
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < first_loss - 2.5
-    names = {"step", "tokens", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-             "step_time"}
+    names = {
+        "step",
+        "tokens",
+        "loss",
+        "val_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "step_time",
+    }
     assert names <= set(rows[-1]), names - set(rows[-1])
     assert rows[-1]["tokens"] == 60 * 4 * 64
     assert (run_dir / "loss.png").stat().st_size > 1000
@@ -89,6 +122,7 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     assert "done: 60 steps" in printed
     # auto says what it chose and why: bf16 only where this CPU has bf16 units.
     from pipeline.training.precision import cpu_bf16_flags
+
     chosen = "bf16" if cpu_bf16_flags() else "no"
     assert f"precision: {chosen} (auto: this CPU has" in printed
 
@@ -96,10 +130,16 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
 @pytest.mark.golden
 @pytest.mark.parametrize("data", ["one source", "mixture"])
 def test_two_processes_match_one_with_accumulation_and_resume_across_process_counts(
-        data_root, mixture_root, tmp_path, free_port, data):
+    data_root, mixture_root, tmp_path, free_port, data
+):
     # Constant lr, so that runs of different lengths share one schedule.
-    common = ["train.log_every_steps=1", "eval.every_steps=1000", "train.lr=1e-3",
-              "train.min_lr=1e-3", "checkpoint.every_steps=3"]
+    common = [
+        "train.log_every_steps=1",
+        "eval.every_steps=1000",
+        "train.lr=1e-3",
+        "train.min_lr=1e-3",
+        "checkpoint.every_steps=3",
+    ]
     if data == "mixture":  # each sample drawn from a source by the weights, as for one
         data_root, sources = mixture_root
         common += ["data.source=null", sources]
@@ -108,30 +148,52 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
         return globals()["train_args"](*args, data_name="mix" if data == "mixture" else "stdlib")
 
     def one_process() -> list[float]:  # the reference, unless tests/golden has it
-        train_here(train_args(data_root, tmp_path, "one", *common,
-                              f"train.max_steps={3 if data == 'mixture' else 6}",
-                              "train.grad_accum_steps=2"))
+        train_here(
+            train_args(
+                data_root,
+                tmp_path,
+                "one",
+                *common,
+                f"train.max_steps={3 if data == 'mixture' else 6}",
+                "train.grad_accum_steps=2",
+            )
+        )
         return [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
 
     data_dir = data_root / ("mix" if data == "mixture" else "stdlib")
-    expected = reference_losses(f"accumulation-2-{data.replace(' ', '-')}", data_dir,
-                                one_process)
+    expected = reference_losses(f"accumulation-2-{data.replace(' ', '-')}", data_dir, one_process)
     # Two processes with micro batch 4 = one process with micro batch 4 and 2 accumulation
     # steps: the same global batch, so the same samples in each step.
     two_env = {**env(), "ACCELERATE_USE_CPU": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                "--monitor_interval", "1", "-m"]
-    two = run_train(train_args(data_root, tmp_path, "two", *common, "train.max_steps=3"),
-                    launcher, env=two_env)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--monitor_interval",
+        "1",
+        "-m",
+    ]
+    two = run_train(
+        train_args(data_root, tmp_path, "two", *common, "train.max_steps=3"), launcher, env=two_env
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("checkpoint: ") == 1  # printed by the main process only
     # ... and the two-process run resumes on one process, continuing the same data order
     # (for a mixture the loader tests show that resume; here 3 steps of 2 processes do).
     steps = 3 if data == "mixture" else 6
     if data != "mixture":
-        resumed = run_train(train_args(data_root, tmp_path, "two", *common, "train.max_steps=6",
-                                       "train.grad_accum_steps=2"))
+        resumed = run_train(
+            train_args(
+                data_root, tmp_path, "two", *common, "train.max_steps=6", "train.grad_accum_steps=2"
+            )
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "Resumed from" in resumed.stdout
     expected = expected[:steps]
@@ -145,34 +207,53 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
 
 
 def test_a_muon_run_trains_and_resumes(data_root, tmp_path, capsys):
-    args = ["train.optimizer=muon", "train.max_steps=2", "eval.every_steps=1000",
-            "checkpoint.every_steps=2"]
+    args = [
+        "train.optimizer=muon",
+        "train.max_steps=2",
+        "eval.every_steps=1000",
+        "checkpoint.every_steps=2",
+    ]
     assert train_here(train_args(data_root, tmp_path, "muon", *args))["steps"] == 2
-    assert train_here(train_args(data_root, tmp_path, "muon", *args, "train.max_steps=4"))[
-        "steps"] == 4
+    assert (
+        train_here(train_args(data_root, tmp_path, "muon", *args, "train.max_steps=4"))["steps"]
+        == 4
+    )
     assert "Resumed from" in capsys.readouterr().out
     assert [r["step"] for r in metrics(tmp_path / "muon")] == [2, 4]
 
 
 def test_tensorboard_and_offline_wandb_get_the_metrics_and_the_environment_is_honoured(
-        data_root, tmp_path, monkeypatch):
+    data_root, tmp_path, monkeypatch
+):
     """TensorBoard's event files, read back with TensorBoard's own reader, hold the loss of
     every logged step; the offline W&B run takes WANDB_PROJECT / WANDB_RUN_GROUP (the config
     leaves them null) and holds the samples table."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for name, value in {"WANDB_MODE": "offline", "WANDB_PROJECT": "project-from-env",
-                        "WANDB_RUN_GROUP": "group-from-env"}.items():
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_PROJECT": "project-from-env",
+        "WANDB_RUN_GROUP": "group-from-env",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    train_here(train_args(data_root, tmp_path, "tracked", "train.max_steps=4",
-                          "train.log_every_steps=1", "eval.every_steps=2",
-                          "tracking.log_with=[wandb, tensorboard]"))
+    train_here(
+        train_args(
+            data_root,
+            tmp_path,
+            "tracked",
+            "train.max_steps=4",
+            "train.log_every_steps=1",
+            "eval.every_steps=2",
+            "tracking.log_with=[wandb, tensorboard]",
+        )
+    )
     rows = metrics(tmp_path / "tracked")
     (event_file,) = (tmp_path / "tracked" / "tensorboard").glob("*/events.out.tfevents.*")
     events = EventAccumulator(str(event_file.parent)).Reload()
     assert [(s.step, round(s.value, 4)) for s in events.Scalars("loss")] == [
-        (r["step"], round(r["loss"], 4)) for r in rows if "loss" in r]
+        (r["step"], round(r["loss"], 4)) for r in rows if "loss" in r
+    ]
     assert [s.step for s in events.Scalars("val_loss")] == [2, 4]
     (run_file,) = (tmp_path / "tracked").glob("wandb/offline-run-*/run-*.wandb")
     data = run_file.read_bytes()
@@ -203,7 +284,8 @@ print(json.dumps({
 
 
 def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_generates(
-        trained_run, tmp_path, capsys):
+    trained_run, tmp_path, capsys
+):
     """Exported and sampled through gpt-pipeline's own dispatch (in this process), then read
     by transformers in a fresh interpreter, which must know nothing of this project."""
     from pipeline.cli import main as gpt_pipeline
@@ -215,12 +297,24 @@ def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_
     prompts = ["Every effort moves you", "def main():", "naïve café — 東京"]
     texts = prompts + ["tabs\tand  spaces, emoji 😀", "end<|endoftext|>start"]
     capsys.readouterr()
-    gpt_pipeline(["generate", "--model", str(export), "--max-new-tokens", "10",
-                  *[arg for p in prompts for arg in ("--prompt", p)]])
-    ours = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")[:len(prompts)]
-    hf = subprocess.run([sys.executable, "-c", HF_SIDE, str(export), json.dumps(prompts),
-                         json.dumps(texts)], env=env(), capture_output=True, text=True,
-                        timeout=300)
+    gpt_pipeline(
+        [
+            "generate",
+            "--model",
+            str(export),
+            "--max-new-tokens",
+            "10",
+            *[arg for p in prompts for arg in ("--prompt", p)],
+        ]
+    )
+    ours = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")[: len(prompts)]
+    hf = subprocess.run(
+        [sys.executable, "-c", HF_SIDE, str(export), json.dumps(prompts), json.dumps(texts)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert hf.returncode == 0, hf.stderr[-3000:]
     got = json.loads(hf.stdout.strip().splitlines()[-1])
     assert got["ids"] == [encode(t) for t in texts]
@@ -228,22 +322,52 @@ def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_
     assert got["model"] == got["pipeline"] == ours
 
 
-def test_a_task_scored_during_training_is_logged_beside_the_val_loss(data_root, tmp_path,
-                                                                     capsys):
+def test_a_task_scored_during_training_is_logged_beside_the_val_loss(data_root, tmp_path, capsys):
     """eval.tasks: acc and acc_norm at the evaluations, equal to what the evaluate stage
     gives the same checkpoint, and a second panel in loss.png."""
     task = tmp_path / "mine.jsonl"
-    task.write_text("".join(json.dumps({"context": f"Line {i} of the file says", "choices": [
-        " hello", " def main():", " import os", " the end"], "label": i % 4}) + "\n"
-        for i in range(12)))
-    train_here(train_args(data_root, tmp_path, "tasks", "train.max_steps=4",
-                          "eval.every_steps=2", "eval.tasks=[mc]", f"eval.task_file={task}",
-                          "eval.task_every_steps=4", "checkpoint.every_steps=4"))
+    task.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "context": f"Line {i} of the file says",
+                    "choices": [" hello", " def main():", " import os", " the end"],
+                    "label": i % 4,
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
+    train_here(
+        train_args(
+            data_root,
+            tmp_path,
+            "tasks",
+            "train.max_steps=4",
+            "eval.every_steps=2",
+            "eval.tasks=[mc]",
+            f"eval.task_file={task}",
+            "eval.task_every_steps=4",
+            "checkpoint.every_steps=4",
+        )
+    )
     rows = [r for r in metrics(tmp_path / "tasks") if "val_loss" in r]
     assert [("mc_acc_norm" in r) for r in rows] == [False, True]  # step 2: not due
     assert "mc_acc_norm" in capsys.readouterr().out
     from pipeline.evaluate import main as evaluate_main
-    got = evaluate_main(["--model", str(tmp_path / "tasks"), "--task", "mc", "--task-file",
-                         str(task), "--out", str(tmp_path / "eval.json")])
+
+    got = evaluate_main(
+        [
+            "--model",
+            str(tmp_path / "tasks"),
+            "--task",
+            "mc",
+            "--task-file",
+            str(task),
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert (got["acc"], got["acc_norm"]) == (rows[-1]["mc_acc"], rows[-1]["mc_acc_norm"])
     assert (tmp_path / "tasks" / "loss.png").stat().st_size > 1000

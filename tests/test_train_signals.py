@@ -2,6 +2,7 @@
 do not form, a second training, a non-finite loss. Real processes, since signals, exit
 codes and process counts are what is under test; the run's own behaviour is in
 test_train.py (the two files run on different pytest workers)."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,17 @@ def data_root(stdlib_data) -> Path:
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(data_root, tmp_path):
     cmd = [sys.executable, "-m", "pipeline.train"] + train_args(
-        data_root, tmp_path, "term", "train.max_steps=100000", "train.log_every_steps=1",
-        "eval.every_steps=100000", "checkpoint.every_steps=100000")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+        data_root,
+        tmp_path,
+        "term",
+        "train.max_steps=100000",
+        "train.log_every_steps=1",
+        "eval.every_steps=100000",
+        "checkpoint.every_steps=100000",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     log = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (log.is_file() and log.read_text().count("\n") >= 3) and time.time() < deadline:
@@ -47,10 +55,19 @@ def test_non_finite_loss_stops_naming_the_step(data_root, tmp_path):
     """A PipelineError, which every stage's main prints as one paragraph with exit code 2
     (tests/test_bad_input.py); in this process, since no signal or exit code is under test."""
     with pytest.raises(PipelineError, match="at step"):
-        train_here(train_args(data_root, tmp_path, "nan", "train.max_steps=20",
-                              "train.lr=1e30", "train.grad_clip=null",
-                              "train.log_every_steps=1", "eval.every_steps=1000",
-                              "checkpoint.every_steps=1000"))
+        train_here(
+            train_args(
+                data_root,
+                tmp_path,
+                "nan",
+                "train.max_steps=20",
+                "train.lr=1e30",
+                "train.grad_clip=null",
+                "train.log_every_steps=1",
+                "eval.every_steps=1000",
+                "checkpoint.every_steps=1000",
+            )
+        )
     assert not (tmp_path / "nan" / "checkpoints").exists()
 
 
@@ -58,9 +75,11 @@ def test_non_finite_loss_stops_naming_the_step(data_root, tmp_path):
 def test_sigterm_during_startup_is_a_clean_stop(data_root, tmp_path, after):
     """While torch loads (0.3 s) and while the stage sets up (3 s): exit 0, no traceback."""
     cmd = [sys.executable, "-m", "pipeline.train"] + train_args(
-        data_root, tmp_path, "early", "train.max_steps=100000", "eval.every_steps=100000")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+        data_root, tmp_path, "early", "train.max_steps=100000", "eval.every_steps=100000"
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(after)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -75,30 +94,66 @@ KILLED_LAUNCHERS = {
     # accelerate's simple launcher tees the worker's stderr through a pipe (1.16 on): the
     # worker's next write after the kill meets a broken pipe.
     "accelerate": lambda port: [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "pipeline.train"],
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "pipeline.train",
+    ],
     # accelerate's multi-process path (torch elastic inside the launcher), two workers.
     "multinode.sh": lambda port: [
-        "env", f"MASTER_PORT={port}", "GPUS_PER_NODE=2",
+        "env",
+        f"MASTER_PORT={port}",
+        "GPUS_PER_NODE=2",
         f"ACCELERATE={Path(sys.executable).parent / 'accelerate'}",
-        str(ROOT / "launch" / "multinode.sh"), str(ROOT / "configs" / "tiny.yaml")],
+        str(ROOT / "launch" / "multinode.sh"),
+        str(ROOT / "configs" / "tiny.yaml"),
+    ],
     "torchrun": lambda port: [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-        "--master_port", str(port), "-m", "pipeline.train"],
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(port),
+        "-m",
+        "pipeline.train",
+    ],
 }
 
 
 @pytest.mark.parametrize("launcher", KILLED_LAUNCHERS)
-def test_workers_of_a_killed_launcher_checkpoint_and_exit_0(data_root, tmp_path, free_port,
-                                                             launcher):
+def test_workers_of_a_killed_launcher_checkpoint_and_exit_0(
+    data_root, tmp_path, free_port, launcher
+):
     command = KILLED_LAUNCHERS[launcher](free_port()) + train_args(
-        data_root, tmp_path, "orphan", "train.max_steps=100000", "train.log_every_steps=1",
-        "eval.every_steps=100000", "checkpoint.every_steps=100000")
-    harness = [sys.executable, str(ROOT / "tests" / "launcher_harness.py"),
-               str(tmp_path / "orphan"), "300", "--", *command]
-    out = subprocess.run(harness, cwd=ROOT, env=env(), capture_output=True, text=True,
-                         timeout=400)
+        data_root,
+        tmp_path,
+        "orphan",
+        "train.max_steps=100000",
+        "train.log_every_steps=1",
+        "eval.every_steps=100000",
+        "checkpoint.every_steps=100000",
+    )
+    harness = [
+        sys.executable,
+        str(ROOT / "tests" / "launcher_harness.py"),
+        str(tmp_path / "orphan"),
+        "300",
+        "--",
+        *command,
+    ]
+    out = subprocess.run(harness, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr
     workers = json.loads(out.stdout)["workers"]
     assert workers and set(workers.values()) == {0}, workers  # a clean stop, every one
@@ -111,9 +166,19 @@ def test_workers_of_a_killed_launcher_checkpoint_and_exit_0(data_root, tmp_path,
 def test_a_run_piped_into_head_finishes_and_exits_0(data_root, tmp_path):
     """`python -m pipeline.train ... | head -1`: head reads one line and exits."""
     train = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train",
-         *train_args(data_root, tmp_path, "head", "train.max_steps=12", "train.log_every_steps=1")],
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            *train_args(
+                data_root, tmp_path, "head", "train.max_steps=12", "train.log_every_steps=1"
+            ),
+        ],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     head = subprocess.run(["head", "-1"], stdin=train.stdout, capture_output=True, timeout=300)
     train.stdout.close()  # only head holds the pipe's reading end, and head is gone
     assert train.wait(timeout=300) == 0 and head.stdout
@@ -127,9 +192,23 @@ def test_processes_that_form_no_group_are_stopped_with_the_fix(data_root, tmp_pa
     without ACCELERATE_USE_CPU=1: Accelerate makes no group of the two processes."""
     e = env()
     e.pop("ACCELERATE_USE_CPU", None)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                "--num_processes", "2", "--num_machines", "1", "--main_process_port",
-                str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+    ]
     out = run_train(train_args(data_root, tmp_path, "split", "train.max_steps=2"), launcher, env=e)
     assert out.returncode != 0
     message = " ".join(out.stderr.split())

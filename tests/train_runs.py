@@ -2,6 +2,7 @@
 process, the prepared slice of the standard library (prepared once per run of the suite),
 the command that trains, and training in the test's own process where the process is not
 what is under test."""
+
 from __future__ import annotations
 
 import fcntl
@@ -13,14 +14,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = [
-    "model.context_length=64", "model.emb_dim=64", "model.n_heads=4", "model.n_layers=2",
-    "model.tie_embeddings=true", "model.drop_rate=0.0",
+    "model.context_length=64",
+    "model.emb_dim=64",
+    "model.n_heads=4",
+    "model.n_layers=2",
+    "model.tie_embeddings=true",
+    "model.drop_rate=0.0",
 ]
 
 
 def env() -> dict:
-    e = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
-         "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    e = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     e.pop("WANDB_API_KEY", None)
     return e
 
@@ -28,10 +38,22 @@ def env() -> dict:
 def prepare_stdlib(root: Path) -> Path:
     """About 300k tokens of the Python standard library, prepared by the prepare stage
     into root/stdlib."""
-    subprocess.run([sys.executable, "-m", "pipeline.prepare", f"data.root={root}",
-                    "data.name=stdlib", "data.source.kind=python-stdlib",
-                    "data.source.max_bytes=1000000", "data.num_workers=2"],
-                   cwd=ROOT, env=env(), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.prepare",
+            f"data.root={root}",
+            "data.name=stdlib",
+            "data.source.kind=python-stdlib",
+            "data.source.max_bytes=1000000",
+            "data.num_workers=2",
+        ],
+        cwd=ROOT,
+        env=env(),
+        check=True,
+        capture_output=True,
+    )
     return root
 
 
@@ -51,21 +73,34 @@ def shared_stdlib(tmp_path_factory) -> Path:
     return root
 
 
-def train_args(data_root: Path, runs: Path, name: str, *extra: str,
-               data_name: str = "stdlib") -> list[str]:
-    return [f"data.root={data_root}", f"data.name={data_name}", f"runs_root={runs}", f"name={name}",
-            *TINY_MODEL, "train.micro_batch_size=4", "train.lr=3e-3", "eval.batches=4",
-            "eval.max_new_tokens=8", "checkpoint.keep_last=0", *extra]
+def train_args(
+    data_root: Path, runs: Path, name: str, *extra: str, data_name: str = "stdlib"
+) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        f"data.name={data_name}",
+        f"runs_root={runs}",
+        f"name={name}",
+        *TINY_MODEL,
+        "train.micro_batch_size=4",
+        "train.lr=3e-3",
+        "eval.batches=4",
+        "eval.max_new_tokens=8",
+        "checkpoint.keep_last=0",
+        *extra,
+    ]
 
 
 def run_train(args: list[str], launcher: list[str] | None = None, **kw):
     cmd = (launcher or [sys.executable, "-m"]) + ["pipeline.train"] + args
-    return subprocess.run(cmd, cwd=ROOT, env=kw.pop("env", env()), capture_output=True,
-                          text=True, timeout=600, **kw)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=kw.pop("env", env()), capture_output=True, text=True, timeout=600, **kw
+    )
 
 
-def train_here(args: list[str], config_file: Path | None = None,
-               wandb_mode: str | None = "disabled") -> dict:
+def train_here(
+    args: list[str], config_file: Path | None = None, wandb_mode: str | None = "disabled"
+) -> dict:
     """Train in this process through the stage's own `run` (what `python -m
     pipeline.train` calls after parsing): for tests of what a run computes and writes,
     which need no interpreter of their own. Accelerate's process state is a singleton, so

@@ -13,6 +13,7 @@ naming the key and the valid choices.
 
 Knows nothing about what the stages do with the values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,9 +39,24 @@ from pipeline.training.config import (
     WandbConfig,
 )
 
-__all__ = ["SOURCE_KEYS", "SHAPE_KEYS", "TRACKERS", "CheckpointConfig", "Config", "ConfigError",
-           "DataConfig", "EvalConfig", "ModelConfig", "SourceConfig", "TrackingConfig",
-           "TrainConfig", "WandbConfig", "WeightedSource", "check", "require"]
+__all__ = [
+    "SOURCE_KEYS",
+    "SHAPE_KEYS",
+    "TRACKERS",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "SourceConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "WeightedSource",
+    "check",
+    "require",
+]
 
 # A run or data set name becomes a directory and reaches shells: plain names only.
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -62,18 +78,30 @@ class Config(Section):
     def __post_init__(self) -> None:
         """The rules that span sections; each section has checked its own values."""
         for key, value in (("name", self.name), ("data.name", self.data.name)):
-            require(bool(PLAIN_NAME.match(value)), key, value,
-                    "a plain name: letters, digits, '.', '_' and '-', not starting with '.' or "
-                    "'-' (it becomes a directory under the runs or data root)")
+            require(
+                bool(PLAIN_NAME.match(value)),
+                key,
+                value,
+                "a plain name: letters, digits, '.', '_' and '-', not starting with '.' or "
+                "'-' (it becomes a directory under the runs or data root)",
+            )
         for key, value in (("runs_root", self.runs_root), ("data.root", self.data.root)):
             require(bool(value.strip()), key, value, "a directory path")
         require(0 <= self.seed <= SEED_MAX, "seed", self.seed, "0 .. 2**64 - 1")
         if self.data.sources:
-            require(self.train.order == "shuffle", "train.order", self.train.order,
-                    "shuffle with data.sources (the book's order draws from one source)")
+            require(
+                self.train.order == "shuffle",
+                "train.order",
+                self.train.order,
+                "shuffle with data.sources (the book's order draws from one source)",
+            )
         top_k, vocab = self.eval.top_k, self.model.vocab_size
-        require(top_k is None or top_k <= vocab, "eval.top_k", top_k,
-                f"null or 1 .. model.vocab_size ({vocab})")
+        require(
+            top_k is None or top_k <= vocab,
+            "eval.top_k",
+            top_k,
+            f"null or 1 .. model.vocab_size ({vocab})",
+        )
 
     @property
     def data_dir(self) -> Path:
@@ -94,10 +122,11 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def parse_yaml(text: str):
@@ -116,8 +145,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         except RecursionError:
-            raise ConfigError(f"{path} is not a config: it nests deeper than any config "
-                              f"does") from None
+            raise ConfigError(
+                f"{path} is not a config: it nests deeper than any config does"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     for item in overrides:
@@ -149,17 +179,20 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(config: Any) -> dict:
     """The config as plain YAML-able data (tuples become lists)."""
+
     def plain(value):
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
+
     return plain(dataclasses.asdict(config))
 
 
 def save_config(config: Config, path: Path) -> None:
     from pipeline.core.fileio import atomic_write_text
+
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
@@ -175,7 +208,8 @@ def _build(cls, raw: Any, where: str):
             hint = f"did you mean {' or '.join(near)}? " if near else ""
             raise ConfigError(
                 f"unknown config key '{where}{key}'; {hint}valid keys here: {', '.join(names)}"
-                f" (`gpt-pipeline train --help` lists every key)")
+                f" (`gpt-pipeline train --help` lists every key)"
+            )
         kwargs[key] = coerce(hints[key], value, f"{where}{key}")
     with located(where):  # the section names its keys where it sits
         return cls(**kwargs)
@@ -268,6 +302,7 @@ def schema_keys(cls=None, prefix: str = "") -> list[str]:
 def nearest_keys(key: str, limit: int = 3) -> list[str]:
     """The valid keys most like `key` (a typo's likely meaning), best first."""
     import difflib
+
     keys = schema_keys()
     close = difflib.get_close_matches(key, keys, n=limit, cutoff=0.6)
     if not close:  # a right leaf under a wrong section: train.temperature -> eval.temperature

@@ -1,6 +1,7 @@
 """`python -m pipeline.config --config CONFIG [key=value ...] --get KEY` prints one
 resolved value (the Makefile asks it where a config's data and run live); without --get it
 prints the whole resolved config as YAML. The `gpt-pipeline config` stage."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     if dataclasses.is_dataclass(value):
         value = to_dict(value)
     if isinstance(value, (list, tuple, dict)):
-        value = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
-                               default_flow_style=True).strip()
+        value = yaml.safe_dump(
+            list(value) if isinstance(value, tuple) else value, default_flow_style=True
+        ).strip()
     print(value)
 
 

@@ -12,6 +12,7 @@ so every flag these stages had keeps working as written.
 Strings are taken as typed (a prompt `yes` or `1e3` stays that text); every other value
 is read as YAML and checked against the field's type, as train's overrides are.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,10 @@ def parse_options(schema: type, argv: list[str] | None, usage: Usage):
         return schema(**given)
     except TypeError as e:  # a field without a default was not given
         missing = re.findall(r"'(\w+)'", str(e))
-        raise ConfigError(f"{usage.prog}: {_flag(missing[0]) if missing else 'an option'} "
-                          f"is required (--help lists the options)") from None
+        raise ConfigError(
+            f"{usage.prog}: {_flag(missing[0]) if missing else 'an option'} "
+            f"is required (--help lists the options)"
+        ) from None
 
 
 def _split(arg: str, fields: dict, hints: dict, rest, usage: Usage) -> tuple[str, Any]:
@@ -139,17 +142,23 @@ def _unknown(arg: str, fields: dict, usage: Usage) -> typing.NoReturn:
     key = arg.lstrip("-").partition("=")[0].replace("-", "_")
     near = difflib.get_close_matches(key, list(fields), n=2, cutoff=0.6)
     hint = f"; did you mean {' or '.join(_flag(n) for n in near)}?" if near else ""
-    raise ConfigError(f"{usage.prog}: unknown option {arg!r}{hint} Its options are "
-                      f"{', '.join(_flag(n) for n in fields)} (each also as key=value; "
-                      f"--help says what they mean)")
+    raise ConfigError(
+        f"{usage.prog}: unknown option {arg!r}{hint} Its options are "
+        f"{', '.join(_flag(n) for n in fields)} (each also as key=value; "
+        f"--help says what they mean)"
+    )
 
 
 def help_text(schema: type, usage: Usage, width: int = 100) -> str:
     """The stage's --help: its description, then each option with its type, default and
     the field's own help."""
     hints = typing.get_type_hints(schema)
-    lines = [f"usage: {usage.prog} [--KEY VALUE | KEY=VALUE ...]", "",
-             *textwrap.wrap(usage.description, width), ""]
+    lines = [
+        f"usage: {usage.prog} [--KEY VALUE | KEY=VALUE ...]",
+        "",
+        *textwrap.wrap(usage.description, width),
+        "",
+    ]
     if usage.examples:
         lines += [usage.examples.rstrip(), ""]
     lines.append("options (each as --key value, --key=value or key=value; --help shows this):")
@@ -162,8 +171,9 @@ def help_text(schema: type, usage: Usage, width: int = 100) -> str:
             lines.append(head + "  (required)")
         else:
             lines.append(head + (f"  (default: {default})" if default is not None else ""))
-        lines += textwrap.wrap(field_help(f), width, initial_indent=" " * 8,
-                               subsequent_indent=" " * 8)
+        lines += textwrap.wrap(
+            field_help(f), width, initial_indent=" " * 8, subsequent_indent=" " * 8
+        )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ code. A failed stream never raises.
 
 This module knows nothing of stages; cli_main installs it before a stage's main runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,10 @@ class ResilientStream:
     def _divert(self, error: Exception) -> None:
         self.lost = getattr(error, "strerror", None) or str(error) or type(error).__name__
         _point_at_devnull(self._inner)
-        _append_to_fallback(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {self._name} went away "
-                            f"({self.lost}); its output continues here\n")
+        _append_to_fallback(
+            f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {self._name} went away "
+            f"({self.lost}); its output continues here\n"
+        )
 
     def __getattr__(self, attribute):
         return getattr(self._inner, attribute)

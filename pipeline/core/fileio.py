@@ -3,6 +3,7 @@
 Everything the pipeline writes that another stage reads goes through here: write to a
 temporary name in the same directory, flush to disk, then rename over the target.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -10,6 +10,7 @@ The holder writes its pid and host into the file so that a refusal can say who h
 Filesystems without locking answer ENOLCK or EOPNOTSUPP: there the run goes on without
 the lock, after a warning, rather than refusing to work at all.
 """
+
 from __future__ import annotations
 
 import errno
@@ -55,14 +56,19 @@ def _acquire(fd: int, path: Path, what: str) -> bool:
             return _no_locking(e, path, what)
         holder = os.pread(fd, 200, 0).decode(errors="replace").split()
         who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
-        raise Busy(f"{path.parent} is in use: {who} is running {what} there (it holds "
-                   f"{path}). Two at once would overwrite each other's files; wait for it to "
-                   f"finish or stop it, or use another name.") from None
+        raise Busy(
+            f"{path.parent} is in use: {who} is running {what} there (it holds "
+            f"{path}). Two at once would overwrite each other's files; wait for it to "
+            f"finish or stop it, or use another name."
+        ) from None
 
 
 def _no_locking(e: OSError, path: Path, what: str) -> bool:
     if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         raise e
-    log.warn(f"{path.parent} cannot be locked on this filesystem ({e.strerror}); make sure "
-             f"no other {what} uses it at the same time", everywhere=True)
+    log.warn(
+        f"{path.parent} cannot be locked on this filesystem ({e.strerror}); make sure "
+        f"no other {what} uses it at the same time",
+        everywhere=True,
+    )
     return False

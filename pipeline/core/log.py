@@ -11,6 +11,7 @@ only one process knows about itself. While a progress bar holds the terminal
 (or `set_quiet`) keeps warnings and errors and drops the rest. Errors that end a stage
 are not logged: they are raised as PipelineError and printed once by cli_main.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -9,6 +9,7 @@ names the full key as the user wrote it (`model.n_heads`, or
 `data.sources[1].source.max_bytes` for the same field in a mixture), because the loader
 tells the section where it sits (`located`) while building it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,13 @@ class ConfigError(PipelineError):
     """A config file, override or option that does not fit the schema."""
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, metavar: str = "",
-            default_factory: Any = dataclasses.MISSING):
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    metavar: str = "",
+    default_factory: Any = dataclasses.MISSING,
+):
     """A documented field: its default (or default_factory) and what it means."""
     meta = {HELP: help, "metavar": metavar}
     if default_factory is not dataclasses.MISSING:
@@ -80,5 +86,8 @@ class Section:
         this (e.g. "null for all")."""
         for name in names:
             value = getattr(self, name)
-            self.require((bool(nullable) and value is None) or (value is not None and value > 0),
-                         name, "a positive count" + (f", or {nullable}" if nullable else ""))
+            self.require(
+                (bool(nullable) and value is None) or (value is not None and value > 0),
+                name,
+                "a positive count" + (f", or {nullable}" if nullable else ""),
+            )

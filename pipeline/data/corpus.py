@@ -22,6 +22,7 @@ with no files or no text at all raises `CorpusError` saying what to change.
 How a source is cut into parts and read part by part is pipeline/data/parts.py's. Knows
 nothing about tokens, splits or shards.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -132,7 +133,8 @@ def resolve_files(patterns: Iterable[str]) -> list[Path]:
             raise CorpusError(
                 f"data.source.paths entry '{pattern}' matches no file "
                 f"(looked from {Path.cwd()}; directories are searched for "
-                f"{', '.join(KNOWN_EXTS)}). Fix the path or the pattern.")
+                f"{', '.join(KNOWN_EXTS)}). Fix the path or the pattern."
+            )
         for match in matches:
             files.setdefault(match.resolve(), match)
     return list(files.values())
@@ -149,9 +151,10 @@ def _expand(pattern: str) -> list[Path]:
 
 
 def _in_directory(directory: Path) -> list[Path]:
-    return sorted((p for p in directory.rglob("*")
-                   if p.is_file() and p.suffix.lower() in KNOWN_EXTS),
-                  key=lambda p: p.as_posix())
+    return sorted(
+        (p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_EXTS),
+        key=lambda p: p.as_posix(),
+    )
 
 
 def file_format(path: Path) -> str:
@@ -166,12 +169,15 @@ def file_format(path: Path) -> str:
 def load_files(builder: str, files: list[Path]):
     """`datasets`' streaming loader over local files."""
     import datasets  # imported here: it is slow to import and only these kinds need it
+
     try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files],
-                                     split="train", streaming=True)
+        return datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", streaming=True
+        )
     except Exception as e:  # datasets raises many types for unreadable input
-        raise CorpusError(f"could not open {', '.join(map(str, files))} as {builder} "
-                          f"({type(e).__name__}: {e})") from None
+        raise CorpusError(
+            f"could not open {', '.join(map(str, files))} as {builder} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def read_rows(rows, what: str) -> Iterator[dict]:
@@ -243,8 +249,10 @@ class RowCheck:
         if self.missing:
             parts.append(f"{self.missing:,} {of} had no '{field_name}' field (or a null one)")
         if self.not_text:
-            parts.append(f"{sum(self.not_text.values()):,} {of} held "
-                         f"{_types(self.not_text)}, not text, in '{field_name}'")
+            parts.append(
+                f"{sum(self.not_text.values()):,} {of} held "
+                f"{_types(self.not_text)}, not text, in '{field_name}'"
+            )
         return "; ".join(parts) + "; they were skipped"
 
     def _no_text_error(self, field_name: str) -> CorpusError:
@@ -253,11 +261,13 @@ class RowCheck:
             return CorpusError(
                 f"no row of {where} has text in '{field_name}': it holds "
                 f"{_types(self.not_text)} where it is not null; set data.source.text_field "
-                f"to a text column.")
+                f"to a text column."
+            )
         return CorpusError(
             f"no row of {where} has a '{field_name}' field (the fields the rows have: "
             f"{', '.join(sorted(self.fields)) or 'none'}); set data.source.text_field to "
-            f"the one that holds the text.")
+            f"the one that holds the text."
+        )
 
 
 def _types(counts: dict[str, int]) -> str:
@@ -273,8 +283,13 @@ def _some(names: list[str], shown: int = 3) -> str:
 # ----------------------------------------------------------------------------- url
 
 
-def download(url: str, directory: Path, sha256: str | None = None,
-             max_bytes: int | None = None, warn: Warn = log.warn) -> Path:
+def download(
+    url: str,
+    directory: Path,
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+    warn: Warn = log.warn,
+) -> Path:
     """The file at `url`, fetched once into `directory` and reused after.
 
     With `sha256`, a download must have that hash, and a cached copy is checked again
@@ -291,16 +306,17 @@ def download(url: str, directory: Path, sha256: str | None = None,
         actual = file_sha256(target)
         if actual == sha256.lower():
             return target
-        stale = (f"the cached {target} has sha256 {actual}, not data.source.sha256 "
-                 f"{sha256.lower()}")
+        stale = f"the cached {target} has sha256 {actual}, not data.source.sha256 {sha256.lower()}"
         warn(f"{stale}: downloading it again")
     try:
         _fetch(url, target, sha256, max_bytes)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise CorpusError(
-            f"could not download data.source.url {url} ({e})" + (f"; {stale}" if stale else "")
+            f"could not download data.source.url {url} ({e})"
+            + (f"; {stale}" if stale else "")
             + ". Check the address, or download the file yourself and use kind: files with "
-              "paths: [that file].") from None
+            "paths: [that file]."
+        ) from None
     return target
 
 
@@ -322,7 +338,8 @@ def _fetch(url: str, target: Path, sha256: str | None, max_bytes: int | None) ->
                     f"the download of {url} has sha256 {digest.hexdigest()}, but "
                     f"data.source.sha256 expects {sha256.lower()}; it was deleted, and no "
                     f"cached copy was changed. Check the URL, or set data.source.sha256 to "
-                    f"the new hash if the file changed on purpose.")
+                    f"the new hash if the file changed on purpose."
+                )
 
 
 def _check_size(url: str, size: int, max_bytes: int | None) -> None:
@@ -330,9 +347,8 @@ def _check_size(url: str, size: int, max_bytes: int | None) -> None:
         raise CorpusError(
             f"data.source.url {url} is larger than data.source.max_download_bytes "
             f"({max_bytes:,} bytes); the download was stopped and deleted. If this is the "
-            f"right file, raise data.source.max_download_bytes (or set it to null).")
-
-
+            f"right file, raise data.source.max_download_bytes (or set it to null)."
+        )
 
 
 # ----------------------------------------------------------------------------- stdlib
@@ -372,6 +388,18 @@ def summary(source: SourceConfig) -> str:
     return ", ".join(f"{k}: {v}" for k, v in describe(source).items())
 
 
-__all__ = ["CorpusError", "RowCheck", "describe", "decode", "decode_more", "download",
-           "file_format", "load_files", "read_rows", "resolve_files",
-           "source_encoding", "stdlib_files", "summary"]
+__all__ = [
+    "CorpusError",
+    "RowCheck",
+    "describe",
+    "decode",
+    "decode_more",
+    "download",
+    "file_format",
+    "load_files",
+    "read_rows",
+    "resolve_files",
+    "source_encoding",
+    "stdlib_files",
+    "summary",
+]

@@ -15,6 +15,7 @@ This module owns window numbering and sample order. It knows the shard layout on
 `pipeline.data.shards.open_split`, and nothing of models, devices or Accelerate: callers move the
 CPU tensors it returns.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,14 @@ ORDER_BLOCK = 1 << 15
 class TokenWindows:
     """Windows of context_length input tokens + next-token targets over one split's shards."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, context_length: int,
-                 stride: int | None = None, source: str | None = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        context_length: int,
+        stride: int | None = None,
+        source: str | None = None,
+    ):
         if context_length <= 0:
             raise ValueError(f"context_length must be positive, got {context_length}")
         stride = context_length if stride is None else stride
@@ -57,7 +64,8 @@ class TokenWindows:
                 f"{self.tokens} tokens in {len(shards)} shard(s) (largest {largest}), and a "
                 f"window needs context_length + 1 = {context_length + 1} tokens inside one "
                 f"shard. Use a larger corpus, a larger data.val_fraction (for val) or "
-                f"data.shard_tokens, or a smaller model.context_length.")
+                f"data.shard_tokens, or a smaller model.context_length."
+            )
 
     def __len__(self) -> int:
         return int(self._first[-1])
@@ -82,8 +90,8 @@ class TokenWindows:
         y = np.empty((len(offset), n), dtype=np.int64)
         for k, (s, o) in enumerate(zip(shard.tolist(), offset.tolist())):
             tokens = self._shards[s]
-            x[k] = tokens[o:o + n]
-            y[k] = tokens[o + 1:o + n + 1]
+            x[k] = tokens[o : o + n]
+            y[k] = tokens[o + 1 : o + n + 1]
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -98,8 +106,13 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 
 def _round_keys(seed: int, epoch: int, rounds: int = 4) -> list[np.uint64]:
-    keys = np.array([(seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + r) & _MASK64
-                     for r in range(1, rounds + 1)], dtype=np.uint64)
+    keys = np.array(
+        [
+            (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + r) & _MASK64
+            for r in range(1, rounds + 1)
+        ],
+        dtype=np.uint64,
+    )
     return list(_mix64(_mix64(keys)))
 
 
@@ -210,13 +223,15 @@ class Mixture:
         exact = [w / total * self.PERIOD for w in weights]
         counts = [int(e) for e in exact]
         for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[
-                :self.PERIOD - sum(counts)]:
+            : self.PERIOD - sum(counts)
+        ]:
             counts[i] += 1
         small = [n for n, c in zip(names, counts) if c == 0]
         if small:
             raise PipelineError(
                 f"data.sources weight of {', '.join(small)} is below 1/{self.PERIOD:,} of the "
-                f"total: raise it, or leave the source out")
+                f"total: raise it, or leave the source out"
+            )
         slots = sorted(((j + 0.5) / c, s) for s, c in enumerate(counts) for j in range(c))
         self.names, self.counts, self.sizes = names, np.array(counts), sizes
         self.pattern = np.array([s for _, s in slots], dtype=np.int64)
@@ -241,18 +256,26 @@ class Mixture:
         for s in np.unique(source).tolist():
             here = source == s  # a source's draws in a stretch of the stream are consecutive
             first = int(draw[here][0])
-            out[here] = self.offsets[s] + stream_indices(first, int(here.sum()), self.sizes[s],
-                                                         self.seeds[s])
+            out[here] = self.offsets[s] + stream_indices(
+                first, int(here.sum()), self.sizes[s], self.seeds[s]
+            )
         return out
 
     def state(self) -> list:
         return [[n, int(c)] for n, c in zip(self.names, self.counts)]
 
 
-def mixed_train_windows(data_dir, names: list[str], weights: list[float], context_length: int,
-                        stride: int | None, seed: int) -> tuple[MixedWindows, Mixture]:
-    windows = MixedWindows([TokenWindows(data_dir, "train", context_length, stride, source=n)
-                            for n in names])
+def mixed_train_windows(
+    data_dir,
+    names: list[str],
+    weights: list[float],
+    context_length: int,
+    stride: int | None,
+    seed: int,
+) -> tuple[MixedWindows, Mixture]:
+    windows = MixedWindows(
+        [TokenWindows(data_dir, "train", context_length, stride, source=n) for n in names]
+    )
     return windows, Mixture(names, weights, [len(w) for w in windows.sources], seed)
 
 
@@ -274,19 +297,30 @@ class TrainBatches:
     reproducible draw for draw, and why it needs a single process.
     """
 
-    def __init__(self, windows: TokenWindows | MixedWindows, micro_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_sample: int = 0,
-                 order: str = "shuffle", mixture: Mixture | None = None):
+    def __init__(
+        self,
+        windows: TokenWindows | MixedWindows,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_sample: int = 0,
+        order: str = "shuffle",
+        mixture: Mixture | None = None,
+    ):
         if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
-                             f"{micro_batch_size}, rank {rank}, world_size {world_size}")
+            raise ValueError(
+                f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
+                f"{micro_batch_size}, rank {rank}, world_size {world_size}"
+            )
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if order == "book" and world_size > 1:
             raise PipelineError(
                 f"train.order=book draws the order from the one process's torch generator, as "
                 f"the book's single-process loop does; this run has {world_size} processes. "
-                f"Use train.order=shuffle to train on several.")
+                f"Use train.order=shuffle to train on several."
+            )
         self.windows, self.micro_batch_size, self.seed = windows, micro_batch_size, seed
         self.rank, self.world_size, self.order = rank, world_size, order
         self.mixture = mixture  # with MixedWindows: which source each position draws from
@@ -297,7 +331,8 @@ class TrainBatches:
             raise PipelineError(
                 f"train.order=book drops the last incomplete batch of each epoch, as the "
                 f"book's drop_last=True, and the {len(windows)} train windows do not fill one "
-                f"batch of {micro_batch_size}")
+                f"batch of {micro_batch_size}"
+            )
         self._seek(start_sample)
 
     @property
@@ -317,7 +352,8 @@ class TrainBatches:
                 f"cannot resume the train stream at sample {samples}: the position must be a "
                 f"non-negative multiple of micro_batch_size * world_size = "
                 f"{self.micro_batch_size} * {self.world_size} = {self.global_batch}; choose a "
-                f"micro batch size and process count whose product divides it")
+                f"micro batch size and process count whose product divides it"
+            )
         self._samples = int(samples)
 
     def __iter__(self) -> "TrainBatches":
@@ -346,7 +382,7 @@ class TrainBatches:
                 self._block_ids = permute(np.arange(lo, hi), n, self.seed, epoch)
                 self._block = (epoch, block)
             stop = min(end, epoch * n + hi)
-            parts.append(self._block_ids[within - lo:within - lo + stop - pos])
+            parts.append(self._block_ids[within - lo : within - lo + stop - pos])
             pos = stop
         return np.concatenate(parts)
 
@@ -359,7 +395,7 @@ class TrainBatches:
         if self._block != (self._epoch_seed, -1):
             self._block_ids = seeded_randperm(len(self.windows), self._epoch_seed)
             self._block = (self._epoch_seed, -1)
-        return self._block_ids[within:within + count]
+        return self._block_ids[within : within + count]
 
     def evaluation_windows(self, batches: int) -> np.ndarray | None:
         """Train windows for an evaluation of `batches` micro batches: None for the first
@@ -370,7 +406,7 @@ class TrainBatches:
             return None
         seed = dataloader_pass_draws(shuffle=True)
         dataloader_pass_draws(shuffle=False)  # the val loader's pass, drawn in the same call
-        return seeded_randperm(len(self.windows), seed)[:batches * self.micro_batch_size]
+        return seeded_randperm(len(self.windows), seed)[: batches * self.micro_batch_size]
 
     @property
     def samples(self) -> int:
@@ -384,9 +420,14 @@ class TrainBatches:
     def state_dict(self) -> dict:
         # windows / context_length / stride / order are there to catch a resume on
         # different data; epoch_seed is the book order's current epoch.
-        state = {"samples": self._samples, "seed": self.seed, "windows": len(self.windows),
-                 "context_length": self.windows.context_length, "stride": self.windows.stride,
-                 "order": self.order}
+        state = {
+            "samples": self._samples,
+            "seed": self.seed,
+            "windows": len(self.windows),
+            "context_length": self.windows.context_length,
+            "stride": self.windows.stride,
+            "order": self.order,
+        }
         if self.order == "book":
             state["epoch_seed"] = self._epoch_seed
         if self.mixture is not None:
@@ -412,14 +453,20 @@ class TrainBatches:
                     f"this run has {key} = {mine.get(key)}: the same sample count would mean other "
                     f"samples. Resume with the data and settings of the saved run (same seed, "
                     f"data set, model.context_length, train.stride, train.order and "
-                    f"data.sources weights), or start a new run.")
+                    f"data.sources weights), or start a new run."
+                )
         self._seek(int(state["samples"]))
         self._epoch_seed = state.get("epoch_seed")
 
 
-def fixed_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
-                  world_size: int = 1, max_batches: int | None = None,
-                  order: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_batches(
+    windows: TokenWindows,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+    order: np.ndarray | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro batches of the split in a fixed order (no shuffling): the
     windows 0..N-1, or the windows listed in `order`.
 
@@ -430,12 +477,14 @@ def fixed_batches(windows: TokenWindows, micro_batch_size: int, rank: int = 0,
     together read the first max_batches * world_size chunks.
     """
     if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-        raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
-                         f"{micro_batch_size}, rank {rank}, world_size {world_size}")
+        raise ValueError(
+            f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
+            f"{micro_batch_size}, rank {rank}, world_size {world_size}"
+        )
     ids = np.arange(len(windows)) if order is None else np.asarray(order)
     n = len(ids)
     starts = range(rank * micro_batch_size, n, micro_batch_size * world_size)
     if max_batches is not None:
-        starts = starts[:max(0, max_batches)]
+        starts = starts[: max(0, max_batches)]
     for start in starts:
-        yield windows.batch(ids[start:start + micro_batch_size])
+        yield windows.batch(ids[start : start + micro_batch_size])

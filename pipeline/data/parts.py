@@ -24,6 +24,7 @@ that hash (`digest`), computed once by `file_digest`.
 A document is what `corpus` defines (a text file, a row); `documents()` joins the segments
 back and is the whole corpus as one iterator of strings, for callers that want that.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -64,8 +65,13 @@ class Part:
     def to_dict(self) -> dict:
         # Not dataclasses.asdict: its deep copy of every item took 0.5 s for the
         # built-in corpus's 1,762 files.
-        return {"index": self.index, "source": self.source, "kind": self.kind,
-                "items": [dict(item) for item in self.items], "bytes": self.bytes}
+        return {
+            "index": self.index,
+            "source": self.source,
+            "kind": self.kind,
+            "items": [dict(item) for item in self.items],
+            "bytes": self.bytes,
+        }
 
 
 @dataclass
@@ -89,8 +95,9 @@ class Notes:
     @classmethod
     def from_dict(cls, d: dict) -> "Notes":
         """As a part record stores them (dataclasses.asdict)."""
-        return cls(replaced=d["replaced"], rows=corpus.RowCheck(**d["rows"]),
-                   unsafe_cuts=d["unsafe_cuts"])
+        return cls(
+            replaced=d["replaced"], rows=corpus.RowCheck(**d["rows"]), unsafe_cuts=d["unsafe_cuts"]
+        )
 
     def count_replaced(self, path: str, n: int, encoding: str) -> None:
         self.replaced[path] = [self.replaced.get(path, [0])[0] + n, encoding]
@@ -105,12 +112,16 @@ class Notes:
         """One warning per file with replaced bytes and one for skipped rows; CorpusError
         when rows were read and none had text."""
         for path, (n, encoding) in self.replaced.items():
-            warn(f"{path}: {n} undecodable byte{'s' * (n != 1)} (not {encoding}) "
-                 f"replaced with U+FFFD")
+            warn(
+                f"{path}: {n} undecodable byte{'s' * (n != 1)} (not {encoding}) "
+                f"replaced with U+FFFD"
+            )
         if self.unsafe_cuts:
-            warn(f"{self.unsafe_cuts} cut(s) of very long lines were made where no "
-                 f"token-safe byte lay within {SAFE_CUT_WINDOW:,} bytes; the tokens at those "
-                 f"cuts may differ from tokenizing the line whole")
+            warn(
+                f"{self.unsafe_cuts} cut(s) of very long lines were made where no "
+                f"token-safe byte lay within {SAFE_CUT_WINDOW:,} bytes; the tokens at those "
+                f"cuts may differ from tokenizing the line whole"
+            )
         if self.rows.rows:
             self.rows.finish(field_name, warn)
 
@@ -118,8 +129,15 @@ class Notes:
 # ----------------------------------------------------------------------------- planning
 
 
-def plan(source: SourceConfig, source_index: int, download_dir: Path, part_bytes: int,
-         segment_bytes: int, start_index: int = 0, warn: Warn = log.warn) -> list[Part]:
+def plan(
+    source: SourceConfig,
+    source_index: int,
+    download_dir: Path,
+    part_bytes: int,
+    segment_bytes: int,
+    start_index: int = 0,
+    warn: Warn = log.warn,
+) -> list[Part]:
     """The parts of one source, numbered from `start_index`. Reads file sizes and a few
     bytes around cuts; hashes of long documents are added by `needs_digest`/`file_digest`."""
     planner = _Planner(source_index, part_bytes, start_index)
@@ -127,15 +145,17 @@ def plan(source: SourceConfig, source_index: int, download_dir: Path, part_bytes
         for path in corpus.resolve_files(source.paths):
             planner.add_file(path, corpus.file_format(path))
     elif source.kind == "url":
-        path = corpus.download(source.url, download_dir, source.sha256,
-                               source.max_download_bytes, warn)
+        path = corpus.download(
+            source.url, download_dir, source.sha256, source.max_download_bytes, warn
+        )
         planner.add_file(path, "text")
     elif source.kind == "python-stdlib":
         files = corpus.stdlib_files(source.max_bytes)
         if not files:
             raise CorpusError(
                 f"data.source.max_bytes={source.max_bytes} is smaller than the first "
-                f"standard-library file; raise it (or set it to null for all ~30 MB).")
+                f"standard-library file; raise it (or set it to null for all ~30 MB)."
+            )
         for path in files:
             planner.add_file(path, "text", corpus.source_encoding(path))
     else:
@@ -176,11 +196,15 @@ class _Planner:
 
     def _add_parquet(self, path: Path) -> None:
         import pyarrow.parquet as pq
+
         meta = pq.ParquetFile(path).metadata
         for group in range(meta.num_row_groups):
             size = meta.row_group(group).total_byte_size
-            if (self.open is not None and self.open.kind == "parquet"
-                    and self.open.items[-1]["path"] == str(path)):
+            if (
+                self.open is not None
+                and self.open.kind == "parquet"
+                and self.open.items[-1]["path"] == str(path)
+            ):
                 self.open.items[-1]["row_groups"].append(group)
                 self.open.bytes += size
                 if self.open.bytes >= self.part_bytes:
@@ -258,26 +282,37 @@ def _cut_after(f, offset: int, fmt: str) -> int | None:
 
 def open_hf(source: SourceConfig):
     import datasets  # slow to import; only this kind needs it
+
     try:
-        ds = datasets.load_dataset(source.path, source.name, split=source.split,
-                                   streaming=source.streaming, revision=source.revision)
+        ds = datasets.load_dataset(
+            source.path,
+            source.name,
+            split=source.split,
+            streaming=source.streaming,
+            revision=source.revision,
+        )
     except Exception as e:  # datasets raises many types for unreadable input
         raise CorpusError(
             f"could not load the dataset {_hf_name(source)} ({type(e).__name__}: {e}). Check "
             f"data.source.path/name/split/revision; without network, use kind: files with "
-            f"local jsonl/parquet files instead.") from None
+            f"local jsonl/parquet files instead."
+        ) from None
     columns = getattr(ds, "features", None)
     if columns is not None and source.text_field not in columns:
         raise CorpusError(
             f"{_hf_name(source)} has no column '{source.text_field}' (its columns: "
-            f"{', '.join(columns)}); set data.source.text_field to the one that holds the text.")
+            f"{', '.join(columns)}); set data.source.text_field to the one that holds the text."
+        )
     return ds
 
 
 def _hf_name(source: SourceConfig) -> str:
-    return (f"{source.path}" + (f" ({source.name})" if source.name else "")
-            + (f" at revision {source.revision}" if source.revision else "")
-            + f" split {source.split}")
+    return (
+        f"{source.path}"
+        + (f" ({source.name})" if source.name else "")
+        + (f" at revision {source.revision}" if source.revision else "")
+        + f" split {source.split}"
+    )
 
 
 def continues(part: Part) -> bool:
@@ -358,8 +393,10 @@ def _text_segments(item: dict, segment_bytes: int, notes: Notes) -> Iterator[str
         while left > 0 or pending:
             block = f.read(min(segment_bytes, left)) if left > 0 else b""
             if left > 0 and not block:
-                raise CorpusError(f"{item['path']} became shorter while it was read "
-                                  f"(expected {item['size']:,} bytes); rerun prepare")
+                raise CorpusError(
+                    f"{item['path']} became shorter while it was read "
+                    f"(expected {item['size']:,} bytes); rerun prepare"
+                )
             left -= len(block)
             data = pending + block
             cut = len(data)
@@ -405,8 +442,10 @@ def _jsonl_rows(items: list[dict], notes: Notes) -> Iterator[dict]:
                 try:
                     row = json.loads(line)
                 except ValueError as e:
-                    raise CorpusError(f"{item['path']}: the line at byte {at:,} is not JSON "
-                                      f"({e}); fix or remove it.") from None
+                    raise CorpusError(
+                        f"{item['path']}: the line at byte {at:,} is not JSON "
+                        f"({e}); fix or remove it."
+                    ) from None
                 yield row if isinstance(row, dict) else {}
 
 
@@ -414,6 +453,7 @@ def _parquet_rows(items: list[dict], field_name: str, notes: Notes) -> Iterator[
     """Rows of the row groups, read in batches of the text column only (a skipped row
     names the file's other columns as the fields it has)."""
     import pyarrow.parquet as pq
+
     for item in items:
         _note_read(notes, item["path"])
         pf = pq.ParquetFile(item["path"])
@@ -421,20 +461,22 @@ def _parquet_rows(items: list[dict], field_name: str, notes: Notes) -> Iterator[
         if field_name not in names:
             raise CorpusError(
                 f"{item['path']} has no column '{field_name}' (its columns: "
-                f"{', '.join(names)}); set data.source.text_field to the one that holds the text.")
+                f"{', '.join(names)}); set data.source.text_field to the one that holds the text."
+            )
         others = dict.fromkeys((n for n in names if n != field_name), True)
-        for batch in pf.iter_batches(batch_size=256, row_groups=item["row_groups"],
-                                     columns=[field_name]):
+        for batch in pf.iter_batches(
+            batch_size=256, row_groups=item["row_groups"], columns=[field_name]
+        ):
             for value in batch.column(0).to_pylist():
-                yield {field_name: value} if isinstance(value, str) else {field_name: value,
-                                                                          **others}
+                yield (
+                    {field_name: value} if isinstance(value, str) else {field_name: value, **others}
+                )
 
 
 def _json_rows(items: list[dict], notes: Notes) -> Iterator[dict]:
     for item in items:
         _note_read(notes, item["path"])
-        yield from corpus.read_rows(corpus.load_files("json", [Path(item["path"])]),
-                                    item["path"])
+        yield from corpus.read_rows(corpus.load_files("json", [Path(item["path"])]), item["path"])
 
 
 def _hf_rows(source: SourceConfig, item: dict, notes: Notes) -> Iterator[dict]:
@@ -452,9 +494,13 @@ def _note_read(notes: Notes, what: str) -> None:
 # ----------------------------------------------------------------------------- documents
 
 
-def documents(source: SourceConfig, download_dir: str | os.PathLike,
-              warn: Warn = log.warn, part_bytes: int = 1 << 30,
-              segment_bytes: int = 1 << 24) -> Iterator[str]:
+def documents(
+    source: SourceConfig,
+    download_dir: str | os.PathLike,
+    warn: Warn = log.warn,
+    part_bytes: int = 1 << 30,
+    segment_bytes: int = 1 << 24,
+) -> Iterator[str]:
     """Every non-empty document of `source`, whole, in corpus order (at most
     max_documents). Raises CorpusError when the source names nothing readable or yields
     no text."""
@@ -499,4 +545,5 @@ def document_limit(source: SourceConfig) -> int | None:
 def empty_corpus(source: SourceConfig) -> CorpusError:
     return CorpusError(
         f"the corpus is empty: data.source ({corpus.summary(source)}) gave no text. "
-        f"Point it at files that hold text, or check data.source.text_field.")
+        f"Point it at files that hold text, or check data.source.text_field."
+    )

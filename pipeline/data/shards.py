@@ -18,6 +18,7 @@ Documents inside are separated by <|endoftext|> (50256).
 the shards with their token counts and sha256, plus the source and prepare settings.
 It is written last and atomically: a directory without a manifest is not a data set.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,10 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 VERIFIED = ".verified.json"  # shards checked against the manifest, by size + mtime
 # How to mend a damaged data set (prepare rebuilds one whose manifest still matches).
-REBUILD = ("rerun the prepare stage with the same config (`python -m pipeline.prepare "
-           "--config CONFIG`, or `make data`): it rebuilds a damaged data set")
+REBUILD = (
+    "rerun the prepare stage with the same config (`python -m pipeline.prepare "
+    "--config CONFIG`, or `make data`): it rebuilds a damaged data set"
+)
 
 
 class DataError(PipelineError):
@@ -71,8 +74,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) ->
     return write_shard_from(path, [np.asarray(tokens)], len(tokens), dtype)
 
 
-def write_shard_from(path: str | os.PathLike, chunks: Iterable[np.ndarray], count: int,
-                     dtype: np.dtype) -> str:
+def write_shard_from(
+    path: str | os.PathLike, chunks: Iterable[np.ndarray], count: int, dtype: np.dtype
+) -> str:
     """Write one shard of `count` tokens given in consecutive chunks, atomically; return
     the sha256 of the whole file. Memory is one chunk, whatever the shard's size."""
     dtype = np.dtype(dtype).newbyteorder("<")
@@ -92,8 +96,9 @@ def write_shard_from(path: str | os.PathLike, chunks: Iterable[np.ndarray], coun
     return digest.hexdigest()
 
 
-def windows_per_shard(shard_tokens: list[int], context_length: int,
-                      stride: int | None = None) -> list[int]:
+def windows_per_shard(
+    shard_tokens: list[int], context_length: int, stride: int | None = None
+) -> list[int]:
     """The book's window count per shard: starts 0, stride, ... below n - context_length,
     so the last window's target (one token further) still lies inside the shard. Windows
     never cross a shard boundary: a shard needs context_length + 1 tokens to hold one.
@@ -114,8 +119,10 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     count = int(header[2])
     expected = shard_bytes(count, dtype)
     if path.stat().st_size != expected:
-        raise DataError(f"{path} holds {path.stat().st_size} bytes but its header promises "
-                        f"{expected}: the file is truncated or corrupt; {REBUILD}")
+        raise DataError(
+            f"{path} holds {path.stat().st_size} bytes but its header promises "
+            f"{expected}: the file is truncated or corrupt; {REBUILD}"
+        )
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
@@ -163,7 +170,8 @@ def load_manifest(data_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest
     if not path.is_file():
         raise DataError(
             f"no prepared data in {data_dir} ({MANIFEST} is missing). Make it with "
-            f"`python -m pipeline.prepare --config CONFIG` (or `make data CONFIG=...`).")
+            f"`python -m pipeline.prepare --config CONFIG` (or `make data CONFIG=...`)."
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
@@ -172,8 +180,10 @@ def load_manifest(data_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         problem = "nested too deeply" if isinstance(e, RecursionError) else str(e)
     if problem:
-        raise DataError(f"{path} is not a valid manifest ({problem}); rerun prepare with "
-                        f"--force if this project wrote it")
+        raise DataError(
+            f"{path} is not a valid manifest ({problem}); rerun prepare with "
+            f"--force if this project wrote it"
+        )
     return manifest
 
 
@@ -182,24 +192,32 @@ def manifest_problem(m: Manifest) -> str | None:
     read (ids of another would train and evaluate as if they were GPT-2's), the dtype
     must fit the vocabulary, and shard names must stay inside the data directory."""
     from pipeline.data.tokenizer import ENCODING_NAME
+
     if m.tokenizer != ENCODING_NAME:
-        return (f"its tokenizer is {m.tokenizer!r}; this project reads data tokenized with "
-                f"{ENCODING_NAME!r} only")
-    if isinstance(m.vocab_size, bool) or not isinstance(m.vocab_size, int) \
-            or not 0 < m.vocab_size <= 2**32:
+        return (
+            f"its tokenizer is {m.tokenizer!r}; this project reads data tokenized with "
+            f"{ENCODING_NAME!r} only"
+        )
+    if (
+        isinstance(m.vocab_size, bool)
+        or not isinstance(m.vocab_size, int)
+        or not 0 < m.vocab_size <= 2**32
+    ):
         return f"vocab_size {m.vocab_size!r} is not a vocabulary size"
     if m.dtype != token_dtype(m.vocab_size).name:
         return f"dtype {m.dtype!r} does not hold a vocabulary of {m.vocab_size}"
     names = [info.file for infos in m.splits.values() for info in infos]
-    outside = [n for n in names if not isinstance(n, str) or Path(n).is_absolute()
-               or ".." in Path(n).parts]
+    outside = [
+        n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts
+    ]
     if outside:
         return f"it names shard files outside its directory ({', '.join(map(str, outside[:3]))})"
     return None
 
 
-def open_split(data_dir: str | os.PathLike, split: str,
-               source: str | None = None) -> list[np.memmap]:
+def open_split(
+    data_dir: str | os.PathLike, split: str, source: str | None = None
+) -> list[np.memmap]:
     """Memory-maps of every shard of a split (of one source of a mixture), in order,
     checked against the manifest."""
     manifest = load_manifest(data_dir)
@@ -208,17 +226,21 @@ def open_split(data_dir: str | os.PathLike, split: str,
     infos = manifest.splits[split]
     if source is not None:
         if source not in manifest.sources:
-            raise DataError(f"{data_dir} has no source '{source}' (it has "
-                            f"{', '.join(manifest.sources) or 'one unnamed source'}); "
-                            f"prepare it with these data.sources")
+            raise DataError(
+                f"{data_dir} has no source '{source}' (it has "
+                f"{', '.join(manifest.sources) or 'one unnamed source'}); "
+                f"prepare it with these data.sources"
+            )
         files = set(manifest.sources[source]["splits"][split])
         infos = [info for info in infos if info.file in files]
     arrays = []
     for info in infos:
         tokens = read_shard(Path(data_dir) / info.file)
         if len(tokens) != info.tokens:
-            raise DataError(f"{info.file} holds {len(tokens)} tokens, the manifest says "
-                            f"{info.tokens}; {REBUILD}")
+            raise DataError(
+                f"{info.file} holds {len(tokens)} tokens, the manifest says "
+                f"{info.tokens}; {REBUILD}"
+            )
         arrays.append(tokens)
     check_shards(data_dir, manifest, infos)
     return arrays
@@ -227,9 +249,13 @@ def open_split(data_dir: str | os.PathLike, split: str,
 def verify(data_dir: str | os.PathLike) -> list[str]:
     """Check every shard's sha256 against the manifest (no cache); return the files that differ."""
     manifest = load_manifest(data_dir)
-    return [info.file for infos in manifest.splits.values() for info in infos
-            if not (Path(data_dir) / info.file).is_file()
-            or file_sha256(Path(data_dir) / info.file) != info.sha256]
+    return [
+        info.file
+        for infos in manifest.splits.values()
+        for info in infos
+        if not (Path(data_dir) / info.file).is_file()
+        or file_sha256(Path(data_dir) / info.file) != info.sha256
+    ]
 
 
 # ----------------------------------------------------------------------------- integrity
@@ -240,7 +266,6 @@ def verify(data_dir: str | os.PathLike) -> list[str]:
 # its file changed (a byte written in place moves its mtime). prepare records the shards
 # it writes, so fresh data is never hashed twice. An unwritable data directory (a shared,
 # read-only data set) just means hashing at every open.
-
 
 
 def _stamp(path: Path) -> list[int]:
@@ -289,11 +314,15 @@ def check_shards(data_dir: str | os.PathLike, manifest: Manifest, infos: list[Sh
             continue
         sha, largest = scan_shard(path)
         if sha != info.sha256:
-            raise DataError(f"shard {path} is damaged: its sha256 is {sha[:16]}..., the manifest "
-                            f"says {info.sha256[:16]}...; {REBUILD}.")
+            raise DataError(
+                f"shard {path} is damaged: its sha256 is {sha[:16]}..., the manifest "
+                f"says {info.sha256[:16]}...; {REBUILD}."
+            )
         if largest >= manifest.vocab_size:
-            raise DataError(f"shard {path} holds token id {largest}, outside the vocabulary of "
-                            f"{manifest.vocab_size}; {REBUILD}.")
+            raise DataError(
+                f"shard {path} holds token id {largest}, outside the vocabulary of "
+                f"{manifest.vocab_size}; {REBUILD}."
+            )
         checked.append(info)
     if checked:
         remember_verified(data_dir, checked)

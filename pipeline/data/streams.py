@@ -9,6 +9,7 @@ concatenation of every part's stream in plan order, cut every `shard_tokens` tok
 their bytes depend on the corpus and the settings only: never on which worker or machine
 built which part, or in which order they finished.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,8 +93,9 @@ def committed(directory: Path, index: int, plan_id: str) -> PartRecord | None:
 
 def split_of(text: str, val_fraction: float) -> int:
     """VAL when the document's hash, read as a number in [0, 1), is below val_fraction."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
-                             digest_size=parts.DIGEST_SIZE).digest()
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=parts.DIGEST_SIZE
+    ).digest()
     return split_of_digest(digest, val_fraction)
 
 
@@ -104,8 +106,11 @@ def split_of_digest(digest: bytes, val_fraction: float) -> int:
 def pieces_by_document(segments: Iterator[Segment], val_fraction: float) -> Iterator[Piece]:
     """A document goes where its hash says; EOT before each document."""
     for seg in segments:
-        split = (split_of_digest(seg.digest, val_fraction) if seg.digest is not None
-                 else split_of(seg.text, val_fraction))
+        split = (
+            split_of_digest(seg.digest, val_fraction)
+            if seg.digest is not None
+            else split_of(seg.text, val_fraction)
+        )
         yield split, seg.text, seg.new_document, seg.new_document
 
 
@@ -122,8 +127,8 @@ def pieces_by_text(segments: Iterator[Segment], cut: int, start: int) -> Iterato
             first_val = pos == cut and not seg.new_document  # the cut document's val side
             yield VAL, text, seg.new_document and pos > cut, seg.new_document or first_val
         else:
-            yield TRAIN, text[:cut - pos], seg.new_document and pos > 0, seg.new_document
-            yield VAL, text[cut - pos:], False, True
+            yield TRAIN, text[: cut - pos], seg.new_document and pos > 0, seg.new_document
+            yield VAL, text[cut - pos :], False, True
         pos = end
 
 
@@ -156,8 +161,15 @@ class TokenFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def build_part(part: Part, source: SourceConfig, layout: Layout, directory: Path,
-               plan_id: str, segment_bytes: int, limit: int | None = None) -> PartRecord:
+def build_part(
+    part: Part,
+    source: SourceConfig,
+    layout: Layout,
+    directory: Path,
+    plan_id: str,
+    segment_bytes: int,
+    limit: int | None = None,
+) -> PartRecord:
     """Read, lay out and tokenize one part into its token files, then commit its record.
     With `limit`, at most that many documents are begun (data.source.max_documents; the
     rest of a document the part continues is always read; SKIP reads nothing)."""
@@ -186,17 +198,22 @@ def build_part(part: Part, source: SourceConfig, layout: Layout, directory: Path
             f.discard()
         raise
     fsync_dir(directory)
-    record = PartRecord(part=part.index, plan=plan_id,
-                        tokens={s: f.tokens for s, f in zip(SPLITS, files)},
-                        documents=dict(zip(SPLITS, documents)),
-                        sha256={s: f.digest.hexdigest() for s, f in zip(SPLITS, files)},
-                        chars=chars, notes=asdict(notes))
+    record = PartRecord(
+        part=part.index,
+        plan=plan_id,
+        tokens={s: f.tokens for s, f in zip(SPLITS, files)},
+        documents=dict(zip(SPLITS, documents)),
+        sha256={s: f.digest.hexdigest() for s, f in zip(SPLITS, files)},
+        chars=chars,
+        notes=asdict(notes),
+    )
     record.save(directory)
     return record
 
 
-def count_part(part: Part, source: SourceConfig, segment_bytes: int,
-               limit: int | None = None) -> tuple[int, int]:
+def count_part(
+    part: Part, source: SourceConfig, segment_bytes: int, limit: int | None = None
+) -> tuple[int, int]:
     """(characters, documents) of a part: split_by text needs every part's start."""
     chars = docs = 0
     for seg in _limited(parts.read(part, source, segment_bytes, Notes()), limit):
@@ -232,8 +249,7 @@ class ShardPlan:
         return sum(stop - start for _, start, stop in self.slices)
 
 
-def cut_into_shards(streams: list[tuple[Path, int]], shard_tokens: int,
-                    name) -> list[ShardPlan]:
+def cut_into_shards(streams: list[tuple[Path, int]], shard_tokens: int, name) -> list[ShardPlan]:
     """The shards of the concatenation of `streams` ((token file, tokens) in order): every
     `shard_tokens` tokens, the last shorter. `name(k)` is the k-th shard's file name."""
     shards: list[ShardPlan] = []
@@ -256,11 +272,13 @@ def cut_into_shards(streams: list[tuple[Path, int]], shard_tokens: int,
 
 def write_planned_shard(shard: ShardPlan, out_dir: Path) -> ShardInfo:
     """Write one shard from its slices, copying at most COPY_TOKENS at a time."""
+
     def chunks():
         for path, start, stop in shard.slices:
             tokens = np.memmap(path, dtype=DTYPE, mode="r")
             for at in range(start, stop, COPY_TOKENS):
-                yield np.asarray(tokens[at:min(at + COPY_TOKENS, stop)])
+                yield np.asarray(tokens[at : min(at + COPY_TOKENS, stop)])
             del tokens
+
     sha = write_shard_from(out_dir / shard.file, chunks(), shard.tokens, DTYPE)
     return ShardInfo(file=shard.file, tokens=shard.tokens, sha256=sha)

@@ -45,6 +45,7 @@ non-ASCII text or whitespace, ~110-180 ms per MiB of one long run of ASCII lette
 digits (which GPT-2 makes one piece, so no cut exists there). Listing every cut of 1 MiB
 of English with `safe_cuts` ~180-220 ms.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,21 +55,24 @@ Buffer = bytes | bytearray | memoryview
 
 # GPT-2's pre-tokenizer as tiktoken spells it (`get_tokenizer()._pat_str`); the rules are
 # argued for this pattern, and the tests check that tiktoken still uses it.
-PRETOKENIZER_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
-                        r"""|\s++$|\s+(?!\S)|\s""")
+PRETOKENIZER_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
+    r"""|\s++$|\s+(?!\S)|\s"""
+)
 
 # Each match ends at a cut: it consumes the byte left of the cut (and the "\n" for rule
 # (b)), which a leading class lets re skip to fast; the cuts' matches never overlap (see
 # above), so finditer yields every cut.
-_PUNCT = rb"!-/:-@\[-`{-~"              # ASCII punctuation: 0x21-0x7E less letters, digits
+_PUNCT = rb"!-/:-@\[-`{-~"  # ASCII punctuation: 0x21-0x7E less letters, digits
 _PUNCT_NOT_APOS = rb"!-&(-/:-@\[-`{-~"  # the same without "'" (0x27)
 _CUT = re.compile(
     rb"[!-~](?:"
-    rb"(?= )"                                          # (a) "x| "
-    rb"|\n(?=[!-~])"                                   # (b) x\n|y
-    rb"|(?<=[A-Za-z])(?=[0-9" + _PUNCT + rb"])"         # (c) letter|digit or punctuation
-    rb"|(?<=[0-9])(?=[A-Za-z" + _PUNCT + rb"])"         #     digit|letter or punctuation
-    rb"|(?<=[" + _PUNCT_NOT_APOS + rb"])(?=[A-Za-z0-9]))")  # punctuation but '|letter, digit
+    rb"(?= )"  # (a) "x| "
+    rb"|\n(?=[!-~])"  # (b) x\n|y
+    rb"|(?<=[A-Za-z])(?=[0-9" + _PUNCT + rb"])"  # (c) letter|digit or punctuation
+    rb"|(?<=[0-9])(?=[A-Za-z" + _PUNCT + rb"])"  #     digit|letter or punctuation
+    rb"|(?<=[" + _PUNCT_NOT_APOS + rb"])(?=[A-Za-z0-9]))"
+)  # punctuation but '|letter, digit
 
 _FIRST_WINDOW = 256  # last_safe_cut's first look back; English has a cut every few bytes
 

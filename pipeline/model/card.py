@@ -5,6 +5,7 @@ meta.json with the run config, and the evaluate stage's eval.json when there is 
 The front matter is the Hugging Face Hub's model-card metadata, so a pushed export shows
 as a transformers text-generation model.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,20 +22,30 @@ EVAL_FILE = "eval.json"  # the evaluate stage's result, beside the model it meas
 def model_card(info: ModelInfo, cfg: ModelConfig, parameters: int, dtype: str) -> str:
     run = (info.meta or {}).get("config") or {}
     title = run.get("name") or Path(str(info.source)).name
-    sections = [_front_matter(run), f"# {title}\n",
-                f"A GPT-2-architecture language model exported by gpt-pipeline from "
-                f"{info.kind} `{info.source}`.\n",
-                _architecture(cfg, parameters, dtype), _training(info.meta or {}, run),
-                _evaluation(info), _how_to_load()]
+    sections = [
+        _front_matter(run),
+        f"# {title}\n",
+        f"A GPT-2-architecture language model exported by gpt-pipeline from "
+        f"{info.kind} `{info.source}`.\n",
+        _architecture(cfg, parameters, dtype),
+        _training(info.meta or {}, run),
+        _evaluation(info),
+        _how_to_load(),
+    ]
     if run:
-        sections.append("## Config\n\n<details><summary>the run's resolved config</summary>"
-                        f"\n\n```yaml\n{yaml.safe_dump(run, sort_keys=False)}```\n\n</details>\n")
+        sections.append(
+            "## Config\n\n<details><summary>the run's resolved config</summary>"
+            f"\n\n```yaml\n{yaml.safe_dump(run, sort_keys=False)}```\n\n</details>\n"
+        )
     return "\n".join(s for s in sections if s)
 
 
 def _front_matter(run: dict) -> str:
-    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["gpt2", "gpt-pipeline"]}
+    meta = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["gpt2", "gpt-pipeline"],
+    }
     source = (run.get("data") or {}).get("source") or {}
     if source.get("kind") == "hf" and source.get("path"):
         meta["datasets"] = [source["path"]]
@@ -42,10 +53,17 @@ def _front_matter(run: dict) -> str:
 
 
 def _architecture(cfg: ModelConfig, parameters: int, dtype: str) -> str:
-    rows = [("parameters", f"{parameters:,}"), ("layers", cfg.n_layers), ("width", cfg.emb_dim),
-            ("attention heads", cfg.n_heads), ("context length", cfg.context_length),
-            ("vocabulary", f"{cfg.vocab_size:,} (GPT-2 BPE)"), ("q/k/v biases", cfg.qkv_bias),
-            ("tied embeddings", cfg.tie_embeddings), ("stored dtype", dtype)]
+    rows = [
+        ("parameters", f"{parameters:,}"),
+        ("layers", cfg.n_layers),
+        ("width", cfg.emb_dim),
+        ("attention heads", cfg.n_heads),
+        ("context length", cfg.context_length),
+        ("vocabulary", f"{cfg.vocab_size:,} (GPT-2 BPE)"),
+        ("q/k/v biases", cfg.qkv_bias),
+        ("tied embeddings", cfg.tie_embeddings),
+        ("stored dtype", dtype),
+    ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"## Architecture\n\n| | |\n|---|---|\n{table}\n"
 
@@ -55,31 +73,45 @@ def _training(meta: dict, run: dict) -> str:
         return ""
     data = run.get("data") or {}
     source = data.get("source") or {}
-    what = source.get("path") or source.get("url") or ", ".join(source.get("paths") or []) \
+    what = (
+        source.get("path")
+        or source.get("url")
+        or ", ".join(source.get("paths") or [])
         or source.get("kind", "?")
-    lines = [f"- data set: `{data.get('name', '?')}` ({source.get('kind', '?')}: {what})",
-             f"- optimizer steps: {meta.get('step', '?'):,}" if isinstance(meta.get("step"), int)
-             else "", f"- tokens seen: {meta['tokens']:,}" if isinstance(meta.get("tokens"), int)
-             else "", f"- processes: {meta['num_processes']}" if meta.get("num_processes") else ""]
+    )
+    lines = [
+        f"- data set: `{data.get('name', '?')}` ({source.get('kind', '?')}: {what})",
+        f"- optimizer steps: {meta.get('step', '?'):,}"
+        if isinstance(meta.get("step"), int)
+        else "",
+        f"- tokens seen: {meta['tokens']:,}" if isinstance(meta.get("tokens"), int) else "",
+        f"- processes: {meta['num_processes']}" if meta.get("num_processes") else "",
+    ]
     return "## Training\n\n" + "\n".join(line for line in lines if line) + "\n"
 
 
 def _evaluation(info: ModelInfo) -> str:
     path = info.home / EVAL_FILE if info.home is not None else None
     if path is None or not path.is_file():
-        return ("## Evaluation\n\nNot evaluated yet: `gpt-pipeline evaluate --model "
-                "<this directory> --data <a prepared data set>` writes eval.json.\n")
+        return (
+            "## Evaluation\n\nNot evaluated yet: `gpt-pipeline evaluate --model "
+            "<this directory> --data <a prepared data set>` writes eval.json.\n"
+        )
     try:
         result = json.loads(path.read_text())
         loss, ppl, tokens = result["loss"], result["perplexity"], result["tokens"]
     except (ValueError, KeyError, TypeError):
         return ""
-    return (f"## Evaluation\n\nOn the val split ({tokens:,} tokens): loss {loss:.4f}, "
-            f"perplexity {ppl:.2f} (from {EVAL_FILE}).\n")
+    return (
+        f"## Evaluation\n\nOn the val split ({tokens:,} tokens): loss {loss:.4f}, "
+        f"perplexity {ppl:.2f} (from {EVAL_FILE}).\n"
+    )
 
 
 def _how_to_load() -> str:
-    return ('## How to load\n\n```python\nfrom transformers import pipeline\n\n'
-            'generate = pipeline("text-generation", model="PATH_OR_REPO")\n'
-            'print(generate("Every effort moves you", max_new_tokens=30)[0]["generated_text"])\n'
-            '```\n\nor `gpt-pipeline generate --model PATH --prompt "..."`.\n')
+    return (
+        "## How to load\n\n```python\nfrom transformers import pipeline\n\n"
+        'generate = pipeline("text-generation", model="PATH_OR_REPO")\n'
+        'print(generate("Every effort moves you", max_new_tokens=30)[0]["generated_text"])\n'
+        '```\n\nor `gpt-pipeline generate --model PATH --prompt "..."`.\n'
+    )

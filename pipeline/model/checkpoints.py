@@ -10,6 +10,7 @@ model side reads checkpoints without importing the training side.
                             config and the sha256 of every other file: written last
         optimizer.pt, trainer.pt, rng_<rank>.pt   the training state (training/checkpoint.py)
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -57,17 +61,26 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deeply
-        raise PipelineError(f"{path} is damaged (not valid JSON: {e}); the checkpoint cannot "
-                            f"be read. Use an earlier checkpoint of the run.") from None
-    if not isinstance(meta, dict) or not {"step", "model"} <= meta.keys() \
-            or isinstance(meta["step"], bool) or not isinstance(meta["step"], int):
-        raise PipelineError(f"{path} is damaged (it lacks the step or the model config); "
-                            f"use an earlier checkpoint of the run.")
+        raise PipelineError(
+            f"{path} is damaged (not valid JSON: {e}); the checkpoint cannot "
+            f"be read. Use an earlier checkpoint of the run."
+        ) from None
+    if (
+        not isinstance(meta, dict)
+        or not {"step", "model"} <= meta.keys()
+        or isinstance(meta["step"], bool)
+        or not isinstance(meta["step"], int)
+    ):
+        raise PipelineError(
+            f"{path} is damaged (it lacks the step or the model config); "
+            f"use an earlier checkpoint of the run."
+        )
     return meta
 
 
-def damage(ckpt_dir: str | Path, num_processes: int | None = None,
-           only: set[str] | None = None) -> str | None:
+def damage(
+    ckpt_dir: str | Path, num_processes: int | None = None, only: set[str] | None = None
+) -> str | None:
     """None when the checkpoint is whole: meta.json readable and every file it lists
     present with its sha256 (and, when resuming on `num_processes` equal to the saved
     count, every process's RNG file); else what is wrong, in a few words. `only` limits
@@ -128,5 +141,8 @@ TRAINER_FILE = "trainer.pt"
 
 def shape_mismatch(saved: dict, current: ModelConfig) -> list[str]:
     """The model keys whose values differ between a checkpoint and the current config."""
-    return [f"model.{k}: checkpoint {saved[k]!r}, config {getattr(current, k)!r}"
-            for k in SHAPE_KEYS if saved.get(k) != getattr(current, k)]
+    return [
+        f"model.{k}: checkpoint {saved[k]!r}, config {getattr(current, k)!r}"
+        for k in SHAPE_KEYS
+        if saved.get(k) != getattr(current, k)
+    ]

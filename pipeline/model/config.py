@@ -2,6 +2,7 @@
 Declared here, beside the model that reads it; SHAPE_KEYS are the keys a checkpoint or
 an export must agree on to be read back into the same tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,24 +24,36 @@ class ModelConfig(Section):
     drop_rate: float = setting(0.1, "dropout probability")
     qkv_bias: bool = setting(False, "bias on the query/key/value projection (the book: false)")
     tie_embeddings: bool = setting(False, "share the token embedding with the output head")
-    init_from: str = setting("scratch", "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | "
-                                        "a model directory")
+    init_from: str = setting(
+        "scratch", "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a model directory"
+    )
     init: Literal["gpt2", "torch_default"] = setting(
-        "gpt2", "how fresh weights are drawn (init_from: scratch). gpt2: N(0, 0.02) for "
-                "embeddings and linears, residual projections scaled by 1/sqrt(2 n_layers), "
-                "zero biases, as GPT-2 and nanoGPT (what real pretraining wants). "
-                "torch_default: each layer's own PyTorch init (Embedding N(0, 1), Linear "
-                "kaiming-uniform), which the book keeps.")
+        "gpt2",
+        "how fresh weights are drawn (init_from: scratch). gpt2: N(0, 0.02) for "
+        "embeddings and linears, residual projections scaled by 1/sqrt(2 n_layers), "
+        "zero biases, as GPT-2 and nanoGPT (what real pretraining wants). "
+        "torch_default: each layer's own PyTorch init (Embedding N(0, 1), Linear "
+        "kaiming-uniform), which the book keeps.",
+    )
 
     def __post_init__(self) -> None:
         self.require_positive("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-        check(self.emb_dim % self.n_heads == 0,
-              f"{self.key('emb_dim')} ({self.emb_dim}) must be divisible by "
-              f"{self.key('n_heads')} ({self.n_heads})")
+        check(
+            self.emb_dim % self.n_heads == 0,
+            f"{self.key('emb_dim')} ({self.emb_dim}) must be divisible by "
+            f"{self.key('n_heads')} ({self.n_heads})",
+        )
         self.require(0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)")
 
 
 # The ModelConfig keys that fix the tensors' shapes: a checkpoint resumes, and an export
 # reads back, only where these agree.
-SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
-              "tie_embeddings")
+SHAPE_KEYS = (
+    "vocab_size",
+    "context_length",
+    "emb_dim",
+    "n_heads",
+    "n_layers",
+    "qkv_bias",
+    "tie_embeddings",
+)

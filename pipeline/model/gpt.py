@@ -14,6 +14,7 @@ linear head. Differences from the book's listing, none of which change the funct
 
 Knows nothing about training, files, or devices.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ from pipeline.model.head_loss import head_cross_entropy
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32
+    ):
         head_dim = config.emb_dim // config.n_heads
         shape = (config.n_layers, batch_size, config.n_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
@@ -42,8 +44,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v for `layer`; return all keys and values up to now."""
         end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
@@ -68,8 +70,13 @@ class CausalSelfAttention(nn.Module):
                 if t > 1:
                     mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -135,8 +142,9 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (batch, tokens, vocab) for token ids (batch, tokens).
 
         With `targets` (batch, tokens) it returns instead the mean cross-entropy over the
@@ -147,8 +155,9 @@ class GPTModel(nn.Module):
         t = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.context_length:
-            raise ValueError(f"{start + t} positions exceed the context length "
-                             f"{self.cfg.context_length}")
+            raise ValueError(
+                f"{start + t} positions exceed the context length {self.cfg.context_length}"
+            )
         pos = torch.arange(start, start + t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         recompute = self.recompute_blocks and cache is None and torch.is_grad_enabled()
@@ -192,10 +201,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 
 def _num_params(cfg: ModelConfig) -> int:
     d, v = cfg.emb_dim, cfg.vocab_size
-    block = (3 * d * d + (3 * d if cfg.qkv_bias else 0)  # qkv
-             + d * d + d  # out_proj
-             + 8 * d * d + 5 * d  # fc (d -> 4d) and proj (4d -> d), with biases
-             + 4 * d)  # two LayerNorms
+    block = (
+        3 * d * d
+        + (3 * d if cfg.qkv_bias else 0)  # qkv
+        + d * d
+        + d  # out_proj
+        + 8 * d * d
+        + 5 * d  # fc (d -> 4d) and proj (4d -> d), with biases
+        + 4 * d
+    )  # two LayerNorms
     head = 0 if cfg.tie_embeddings else v * d
     return v * d + cfg.context_length * d + cfg.n_layers * block + 2 * d + head
 

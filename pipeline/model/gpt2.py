@@ -6,6 +6,7 @@ and MLP layers are `Conv1D`, which stores weights as (in, out): every Linear wei
 transposed on the way. This module is pure tensor bookkeeping; reading and writing files
 is the job of `pipeline/export.py` and the import code.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,7 +52,9 @@ def name_map(n_layers: int) -> list[tuple[str, str, bool]]:
     """Every (our name, HF name, transposed) triple of a model with `n_layers` blocks."""
     pairs = list(_TOP)
     for i in range(n_layers):
-        pairs += [(f"trf_blocks.{i}.{ours}", f"transformer.h.{i}.{hf}", t) for ours, hf, t in _BLOCK]
+        pairs += [
+            (f"trf_blocks.{i}.{ours}", f"transformer.h.{i}.{hf}", t) for ours, hf, t in _BLOCK
+        ]
     return pairs
 
 
@@ -147,15 +150,23 @@ def hf_config(cfg: ModelConfig) -> dict:
 def model_config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
     """Our ModelConfig for an HF GPT-2 `config.json`. Biases on q/k/v are always present
     in that layout, so `qkv_bias` is True unless an override says the file's are zeros."""
-    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in hf]
+    missing = [
+        k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in hf
+    ]
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ValueError(f"n_inner={hf['n_inner']} is not supported (the MLP is 4 x n_embd)")
     base = dict(
-        vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
-        n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=hf.get("resid_pdrop", 0.0),
-        qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+        vocab_size=hf["vocab_size"],
+        context_length=hf["n_positions"],
+        emb_dim=hf["n_embd"],
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        drop_rate=hf.get("resid_pdrop", 0.0),
+        qkv_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
     return model_config_from_file({**base, **overrides}, where)
 
 
@@ -190,8 +201,9 @@ def is_book_state(state: dict) -> bool:
     return "trf_blocks.0.att.W_query.weight" in state
 
 
-def book_heads(emb_dim: int, n_heads: int | None = None,
-               default_heads: int | None = None) -> tuple[int, str | None]:
+def book_heads(
+    emb_dim: int, n_heads: int | None = None, default_heads: int | None = None
+) -> tuple[int, str | None]:
     """The number of attention heads of a book-format model of width `emb_dim`, which its
     tensor shapes do not record, and None or the reason when it is a guess: `n_heads`
     when given (--n-heads); else `default_heads` (model.n_heads of an init_from config)
@@ -207,7 +219,8 @@ def book_heads(emb_dim: int, n_heads: int | None = None,
         f"the book-format weights have emb_dim {emb_dim}, not one of GPT-2's widths "
         f"({', '.join(map(str, sorted(by_width)))}), so the number of attention heads "
         f"cannot be read from them: give it (--n-heads for evaluate, export and generate; "
-        f"model.n_heads for model.init_from)")
+        f"model.n_heads for model.init_from)"
+    )
 
 
 def book_config(state: dict[str, torch.Tensor], n_heads: int) -> ModelConfig:
@@ -217,13 +230,20 @@ def book_config(state: dict[str, torch.Tensor], n_heads: int) -> ModelConfig:
     if emb_dim % n_heads:
         raise ValueError(f"emb_dim {emb_dim} is not divisible by {n_heads} heads")
     return ModelConfig(
-        vocab_size=vocab_size, context_length=state["pos_emb.weight"].shape[0], emb_dim=emb_dim,
-        n_heads=n_heads, n_layers=n_layers, drop_rate=0.0,
-        qkv_bias="trf_blocks.0.att.W_query.bias" in state, tie_embeddings=False)
+        vocab_size=vocab_size,
+        context_length=state["pos_emb.weight"].shape[0],
+        emb_dim=emb_dim,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        drop_rate=0.0,
+        qkv_bias="trf_blocks.0.att.W_query.bias" in state,
+        tie_embeddings=False,
+    )
 
 
-def from_book(state: dict[str, torch.Tensor], n_heads: int
-              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def from_book(
+    state: dict[str, torch.Tensor], n_heads: int
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The book's GPTModel state dict with `n_heads` heads (book_heads) -> (our config,
     our state dict).
 

@@ -5,6 +5,7 @@ block is at hand.
 
 Knows nothing of the GPT around it: any final hidden states and any output matrix.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ import torch
 IGNORE_INDEX = -100  # a target that counts for nothing (F.cross_entropy's default)
 
 
-def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_rows: int = 512) -> torch.Tensor:
+def head_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 512
+) -> torch.Tensor:
     """Mean cross-entropy of the logits `h @ weight.T` against `targets`, without them.
 
     The softmax over the vocabulary in fp32 costs more than the head's matmul at small
@@ -30,8 +32,9 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if not torch.is_grad_enabled():  # evaluation: autograd would still ask for gradients
         h, weight = h.detach(), weight.detach()
     with torch.autocast(h.device.type, enabled=False):
-        return _HeadCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten(), dtype,
-                                       chunk_rows)
+        return _HeadCrossEntropy.apply(
+            h.flatten(0, -2), weight, targets.flatten(), dtype, chunk_rows
+        )
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -101,8 +104,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.grads is None:
-            raise RuntimeError("head_cross_entropy's gradients were already handed over: a "
-                               "second backward through it (retain_graph=True) is not supported")
+            raise RuntimeError(
+                "head_cross_entropy's gradients were already handed over: a "
+                "second backward through it (retain_graph=True) is not supported"
+            )
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         scale = grad_loss.float() / ctx.count  # the mean's 1/count, and the loss scale

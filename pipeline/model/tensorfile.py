@@ -3,6 +3,7 @@ safetensors file at all, a header that is not JSON or claims 2**40 bytes, a trun
 body, a symlink to something else) is one paragraph naming the file, never a traceback
 from the Rust reader. safetensors itself never unpickles, so the content is safe to read.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,4 +25,5 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise PipelineError(
             f"{path}{target} is not a readable safetensors file ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Export or save the model "
-            f"again, or check that the file was copied whole.") from None
+            f"again, or check that the file was copied whole."
+        ) from None

@@ -24,6 +24,7 @@ Decisions:
 Owns source resolution and the file formats of *other* tools. The checkpoint layout is
 pipeline/model/checkpoints.py's and the name mapping pipeline/model/gpt2.py's.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,13 @@ class ModelInfo:
 # ----------------------------------------------------------------------------- public API
 
 
-def load_state(source: str | Path, *, context_length: int | None = None,
-               n_heads: int | None = None, default_heads: int | None = None
-               ) -> tuple[ModelConfig, dict[str, torch.Tensor], ModelInfo]:
+def load_state(
+    source: str | Path,
+    *,
+    context_length: int | None = None,
+    n_heads: int | None = None,
+    default_heads: int | None = None,
+) -> tuple[ModelConfig, dict[str, torch.Tensor], ModelInfo]:
     """Config and weights (this project's names, CPU) of any source; see the module doc.
 
     Only book-format files, whose shapes do not tell the number of heads, consult
@@ -84,8 +89,13 @@ def load_state(source: str | Path, *, context_length: int | None = None,
     return cfg, state, info
 
 
-def load_model(source: str | Path, *, context_length: int | None = None, device="cpu",
-               n_heads: int | None = None) -> tuple[GPTModel, ModelInfo]:
+def load_model(
+    source: str | Path,
+    *,
+    context_length: int | None = None,
+    device="cpu",
+    n_heads: int | None = None,
+) -> tuple[GPTModel, ModelInfo]:
     """A GPTModel in eval mode with the weights of `source` (fp32 on `device`)."""
     cfg, state, info = load_state(source, context_length=context_length, n_heads=n_heads)
     return build_model(cfg, state, device), info
@@ -103,7 +113,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu") 
     return model.eval()
 
 
-def init_from_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def init_from_weights(
+    user_cfg: ModelConfig, init_from: str
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Starting weights for training with `model.init_from` (anything but "scratch").
 
     The architecture comes from the weights (OpenAI GPT-2: context 1024, qkv_bias true,
@@ -117,13 +129,18 @@ def init_from_weights(user_cfg: ModelConfig, init_from: str) -> tuple[ModelConfi
         raise PipelineError(
             f"model.context_length is {user_cfg.context_length}, but {init_from} was trained "
             f"with {cfg.context_length} positions: positions cannot be added to pretrained "
-            f"weights. Set model.context_length to {cfg.context_length} or less.")
+            f"weights. Set model.context_length to {cfg.context_length} or less."
+        )
     cfg, state = crop_context(cfg, state, user_cfg.context_length, where=init_from)
     return replace(cfg, drop_rate=user_cfg.drop_rate, init_from=init_from), state
 
 
-def crop_context(cfg: ModelConfig, state: dict[str, torch.Tensor], context_length: int | None,
-                 where: str = "the model") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def crop_context(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    context_length: int | None,
+    where: str = "the model",
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Keep the first `context_length` positions (None or the same length: unchanged)."""
     if context_length is None or context_length == cfg.context_length:
         return cfg, state
@@ -131,7 +148,8 @@ def crop_context(cfg: ModelConfig, state: dict[str, torch.Tensor], context_lengt
         raise PipelineError(
             f"context length {context_length} is not possible for {where}: it has "
             f"{cfg.context_length} positions, and positions can only be cropped (1 to "
-            f"{cfg.context_length}), not added")
+            f"{cfg.context_length}), not added"
+        )
     state = {**state, "pos_emb.weight": state["pos_emb.weight"][:context_length].contiguous()}
     return replace(cfg, context_length=context_length), state
 
@@ -143,14 +161,19 @@ def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -
     if cfg.tie_embeddings:
         expected.pop("out_head.weight")
         state = {k: v for k, v in state.items() if k != "out_head.weight"}
-    problems = [f"{k} {tuple(state[k].shape)} (expected {shape})"
-                for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    problems = [
+        f"{k} {tuple(state[k].shape)} (expected {shape})"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
     problems += [f"{k} missing" for k in expected if k not in state]
     problems += [f"{k} unexpected" for k in state if k not in expected]
     if problems:
         raise PipelineError(
             f"the weights in {where} do not fit their config ({_describe(cfg)}): "
-            f"{'; '.join(problems[:6])}" + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+            f"{'; '.join(problems[:6])}"
+            + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        )
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -176,7 +199,8 @@ def resolve(source: str | Path) -> ModelInfo:
     raise PipelineError(
         f"'{text}' is neither an existing path nor a GPT-2 name. Give a run directory "
         f"(runs/<name>), a checkpoint directory, a model directory in the Hugging Face GPT-2 "
-        f"layout, a book-format model.pth file, or one of: {valid}")
+        f"layout, a book-format model.pth file, or one of: {valid}"
+    )
 
 
 def _resolve_dir(text: str, path: Path) -> ModelInfo:
@@ -186,7 +210,8 @@ def _resolve_dir(text: str, path: Path) -> ModelInfo:
             raise PipelineError(
                 f"run {path} has no complete, undamaged checkpoint (none under "
                 f"{path / checkpoint.CHECKPOINTS} with a {checkpoint.META_FILE}); train it first "
-                f"or name a checkpoint or model directory")
+                f"or name a checkpoint or model directory"
+            )
         return ModelInfo(text, "run", latest, home=path)
     if (path / checkpoint.META_FILE).is_file():
         return ModelInfo(text, "checkpoint", path, home=path)
@@ -195,12 +220,14 @@ def _resolve_dir(text: str, path: Path) -> ModelInfo:
     raise PipelineError(
         f"{path} holds no model: expected a run directory (with checkpoints/), a checkpoint "
         f"(with {checkpoint.META_FILE} and {checkpoint.MODEL_FILE}), or a model directory in "
-        f"the Hugging Face GPT-2 layout ({HF_CONFIG} and one of {', '.join(HF_WEIGHTS)})")
+        f"the Hugging Face GPT-2 layout ({HF_CONFIG} and one of {', '.join(HF_WEIGHTS)})"
+    )
 
 
 def _download(name: str) -> Path:
     """OpenAI's GPT-2 `name` from the Hub into (or straight from) the local HF cache."""
     from huggingface_hub import snapshot_download
+
     repo = f"{HUB_ORG}/{name}"
     try:
         return Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, "model.safetensors"]))
@@ -210,7 +237,8 @@ def _download(name: str) -> Path:
             f"{str(e).splitlines()[-1] if str(e) else ''}). It needs the network the first time "
             f"(after that it is cached); check the connection, unset HF_HUB_OFFLINE if it is "
             f"set, or download the model elsewhere and give its local directory (config.json + "
-            f"model.safetensors) instead of the name.") from None
+            f"model.safetensors) instead of the name."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -221,8 +249,10 @@ def _read_checkpoint(info: ModelInfo) -> tuple[ModelConfig, dict[str, torch.Tens
         raise PipelineError(f"checkpoint {info.path} has no {checkpoint.MODEL_FILE}")
     problem = checkpoint.damage(info.path, only={checkpoint.MODEL_FILE})
     if problem:
-        raise PipelineError(f"checkpoint {info.path} is damaged: {problem}. Use an earlier "
-                            f"checkpoint of the run (or the run directory, which skips it).")
+        raise PipelineError(
+            f"checkpoint {info.path} is damaged: {problem}. Use an earlier "
+            f"checkpoint of the run (or the run directory, which skips it)."
+        )
     info.meta = checkpoint.read_meta(info.path)
     return checkpoint.load_model_state(info.path)
 
@@ -236,8 +266,9 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     except ValueError as e:
         raise PipelineError(f"{path / HF_CONFIG} is not a GPT-2 config: {e}") from None
     hf_state = read_hf_tensors(path)
-    zero_bias = gpt2.qkv_biases_are_zero(v for k, v in hf_state.items()
-                                         if k.endswith("attn.c_attn.bias"))
+    zero_bias = gpt2.qkv_biases_are_zero(
+        v for k, v in hf_state.items() if k.endswith("attn.c_attn.bias")
+    )
     cfg = gpt2.model_config_from_hf(hf, where=str(path / HF_CONFIG), qkv_bias=not zero_bias)
     check_block_count(cfg, hf_state, prefix="transformer.h.", where=str(path))
     try:
@@ -263,11 +294,14 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return read_tensors(single)
     if index.is_file():
-        return {k: v for shard in index_shards(index) for k, v in read_tensors(path / shard).items()}
+        return {
+            k: v for shard in index_shards(index) for k, v in read_tensors(path / shard).items()
+        }
     if pickle.is_file():
         return _torch_load(pickle)
     raise PipelineError(
-        f"{path} has a {HF_CONFIG} but no weights: expected one of {', '.join(HF_WEIGHTS)}")
+        f"{path} has a {HF_CONFIG} but no weights: expected one of {', '.join(HF_WEIGHTS)}"
+    )
 
 
 def index_shards(index: Path) -> list[str]:
@@ -280,9 +314,11 @@ def index_shards(index: Path) -> list[str]:
     shards = sorted(set(map(str, weight_map.values())))
     outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
     if outside:
-        raise PipelineError(f"{index} names shard files outside its directory "
-                            f"({', '.join(outside[:3])}); only file names in {index.parent} "
-                            f"are read")
+        raise PipelineError(
+            f"{index} names shard files outside its directory "
+            f"({', '.join(outside[:3])}); only file names in {index.parent} "
+            f"are read"
+        )
     return shards
 
 
@@ -290,29 +326,39 @@ def check_block_count(cfg: ModelConfig, state: dict, prefix: str, where: str) ->
     """The config's layer count against the blocks the tensors hold, by arithmetic on
     their names, before anything is built from the config (a config.json claiming
     100,000 layers over one would otherwise build them)."""
-    blocks = {name[len(prefix):].split(".", 1)[0] for name in state if name.startswith(prefix)}
+    blocks = {name[len(prefix) :].split(".", 1)[0] for name in state if name.startswith(prefix)}
     if len(blocks) != cfg.n_layers:
-        raise PipelineError(f"the config of {where} says {cfg.n_layers} layers, and its weights "
-                            f"hold {len(blocks)}; they do not belong together")
+        raise PipelineError(
+            f"the config of {where} says {cfg.n_layers} layers, and its weights "
+            f"hold {len(blocks)}; they do not belong together"
+        )
 
 
-def _read_book(path: Path, n_heads: int | None, default_heads: int | None
-               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_book(
+    path: Path, n_heads: int | None, default_heads: int | None
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     state = _torch_load(path)
     if isinstance(state.get("model_state_dict"), dict):  # the book's model_and_optimizer.pth
         state = state["model_state_dict"]
     if not gpt2.is_book_state(state):
-        hint = (" It looks like a Hugging Face GPT-2 state dict: give the directory that holds it "
-                f"with its {HF_CONFIG}." if any("c_attn" in k for k in state) else "")
+        hint = (
+            " It looks like a Hugging Face GPT-2 state dict: give the directory that holds it "
+            f"with its {HF_CONFIG}."
+            if any("c_attn" in k for k in state)
+            else ""
+        )
         raise PipelineError(
             f"{path} is not the state dict of the book's GPTModel (no "
-            f"trf_blocks.0.att.W_query.weight).{hint}")
+            f"trf_blocks.0.att.W_query.weight).{hint}"
+        )
     try:
         heads, guess = gpt2.book_heads(state["tok_emb.weight"].shape[1], n_heads, default_heads)
         if guess:  # shapes do not record it: say so every time, a wrong guess is silent
-            log.warn(f"{path}: a book-format model.pth does not record its number of attention "
-                     f"heads; using {heads} ({guess}). If it was trained with another, give "
-                     f"--n-heads N (or model.n_heads for model.init_from).")
+            log.warn(
+                f"{path}: a book-format model.pth does not record its number of attention "
+                f"heads; using {heads} ({guess}). If it was trained with another, give "
+                f"--n-heads N (or model.n_heads for model.init_from)."
+            )
         return gpt2.from_book(state, heads)
     except KeyError as e:
         raise PipelineError(f"{path} lacks the book's tensor {e}") from None
@@ -327,16 +373,19 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         raise PipelineError(
             f"{path} cannot be read as a plain state dict with torch.load(weights_only=True) "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); only tensors "
-            f"and plain containers are accepted, never arbitrary pickles") from None
+            f"and plain containers are accepted, never arbitrary pickles"
+        ) from None
     if not isinstance(state, dict):
         raise PipelineError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
 def _describe(cfg: ModelConfig) -> str:
-    return (f"vocab {cfg.vocab_size}, context {cfg.context_length}, emb_dim {cfg.emb_dim}, "
-            f"{cfg.n_layers} layers, {cfg.n_heads} heads, qkv_bias {cfg.qkv_bias}, "
-            f"tied head {cfg.tie_embeddings}")
+    return (
+        f"vocab {cfg.vocab_size}, context {cfg.context_length}, emb_dim {cfg.emb_dim}, "
+        f"{cfg.n_layers} layers, {cfg.n_heads} heads, qkv_bias {cfg.qkv_bias}, "
+        f"tied head {cfg.tie_embeddings}"
+    )
 
 
 # Storage dtypes, in the one spelling every stage uses (train.precision's bf16 and fp16;
@@ -356,15 +405,26 @@ def dtype_name(text: str, key: str = "--dtype") -> str:
 class ModelSource:
     """The options every stage that reads a model shares (evaluate, export, generate)."""
 
-    model: str = setting(help="a run dir (its latest checkpoint), a checkpoint dir, a model "
-                             f"dir, {' | '.join(gpt2.OPENAI_SIZES)}, or a book-format "
-                             "model.pth", metavar="SOURCE")
-    n_heads: Optional[int] = setting(None, "attention heads of a book-format model.pth, whose "
-                                          "tensors do not record them (default: GPT-2's count "
-                                          "at its width, announced)")
+    model: str = setting(
+        help="a run dir (its latest checkpoint), a checkpoint dir, a model "
+        f"dir, {' | '.join(gpt2.OPENAI_SIZES)}, or a book-format "
+        "model.pth",
+        metavar="SOURCE",
+    )
+    n_heads: Optional[int] = setting(
+        None,
+        "attention heads of a book-format model.pth, whose "
+        "tensors do not record them (default: GPT-2's count "
+        "at its width, announced)",
+    )
 
     def __post_init__(self) -> None:
-        require(bool(self.model.strip()), "--model", self.model,
-                "a run dir, checkpoint dir, model dir or GPT-2 size")
-        require(self.n_heads is None or self.n_heads > 0, "--n-heads", self.n_heads,
-                "a positive count")
+        require(
+            bool(self.model.strip()),
+            "--model",
+            self.model,
+            "a run dir, checkpoint dir, model dir or GPT-2 size",
+        )
+        require(
+            self.n_heads is None or self.n_heads > 0, "--n-heads", self.n_heads, "a positive count"
+        )

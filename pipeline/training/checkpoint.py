@@ -15,6 +15,7 @@ the disk under it was damaged later. meta.json, written last, records the sha256
 other file; a resume checks them (`damage`) and falls back past a damaged checkpoint to
 the newest complete one, moving the damaged one aside as `damaged_step_NNNNNN`.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ def newest_intact(run_dir: str | Path, num_processes: int, warn) -> Path | None:
         if problem is None:
             return path
         moved = set_aside(path)
-        warn(f"warning: checkpoint {path} is damaged or incomplete ({problem}); moved it to "
-             f"{moved.name} and resuming from the newest complete one before it, if any")
+        warn(
+            f"warning: checkpoint {path} is damaged or incomplete ({problem}); moved it to "
+            f"{moved.name} and resuming from the newest complete one before it, if any"
+        )
     return None
 
 
@@ -78,8 +81,15 @@ def sweep_incomplete(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    stale = [p for p in root.iterdir() if p.is_dir() and (
-        p.name.startswith(".tmp_step_") or (_STEP_DIR.match(p.name) and not (p / META_FILE).exists()))]
+    stale = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and (
+            p.name.startswith(".tmp_step_")
+            or (_STEP_DIR.match(p.name) and not (p / META_FILE).exists())
+        )
+    ]
     for path in stale:
         shutil.rmtree(path)
     return stale
@@ -102,6 +112,7 @@ def _state_dict_api():
     the import takes ~4 s on a small CPU, which readers of the weights alone (evaluate,
     export, generate) should not pay."""
     import torch.distributed.checkpoint.state_dict as dcp_sd
+
     return dcp_sd
 
 
@@ -113,8 +124,17 @@ class CheckpointWriteError(PipelineError):
     """A checkpoint could not be written (a full disk, say); the previous one is intact."""
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optimizer,
-                    parts: dict, meta: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    accelerator,
+    model,
+    optimizer,
+    parts: dict,
+    meta: dict,
+    keep_last: int,
+) -> Path:
     """Write step_NNNNNN/ atomically from every process (a collective call).
 
     `model` may be plain, DDP-wrapped, compiled or sharded with FSDP2: the state dicts
@@ -134,8 +154,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
     def write_main_files():
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
         _synced_torch_save(optim_state, tmp / OPTIMIZER_FILE)
-        _synced_torch_save({name: part.state_dict() for name, part in parts.items()},
-                           tmp / TRAINER_FILE)
+        _synced_torch_save(
+            {name: part.state_dict() for name, part in parts.items()}, tmp / TRAINER_FILE
+        )
         fsync_file(tmp / MODEL_FILE)
 
     def finish():
@@ -152,8 +173,14 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, model, optim
         tmp.mkdir(parents=True)
 
     _attempt(accelerator, main, fresh_tmp, tmp, model_state, optim_state)
-    _attempt(accelerator, True, lambda: _synced_torch_save(
-        _rng_state(), tmp / f"rng_{accelerator.process_index}.pt"), tmp, model_state, optim_state)
+    _attempt(
+        accelerator,
+        True,
+        lambda: _synced_torch_save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt"),
+        tmp,
+        model_state,
+        optim_state,
+    )
     _attempt(accelerator, main, write_main_files, tmp, model_state, optim_state)
     _attempt(accelerator, main, finish, tmp, model_state, optim_state)
     if main:
@@ -174,6 +201,7 @@ def _attempt(accelerator, here: bool, write, tmp: Path, *states) -> None:
     failed = error is not None
     if accelerator.num_processes > 1:  # an Accelerator or a bare PartialState
         from accelerate.utils import reduce
+
         flag = torch.tensor([int(failed)], device=accelerator.device)
         failed = bool(reduce(flag, reduction="sum").item())
     if not failed:
@@ -187,10 +215,12 @@ def _write_failure(tmp: Path, error: OSError | None, *states) -> str:
     need = sum(t.numel() * t.element_size() for state in states for t in _tensors(state))
     free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
     what = describe_os_error(error) if error else "another process failed to write its part."
-    return (f"writing checkpoint {tmp.name.replace('.tmp_', '')} failed: {what} The checkpoint "
-            f"needs about {need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB are free in "
-            f"{tmp.parent}. The partial files were removed and the previous checkpoint is "
-            f"intact: the same command resumes from it.")
+    return (
+        f"writing checkpoint {tmp.name.replace('.tmp_', '')} failed: {what} The checkpoint "
+        f"needs about {need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB are free in "
+        f"{tmp.parent}. The partial files were removed and the previous checkpoint is "
+        f"intact: the same command resumes from it."
+    )
 
 
 def _tensors(state):
@@ -233,7 +263,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, part
             f"{ckpt_dir} holds no state for {', '.join(missing)} (it has: "
             f"{', '.join(saved) or 'nothing'}); it was written by another version of the train "
             f"stage. Resume from a checkpoint of this version, or start over with "
-            f"checkpoint.resume=never and another run name.")
+            f"checkpoint.resume=never and another run name."
+        )
     for name, part in parts.items():
         part.load_state_dict(saved[name])
     rng_file = ckpt_dir / f"rng_{accelerator.process_index}.pt"
@@ -263,5 +294,3 @@ def _set_rng_state(state: dict) -> None:
             return
         saved = saved[index]
     torch.cuda.set_rng_state(saved)
-
-

@@ -8,6 +8,7 @@ rewind into a second timeline, only damaged checkpoints left), deciding on the m
 process and telling the others, and what meta.json records. The on-disk format is
 checkpoint.py's alone.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,8 +24,15 @@ class CheckpointManager:
     (each with state_dict/load_state_dict), asked at every save and resume, since some
     (fp16's loss scaler) appear only once Accelerate has prepared the model."""
 
-    def __init__(self, config: Config, accelerator, model, optimizer,
-                 parts: Callable[[], dict], say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        config: Config,
+        accelerator,
+        model,
+        optimizer,
+        parts: Callable[[], dict],
+        say: Callable[[str], None] = print,
+    ):
         self.config, self.accelerator = config, accelerator
         self.model, self.optimizer, self.parts = model, optimizer, parts
         self.run_dir = config.run_dir
@@ -39,20 +47,36 @@ class CheckpointManager:
         if path is None:
             return None
         check_resumable(path, self.config)
-        ckpt.load_checkpoint(path, accelerator=self.accelerator, model=self.model,
-                             optimizer=self.optimizer, parts=self.parts())
+        ckpt.load_checkpoint(
+            path,
+            accelerator=self.accelerator,
+            model=self.model,
+            optimizer=self.optimizer,
+            parts=self.parts(),
+        )
         return path
 
     def save(self, step: int, tokens: int) -> Path:
         """Write step `step` (a collective call: every process calls it) and prune to
         checkpoint.keep_last. meta.json is for readers of the checkpoint (evaluate,
         export, people); the training state itself is in the stateful parts."""
-        meta = {"step": step, "tokens": tokens, "num_processes": self.accelerator.num_processes,
-                "model": to_dict(self.config.model), "config": to_dict(self.config)}
-        return ckpt.save_checkpoint(self.run_dir, step, accelerator=self.accelerator,
-                                    model=self.model, optimizer=self.optimizer,
-                                    parts=self.parts(), meta=meta,
-                                    keep_last=self.config.checkpoint.keep_last)
+        meta = {
+            "step": step,
+            "tokens": tokens,
+            "num_processes": self.accelerator.num_processes,
+            "model": to_dict(self.config.model),
+            "config": to_dict(self.config),
+        }
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            step,
+            accelerator=self.accelerator,
+            model=self.model,
+            optimizer=self.optimizer,
+            parts=self.parts(),
+            meta=meta,
+            keep_last=self.config.checkpoint.keep_last,
+        )
 
     def choose(self) -> Path | None:
         """The checkpoint to resume from, decided on the main process (which sweeps what
@@ -86,7 +110,8 @@ def checkpoint_to_resume(config: Config, processes: int, say=print) -> str | Non
                 f"{run_dir} already holds checkpoints (latest {existing.name}) and "
                 f"checkpoint.resume=never would start a new run among them (pruning and a "
                 f"later resume would mix the two). Use another name, resume with "
-                f"checkpoint.resume=auto, or delete the old run first (make clean).")
+                f"checkpoint.resume=auto, or delete the old run first (make clean)."
+            )
         return None
     if choice == "auto":
         had_checkpoints = bool(ckpt.checkpoint_dirs(run_dir))
@@ -97,12 +122,15 @@ def checkpoint_to_resume(config: Config, processes: int, say=print) -> str | Non
                 f"checkpoints/damaged_step_*, nothing deleted), so there is nothing to resume "
                 f"from, and training on would start the run over from step 0 unnoticed. To "
                 f"start it over, run again with checkpoint.resume=never (its metrics.jsonl is "
-                f"rewritten); to keep this run as it is, train under another name.")
+                f"rewritten); to keep this run as it is, train under another name."
+            )
         return None if path is None else str(path)
     problem = ckpt.damage(choice, processes)
     if problem:
-        raise PipelineError(f"cannot resume from checkpoint.resume={choice}: {problem}. "
-                            f"Name another checkpoint, or use checkpoint.resume=auto.")
+        raise PipelineError(
+            f"cannot resume from checkpoint.resume={choice}: {problem}. "
+            f"Name another checkpoint, or use checkpoint.resume=auto."
+        )
     refuse_rewind(run_dir, Path(choice))
     return choice
 
@@ -117,12 +145,14 @@ def check_resumable(path: Path, config: Config) -> None:
             f"cannot resume from {path}: it was trained with train.optimizer: "
             f"{saved_optimizer}, and the config asks for {config.train.optimizer}; their "
             f"states differ. Set train.optimizer={saved_optimizer} to continue it, or start a "
-            f"new run (another name, or checkpoint.resume=never).")
+            f"new run (another name, or checkpoint.resume=never)."
+        )
     mismatch = ckpt.shape_mismatch(meta["model"], config.model)
     if mismatch:
         raise PipelineError(
             f"cannot resume from {path}: the model differs from the config ({'; '.join(mismatch)}). "
-            f"Use another run name (or delete this run with make clean) to start over.")
+            f"Use another run name (or delete this run with make clean) to start over."
+        )
 
 
 def refuse_rewind(run_dir: Path, chosen: Path) -> None:
@@ -137,4 +167,5 @@ def refuse_rewind(run_dir: Path, chosen: Path) -> None:
             f"({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}); training on from it "
             f"would mix two timelines in one run. Move those later checkpoints out of "
             f"{run_dir / 'checkpoints'} if you mean to rewind, or train the older state under "
-            f"another name (name=... checkpoint.resume={chosen}).")
+            f"another name (name=... checkpoint.resume={chosen})."
+        )

@@ -3,6 +3,7 @@ schedule, precision), `eval:` (the evaluations and samples during training),
 `checkpoint:` and `tracking:`. Declared here, beside the code that reads them; a new
 tracker is a line in TRACKERS.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,78 +20,111 @@ class TrainConfig(Section):
     micro_batch_size: int = setting(8, "sequences per process per forward pass")
     grad_accum_steps: int = setting(1, "micro batches per optimizer step")
     max_steps: Optional[int] = setting(
-        None, "length of the run in optimizer steps: the first that is set of max_steps, "
-              "max_tokens, epochs (none set: 1 epoch)")
+        None,
+        "length of the run in optimizer steps: the first that is set of max_steps, "
+        "max_tokens, epochs (none set: 1 epoch)",
+    )
     max_tokens: Optional[int] = setting(None, "... or in tokens (inputs of the global batch)")
     epochs: Optional[float] = setting(None, "... or in passes over the train split")
     stride: Optional[int] = setting(None, "tokens between window starts (null: context_length)")
     order: Literal["shuffle", "book"] = setting(
-        "shuffle", "shuffle: a seeded permutation per epoch, split over processes, independent "
-                   "of everything else (pretraining). book: torch's DataLoader(shuffle=True, "
-                   "drop_last=True) as the book iterates it, seeds drawn from torch's global "
-                   "generator (so dropout and order interleave as in the book); one process "
-                   "only.")
+        "shuffle",
+        "shuffle: a seeded permutation per epoch, split over processes, independent "
+        "of everything else (pretraining). book: torch's DataLoader(shuffle=True, "
+        "drop_last=True) as the book iterates it, seeds drawn from torch's global "
+        "generator (so dropout and order interleave as in the book); one process "
+        "only.",
+    )
     optimizer: Literal["adamw", "muon"] = setting(
-        "adamw", "adamw: AdamW for every parameter. muon: Muon for the transformer blocks' "
-                 "matrices (lr scaled to AdamW's update size, so the same lr and weight_decay "
-                 "apply), AdamW for embeddings, head, biases and norms "
-                 "(pipeline/training/muon.py).")
+        "adamw",
+        "adamw: AdamW for every parameter. muon: Muon for the transformer blocks' "
+        "matrices (lr scaled to AdamW's update size, so the same lr and weight_decay "
+        "apply), AdamW for embeddings, head, biases and norms "
+        "(pipeline/training/muon.py).",
+    )
     lr: float = setting(4e-4, "peak learning rate")
     min_lr: Optional[float] = setting(None, "end of the cosine decay (null: lr / 10)")
     warmup_steps: int = setting(0, "linear warmup, in optimizer steps")
     weight_decay: float = setting(0.1, "AdamW decoupled weight decay")
     weight_decay_on: Literal["matrices", "all"] = setting(
-        "matrices", "matrices: decay linear weights and embeddings only (GPT-2, nanoGPT); all: "
-                    "every parameter, biases and LayerNorms too, as the book's "
-                    "AdamW(model.parameters())")
+        "matrices",
+        "matrices: decay linear weights and embeddings only (GPT-2, nanoGPT); all: "
+        "every parameter, biases and LayerNorms too, as the book's "
+        "AdamW(model.parameters())",
+    )
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1, beta2")
     grad_clip: Optional[float] = setting(1.0, "max global grad norm (null: no clipping)")
     precision: Literal["auto", "fp32", "no", "bf16", "fp16"] = setting(
-        "no", "mixed precision through Accelerate: fp32 (also written `no`, Accelerate's word: "
-              "no autocast), bf16, fp16; auto: bf16 where the hardware has bf16 units (GPUs "
-              "from Ampere on, CPUs with AVX512_BF16 or AMX), fp16 on older GPUs, else fp32: on "
-              "a CPU without bf16 units bf16 is ~40x slower (pipeline/training/precision.py)")
+        "no",
+        "mixed precision through Accelerate: fp32 (also written `no`, Accelerate's word: "
+        "no autocast), bf16, fp16; auto: bf16 where the hardware has bf16 units (GPUs "
+        "from Ampere on, CPUs with AVX512_BF16 or AMX), fp16 on older GPUs, else fp32: on "
+        "a CPU without bf16 units bf16 is ~40x slower (pipeline/training/precision.py)",
+    )
     compile: bool = setting(False, "torch.compile the model")
     activation_checkpointing: bool = setting(
-        False, "recompute each transformer block's activations in backward instead of keeping "
-               "them: about a third more compute for a fraction of the activation memory "
-               "(what lets GPT-2 1.5B train at micro batch 64 x 1024 on 80 GB GPUs)")
-    tf32: bool = setting(True, "fp32 matmuls on GPUs (precision: no) on TF32 tensor cores "
-                               "(Ampere on): ~8x faster, a 10-bit mantissa in the products. "
-                               "false: full fp32. No effect on CPUs.")
+        False,
+        "recompute each transformer block's activations in backward instead of keeping "
+        "them: about a third more compute for a fraction of the activation memory "
+        "(what lets GPT-2 1.5B train at micro batch 64 x 1024 on 80 GB GPUs)",
+    )
+    tf32: bool = setting(
+        True,
+        "fp32 matmuls on GPUs (precision: no) on TF32 tensor cores "
+        "(Ampere on): ~8x faster, a 10-bit mantissa in the products. "
+        "false: full fp32. No effect on CPUs.",
+    )
     peak_flops: Optional[float] = setting(None, "device peak FLOP/s for MFU (null: known GPUs)")
     log_every_steps: int = setting(10, "write metrics every N optimizer steps")
     collective_timeout_minutes: float = setting(
-        10.0, "how long a process waits for the others in a collective (an all-reduce, a "
-              "barrier) before the run ends with an error naming it: a hung or dead peer then "
-              "costs minutes, not torch's default of 30. Checkpoint writes and evaluations "
-              "count as one wait.")
+        10.0,
+        "how long a process waits for the others in a collective (an all-reduce, a "
+        "barrier) before the run ends with an error naming it: a hung or dead peer then "
+        "costs minutes, not torch's default of 30. Checkpoint writes and evaluations "
+        "count as one wait.",
+    )
 
     def __post_init__(self) -> None:
         self.require_positive("micro_batch_size", "grad_accum_steps", "log_every_steps")
         for name in ("max_steps", "max_tokens", "stride"):
-            self.require(getattr(self, name) is None or getattr(self, name) > 0, name,
-                         "positive, or null")
-        self.require(self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0),
-                     "epochs", "a positive number, or null")
+            self.require(
+                getattr(self, name) is None or getattr(self, name) > 0, name, "positive, or null"
+            )
+        self.require(
+            self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0),
+            "epochs",
+            "a positive number, or null",
+        )
         self.require(math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number")
-        self.require(self.min_lr is None or (math.isfinite(self.min_lr)
-                                             and 0 <= self.min_lr <= self.lr),
-                     "min_lr", f"0 .. train.lr ({self.lr}), or null for lr / 10")
+        self.require(
+            self.min_lr is None or (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr),
+            "min_lr",
+            f"0 .. train.lr ({self.lr}), or null for lr / 10",
+        )
         self.require(self.warmup_steps >= 0, "warmup_steps", "0 or more")
-        self.require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-                     "weight_decay", "0 or more")
-        check(all(math.isfinite(b) and 0 <= b < 1 for b in self.betas),
-              f"{self.key('betas')}={list(self.betas)!r} is not allowed: it must be two "
-              f"numbers in [0, 1)")
-        self.require(self.grad_clip is None or (math.isfinite(self.grad_clip)
-                                                and self.grad_clip > 0),
-                     "grad_clip", "a positive norm, or null for no clipping")
-        self.require(self.peak_flops is None or self.peak_flops > 0, "peak_flops",
-                     "a positive FLOP/s, or null")
-        self.require(math.isfinite(self.collective_timeout_minutes)
-                     and self.collective_timeout_minutes > 0,
-                     "collective_timeout_minutes", "a positive number of minutes")
+        self.require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "0 or more"
+        )
+        check(
+            all(math.isfinite(b) and 0 <= b < 1 for b in self.betas),
+            f"{self.key('betas')}={list(self.betas)!r} is not allowed: it must be two "
+            f"numbers in [0, 1)",
+        )
+        self.require(
+            self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+            "grad_clip",
+            "a positive norm, or null for no clipping",
+        )
+        self.require(
+            self.peak_flops is None or self.peak_flops > 0,
+            "peak_flops",
+            "a positive FLOP/s, or null",
+        )
+        self.require(
+            math.isfinite(self.collective_timeout_minutes) and self.collective_timeout_minutes > 0,
+            "collective_timeout_minutes",
+            "a positive number of minutes",
+        )
 
 
 TASKS = ("hellaswag", "mc")
@@ -102,9 +136,11 @@ class EvalConfig(Section):
 
     every_steps: int = setting(100, "evaluate (and sample) every N optimizer steps")
     first_step: Optional[int] = setting(
-        None, "step of the first evaluation, then every every_steps after it (null: "
-              "every_steps). 1 is the book's schedule: its \"Step 000000\" is the evaluation "
-              "after the first update.")
+        None,
+        "step of the first evaluation, then every every_steps after it (null: "
+        'every_steps). 1 is the book\'s schedule: its "Step 000000" is the evaluation '
+        "after the first update.",
+    )
     batches: int = setting(10, "micro batches of train and of val per evaluation")
     prompt: str = setting("Every effort moves you", "start of the sample printed at each eval")
     max_new_tokens: int = setting(50, "length of that sample in tokens")
@@ -112,28 +148,39 @@ class EvalConfig(Section):
     top_k: Optional[int] = setting(None, "sample only among the k most likely tokens (null: all)")
     tasks: list[str] = setting(
         help="multiple-choice tasks scored during training (metrics <task>_acc, "
-             "<task>_acc_norm): hellaswag (HellaSwag's val set, downloaded once, or task_file) "
-             "or mc (task_file: one {\"context\", \"choices\", \"label\"} per line). [] for none.",
-        default_factory=list)
+        "<task>_acc_norm): hellaswag (HellaSwag's val set, downloaded once, or task_file) "
+        'or mc (task_file: one {"context", "choices", "label"} per line). [] for none.',
+        default_factory=list,
+    )
     task_file: Optional[str] = setting(None, "the tasks' examples (jsonl)")
-    task_every_steps: Optional[int] = setting(None, "score the tasks every N steps (null: at "
-                                                    "every evaluation)")
+    task_every_steps: Optional[int] = setting(
+        None, "score the tasks every N steps (null: at every evaluation)"
+    )
     task_examples: Optional[int] = setting(500, "the first N examples, for speed (null: all)")
 
     def __post_init__(self) -> None:
         self.require_positive("every_steps", "batches", "max_new_tokens")
-        self.require(self.first_step is None or self.first_step > 0, "first_step",
-                     "a positive step, or null for every_steps")
-        self.require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
-                     "0 (greedy) or a positive number")
-        self.require(self.top_k is None or self.top_k > 0, "top_k",
-                     "null or 1 .. model.vocab_size")
+        self.require(
+            self.first_step is None or self.first_step > 0,
+            "first_step",
+            "a positive step, or null for every_steps",
+        )
+        self.require(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "0 (greedy) or a positive number",
+        )
+        self.require(self.top_k is None or self.top_k > 0, "top_k", "null or 1 .. model.vocab_size")
         self.require(all(t in TASKS for t in self.tasks), "tasks", "a list of hellaswag and mc")
-        self.require("mc" not in self.tasks or bool(self.task_file), "task_file",
-                     "a jsonl file when eval.tasks has mc")
+        self.require(
+            "mc" not in self.tasks or bool(self.task_file),
+            "task_file",
+            "a jsonl file when eval.tasks has mc",
+        )
         for name in ("task_every_steps", "task_examples"):
-            self.require(getattr(self, name) is None or getattr(self, name) > 0, name,
-                         "positive, or null")
+            self.require(
+                getattr(self, name) is None or getattr(self, name) > 0, name, "positive, or null"
+            )
 
 
 @dataclass
@@ -155,7 +202,8 @@ class WandbConfig(Section):
     SECTION = "tracking.wandb."
 
     mode: Optional[Literal["disabled", "offline", "online"]] = setting(
-        None, "null: online when an API key is configured, else offline; WANDB_MODE wins")
+        None, "null: online when an API key is configured, else offline; WANDB_MODE wins"
+    )
     project: Optional[str] = setting(None, "null: $WANDB_PROJECT, else gpt-pipeline")
     entity: Optional[str] = setting(None, "null: $WANDB_ENTITY, else your default entity")
     group: Optional[str] = setting(None, "null: $WANDB_RUN_GROUP, else none")
@@ -163,8 +211,15 @@ class WandbConfig(Section):
 
 
 # The trackers tracking.log_with may name (Accelerate's), and the module each needs.
-TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow",
-            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+TRACKERS = {
+    "wandb": "wandb",
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+}
 
 
 @dataclass
@@ -173,12 +228,17 @@ class TrackingConfig(Section):
 
     log_with: list[str] = setting(
         help="where metrics go besides metrics.jsonl and loss.png, through Accelerate's "
-             "trackers: any of wandb, tensorboard (pip install 'gpt-pipeline[tensorboard]'; "
-             "event files in runs/<name>/tensorboard/), mlflow, comet_ml, aim, clearml, "
-             "dvclive. [] for none.", default_factory=lambda: ["wandb"])
+        "trackers: any of wandb, tensorboard (pip install 'gpt-pipeline[tensorboard]'; "
+        "event files in runs/<name>/tensorboard/), mlflow, comet_ml, aim, clearml, "
+        "dvclive. [] for none.",
+        default_factory=lambda: ["wandb"],
+    )
     wandb: WandbConfig = setting(help="Weights & Biases", default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.log_with if t not in TRACKERS]
-        self.require(not unknown and len(set(self.log_with)) == len(self.log_with), "log_with",
-                     f"a list of distinct trackers among {', '.join(TRACKERS)} ([] for none)")
+        self.require(
+            not unknown and len(set(self.log_with)) == len(self.log_with),
+            "log_with",
+            f"a list of distinct trackers among {', '.join(TRACKERS)} ([] for none)",
+        )

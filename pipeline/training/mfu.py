@@ -9,6 +9,7 @@ best figure ever measured is kept per machine and setup in
 `$XDG_CACHE_HOME/gpt-pipeline/matmul_peak.json` and used when higher; a figure measured now
 under half of it is reported as a busy machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ def gpu_peak_flops(device_name: str, low_precision: bool) -> float | None:
     """Peak of a known GPU by the name CUDA reports, or None. A key matches as whole
     words ("L4" not inside "L40", "H200" not for "H200 NVL": the longest match wins)."""
     import re
+
     for key in sorted(GPU_PEAKS, key=len, reverse=True):
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
             half, single = GPU_PEAKS[key]
@@ -53,8 +55,9 @@ def gpu_peak_flops(device_name: str, low_precision: bool) -> float | None:
     return None
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024,
-                        seconds: float = 0.5, device: str = "cpu") -> float:
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5, device: str = "cpu"
+) -> float:
     """FLOP/s of a square matmul on this device: a practical peak for MFU on CPUs.
     The best of many short timings, so that a busy moment does not lower the peak."""
     # A private generator: drawing from the global one would shift a resumed run's dropout.
@@ -89,8 +92,9 @@ def peak_flops(device: torch.device, precision: str, override: float | None) -> 
     return best_known_peak(dtype, 4096, device.type, "measured matmul")
 
 
-def best_known_peak(dtype: torch.dtype, size: int, device_type: str,
-                    source: str) -> tuple[float, str]:
+def best_known_peak(
+    dtype: torch.dtype, size: int, device_type: str, source: str
+) -> tuple[float, str]:
     """The matmul peak measured now or the best one cached for this setup, whichever is
     higher: load only lowers a measurement, so the higher one is nearer the true peak."""
     measured = measure_matmul_peak(dtype, size=size, device=device_type)
@@ -104,8 +108,10 @@ def best_known_peak(dtype: torch.dtype, size: int, device_type: str,
         return measured, source
     source += f" (best known {best / 1e12:.3g} TFLOP/s, from {_shown(path)})"
     if measured < best / 2:  # more than noise: something else holds the cores now
-        source += (f"; measured now {measured / 1e12:.3g} TFLOP/s, under half the best "
-                   f"known: this machine is busy, so this run's speed is lower than it can be")
+        source += (
+            f"; measured now {measured / 1e12:.3g} TFLOP/s, under half the best "
+            f"known: this machine is busy, so this run's speed is lower than it can be"
+        )
     return best, source
 
 
@@ -123,8 +129,15 @@ def peak_cache_key(dtype: torch.dtype, size: int, device_type: str) -> str:
     """Everything that changes the measured figure: another CPU, instruction set, thread
     count, dtype, size, device or torch build gives another peak, never a comparable one."""
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    parts = [processor_name(), capability, f"{torch.get_num_threads()} threads", str(dtype),
-             f"{size}x{size}", device_type, f"torch {torch.__version__}"]
+    parts = [
+        processor_name(),
+        capability,
+        f"{torch.get_num_threads()} threads",
+        str(dtype),
+        f"{size}x{size}",
+        device_type,
+        f"torch {torch.__version__}",
+    ]
     if device_type == "cuda":  # the GPU, not the host CPU, sets this figure
         parts.insert(0, torch.cuda.get_device_name())
     return " | ".join(parts)

@@ -11,6 +11,7 @@ bf16 always, and on a CPU without bf16 matrix units (most laptops; capability AV
 bf16 matmuls are ~40x slower than fp32: the tiny model's step went from 0.68 s to 1.6 s.
 This one orthogonalizes in bf16 where bf16 is fast and in fp32 elsewhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,16 +66,28 @@ class Muon(torch.optim.Optimizer):
     0.2 * sqrt(max(rows, cols)), which gives the update the RMS of an AdamW update (Liu et
     al., "Muon is Scalable for LLM Training", 2025): AdamW's lr and weight decay carry over."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float = MOMENTUM,
-                 orthogonalize_dtype: str = "float32"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                        orthogonalize_dtype=orthogonalize_dtype)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        weight_decay: float,
+        momentum: float = MOMENTUM,
+        orthogonalize_dtype: str = "float32",
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            orthogonalize_dtype=orthogonalize_dtype,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
-                    raise ValueError(f"Muon updates 2-D matrices only, got a {p.dim()}-D "
-                                     f"parameter of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"Muon updates 2-D matrices only, got a {p.dim()}-D "
+                        f"parameter of shape {tuple(p.shape)}"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,7 +124,7 @@ class Optimizers(torch.optim.Optimizer):
         """Point every part at this optimizer's groups and state (after a load replaced them)."""
         start = 0
         for part in self.parts:
-            part.param_groups = self.param_groups[start:start + len(part.param_groups)]
+            part.param_groups = self.param_groups[start : start + len(part.param_groups)]
             part.state = self.state
             start += len(part.param_groups)
 

@@ -4,6 +4,7 @@ the warmup + cosine schedule.
 Knows the train config and a model's parameters; knows nothing about devices beyond
 choosing the fused AdamW kernel and Muon's orthogonalization dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,19 @@ def build_muon(model: torch.nn.Module, train: TrainConfig, device_type: str):
     """Muon for the 2-D weights inside the transformer blocks (attention and MLP
     matrices), AdamW for the token and position tables, the head, biases and norms: the
     split of Muon's authors. One optimizer to the loop, Accelerate and checkpoints."""
-    hidden = [p for name, p in model.named_parameters()
-              if p.requires_grad and p.dim() == 2 and name.startswith(HIDDEN_PREFIX)]
+    hidden = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.dim() == 2 and name.startswith(HIDDEN_PREFIX)
+    ]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-    muon = Muon([{"params": hidden, "weight_decay": train.weight_decay}], lr=train.lr,
-                weight_decay=train.weight_decay,
-                orthogonalize_dtype=fast_orthogonalize_dtype(device_type))
+    muon = Muon(
+        [{"params": hidden, "weight_decay": train.weight_decay}],
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        orthogonalize_dtype=fast_orthogonalize_dtype(device_type),
+    )
     return Optimizers([build_adamw(rest, train, device_type), muon])
 
 
@@ -72,13 +79,18 @@ def build_scheduler(optimizer, train: TrainConfig, max_steps: int):
     """A LambdaLR stepped once per optimizer step by the loop (never prepare()d, so it
     does not advance once per process)."""
     min_lr = train.min_lr if train.min_lr is not None else train.lr / 10
-    factor = lambda step: lr_factor(step, warmup_steps=train.warmup_steps,  # noqa: E731
-                                    max_steps=max_steps, min_ratio=min_lr / train.lr)
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, warmup_steps=train.warmup_steps, max_steps=max_steps, min_ratio=min_lr / train.lr
+        )
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def total_steps(train: TrainConfig, windows: int, samples_per_step: int,
-                tokens_per_step: int) -> int:
+def total_steps(
+    train: TrainConfig, windows: int, samples_per_step: int, tokens_per_step: int
+) -> int:
     """Optimizer steps of the run: max_steps, else max_tokens, else epochs (default 1)."""
     if train.max_steps is not None:
         return train.max_steps

@@ -7,6 +7,7 @@ fp32 (the bf16 matmuls fall back to scalar kernels). So `auto` picks bf16 where 
 fast, fp16 with loss scaling on GPUs without bf16, and fp32 ("no") elsewhere, and says
 why; an explicit bf16 on a CPU without bf16 units is kept (the user asked) with a warning.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,14 +50,19 @@ def resolve(requested: str, device_type: str) -> tuple[str, str]:
     if device_type == "cuda":
         if gpu_has_bf16():
             return "bf16", "auto: this GPU has bf16"
-        return "fp16", "auto: this GPU has no bf16 (compute capability below 8.0), fp16 with loss scaling"
+        return (
+            "fp16",
+            "auto: this GPU has no bf16 (compute capability below 8.0), fp16 with loss scaling",
+        )
     if device_type == "cpu":
         flags = cpu_bf16_flags()
         if flags:
             return "bf16", f"auto: this CPU has bf16 matrix units ({', '.join(flags)})"
-        return "no", (f"auto: this CPU has no bf16 matrix units (capability "
-                      f"{torch.backends.cpu.get_cpu_capability()}), where bf16 is ~"
-                      f"{SLOW_BF16_FACTOR}x slower than fp32")
+        return "no", (
+            f"auto: this CPU has no bf16 matrix units (capability "
+            f"{torch.backends.cpu.get_cpu_capability()}), where bf16 is ~"
+            f"{SLOW_BF16_FACTOR}x slower than fp32"
+        )
     return "no", f"auto: fp32 on {device_type}"
 
 
@@ -64,8 +70,10 @@ def slow_bf16_warning(precision: str, device_type: str) -> str | None:
     """A warning when bf16 was asked for on a CPU that will run it many times slower."""
     if precision != "bf16" or device_type != "cpu" or cpu_bf16_flags():
         return None
-    return (f"warning: train.precision=bf16 on a CPU without bf16 matrix units (capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, no {' or '.join(BF16_CPU_FLAGS)} in "
-            f"/proc/cpuinfo): bf16 matmuls fall back to slow kernels, ~{SLOW_BF16_FACTOR}x "
-            f"slower than fp32 on such a machine. Use train.precision=auto (or no) unless you "
-            f"mean to measure exactly this.")
+    return (
+        f"warning: train.precision=bf16 on a CPU without bf16 matrix units (capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, no {' or '.join(BF16_CPU_FLAGS)} in "
+        f"/proc/cpuinfo): bf16 matmuls fall back to slow kernels, ~{SLOW_BF16_FACTOR}x "
+        f"slower than fp32 on such a machine. Use train.precision=auto (or no) unless you "
+        f"mean to measure exactly this."
+    )

@@ -7,6 +7,7 @@ same step (a signal may reach only some of them), so the answer is all-reduced; 
 loop asks that collective question only at its logging steps, to keep a device sync
 out of every step.
 """
+
 from __future__ import annotations
 
 import signal

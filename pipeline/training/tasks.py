@@ -14,6 +14,7 @@ model's context are cut from the left of the context (never inside the choice wh
 
 Knows the tokenizer and a model's forward; nothing of files beyond reading jsonl.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def read_examples(path: str | Path, task: str) -> list[Example]:
                 examples.append(convert(json.loads(line.decode("utf-8"))))
             except (ValueError, KeyError, TypeError, RecursionError) as e:
                 why = "nested too deeply" if isinstance(e, RecursionError) else e
-                raise TaskError(f"{path} line {number} is not a {task} example ({why}); "
-                                f"{FORMATS[task]}") from None
+                raise TaskError(
+                    f"{path} line {number} is not a {task} example ({why}); {FORMATS[task]}"
+                ) from None
     if not examples:
         raise TaskError(f"{path} holds no examples; {FORMATS[task]}")
     return examples
@@ -65,7 +67,7 @@ def read_examples(path: str | Path, task: str) -> list[Example]:
 
 FORMATS = {
     "mc": 'each line must be {"context": str, "choices": [str, ...], "label": index of the '
-          'right choice}',
+    "right choice}",
     "hellaswag": "each line must be a HellaSwag example with ctx, endings and label",
 }
 
@@ -81,17 +83,22 @@ def _from_hellaswag(row: dict) -> Example:
 def _checked(context, choices, label) -> Example:
     # An empty context leaves a one-token choice with no prediction to score: it would
     # count as wrong in silence.
-    if not isinstance(context, str) or not context or not isinstance(choices, list) \
-            or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-        raise ValueError("context must be non-empty text and choices at least two non-empty "
-                         "texts")
+    if (
+        not isinstance(context, str)
+        or not context
+        or not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
+        raise ValueError("context must be non-empty text and choices at least two non-empty texts")
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
         raise ValueError(f"label {label!r} is not an index into the {len(choices)} choices")
     return Example(context, tuple(choices), label)
 
 
-def load_task(task: str, task_file: str | None = None, url: str | None = None,
-              sha256: str | None = None) -> list[Example]:
+def load_task(
+    task: str, task_file: str | None = None, url: str | None = None, sha256: str | None = None
+) -> list[Example]:
     """The examples of `task`: from `task_file`, or for hellaswag the val jsonl downloaded
     once into ~/.cache/gpt-pipeline (size limited; its sha256 checked when given)."""
     from pipeline.data.corpus import CorpusError, download
@@ -101,22 +108,29 @@ def load_task(task: str, task_file: str | None = None, url: str | None = None,
             raise TaskError(f"the task file {task_file} does not exist")
         if sha256 is not None:  # pinned: the file must be that one, wherever it came from
             from pipeline.core.fileio import file_sha256
+
             found = file_sha256(Path(task_file))
             if found != sha256.lower():
-                raise TaskError(f"the task file {task_file} has sha256 {found}, not the "
-                                f"{sha256} given with --task-sha256; it is not the pinned file")
+                raise TaskError(
+                    f"the task file {task_file} has sha256 {found}, not the "
+                    f"{sha256} given with --task-sha256; it is not the pinned file"
+                )
         return read_examples(task_file, task)
     if task != "hellaswag":
-        raise TaskError(f"task {task} needs a task file (one JSON object per line: context, "
-                        f"choices, label)")
+        raise TaskError(
+            f"task {task} needs a task file (one JSON object per line: context, choices, label)"
+        )
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt-pipeline"
     try:
-        path = download(url or HELLASWAG_URL, cache / "hellaswag", sha256=sha256,
-                        max_bytes=HELLASWAG_MAX_BYTES)
+        path = download(
+            url or HELLASWAG_URL, cache / "hellaswag", sha256=sha256, max_bytes=HELLASWAG_MAX_BYTES
+        )
     except CorpusError as e:
-        raise TaskError(f"HellaSwag's val file (--task-url, --task-sha256): {e} With no "
-                        f"network, download it elsewhere and give its path as the task "
-                        f"file.") from None
+        raise TaskError(
+            f"HellaSwag's val file (--task-url, --task-sha256): {e} With no "
+            f"network, download it elsewhere and give its path as the task "
+            f"file."
+        ) from None
     return read_examples(path, "hellaswag")
 
 
@@ -130,13 +144,14 @@ def choice_rows(example: Example, context_length: int) -> list[tuple[list[int], 
     rows = []
     for choice in example.choices:
         ending = encode(choice)
-        ids = (context + ending)[-(context_length + 1):]
+        ids = (context + ending)[-(context_length + 1) :]
         rows.append((ids, min(len(ending), len(ids) - 1)))
     return rows
 
 
-def choice_losses(model: torch.nn.Module, rows: list[tuple[list[int], int]], device,
-                  autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+def choice_losses(
+    model: torch.nn.Module, rows: list[tuple[list[int], int]], device, autocast=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, mean) of the token losses of each row's choice, in one padded forward."""
     width = max(len(ids) for ids, _ in rows) - 1
     inputs = torch.zeros(len(rows), width, dtype=torch.long)
@@ -145,11 +160,12 @@ def choice_losses(model: torch.nn.Module, rows: list[tuple[list[int], int]], dev
     for i, (ids, n_choice) in enumerate(rows):
         n = len(ids) - 1
         inputs[i, :n], targets[i, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-        mask[i, n - n_choice:n] = True  # predictions of the choice's tokens
-    with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+        mask[i, n - n_choice : n] = True  # predictions of the choice's tokens
+    with torch.no_grad(), autocast() if autocast else torch.autocast(device.type, enabled=False):
         logits = model(inputs.to(device))
-    losses = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device),
-                             reduction="none") * mask.to(device)
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), targets.to(device), reduction="none"
+    ) * mask.to(device)
     sums = losses.sum(dim=1)
     return sums, sums / mask.sum(dim=1).to(device)
 
@@ -161,13 +177,21 @@ def rows_per_forward(batch_examples: int) -> int:
 def forwards_needed(examples: list[Example], batch_examples: int) -> int:
     """How many forwards score_examples makes for `examples`."""
     most = rows_per_forward(batch_examples)
-    return sum(-(-sum(len(ex.choices) for ex in examples[i:i + batch_examples]) // most)
-               for i in range(0, len(examples), batch_examples))
+    return sum(
+        -(-sum(len(ex.choices) for ex in examples[i : i + batch_examples]) // most)
+        for i in range(0, len(examples), batch_examples)
+    )
 
 
-def score_examples(model, examples: list[Example], context_length: int, device,
-                   autocast=None, batch_examples: int = 8, forwards: int | None = None
-                   ) -> torch.Tensor:
+def score_examples(
+    model,
+    examples: list[Example],
+    context_length: int,
+    device,
+    autocast=None,
+    batch_examples: int = 8,
+    forwards: int | None = None,
+) -> torch.Tensor:
     """[right by sum, right by mean, examples] (float64) over `examples`. With `forwards`,
     one-token forwards that count for nothing follow until that many were made: under
     FSDP every forward is a collective, and a process with fewer would leave the others
@@ -175,20 +199,25 @@ def score_examples(model, examples: list[Example], context_length: int, device,
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     max_rows = rows_per_forward(batch_examples)
     for start in range(0, len(examples), batch_examples):
-        chunk = examples[start:start + batch_examples]
+        chunk = examples[start : start + batch_examples]
         rows = [row for ex in chunk for row in choice_rows(ex, context_length)]
-        scored = [choice_losses(model, rows[i:i + max_rows], device, autocast)
-                  for i in range(0, len(rows), max_rows)]
+        scored = [
+            choice_losses(model, rows[i : i + max_rows], device, autocast)
+            for i in range(0, len(rows), max_rows)
+        ]
         sums, means = (torch.cat(parts) for parts in zip(*scored))
         first = 0
         for ex in chunk:
             n = len(ex.choices)
-            counts[0] += int(sums[first:first + n].argmin()) == ex.label
-            counts[1] += int(means[first:first + n].argmin()) == ex.label
+            counts[0] += int(sums[first : first + n].argmin()) == ex.label
+            counts[1] += int(means[first : first + n].argmin()) == ex.label
             first += n
         counts[2] += len(chunk)
     for _ in range((forwards or 0) - forwards_needed(examples, batch_examples)):
-        with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+        with (
+            torch.no_grad(),
+            autocast() if autocast else torch.autocast(device.type, enabled=False),
+        ):
             model(torch.zeros(1, 1, dtype=torch.long, device=device))
     return counts
 
@@ -198,14 +227,21 @@ def evaluate_task(model, examples: list[Example], accelerator, batch_examples: i
     (every num_processes-th example) and the counts summed once."""
     was_training = model.training
     model.eval()
-    share = examples[accelerator.process_index::accelerator.num_processes]
+    share = examples[accelerator.process_index :: accelerator.num_processes]
     context_length = accelerator.unwrap_model(model).cfg.context_length
     forwards = None
     if accelerator.num_processes > 1:  # every process makes as many forwards as the most
         mine = torch.tensor([forwards_needed(share, batch_examples)], device=accelerator.device)
         forwards = int(accelerator.gather(mine).max())
-    counts = score_examples(model, share, context_length, accelerator.device,
-                            accelerator.autocast, batch_examples, forwards)
+    counts = score_examples(
+        model,
+        share,
+        context_length,
+        accelerator.device,
+        accelerator.autocast,
+        batch_examples,
+        forwards,
+    )
     right, right_norm, n = accelerator.reduce(counts, reduction="sum").tolist()
     model.train(was_training)
     return {"acc": right / n, "acc_norm": right_norm / n, "examples": int(n)}

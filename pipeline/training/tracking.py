@@ -6,6 +6,7 @@
 the samples as a table. Only the main process writes anything. Knows nothing about
 models or data.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,12 +39,15 @@ def wandb_mode(cfg: WandbConfig) -> str:
             "W&B is set to log online (WANDB_MODE or tracking.wandb.mode), and no W&B API key "
             "is configured here. Run `wandb login` (or set WANDB_API_KEY), or log offline "
             "(tracking.wandb.mode=offline, uploaded later with `wandb sync`), or "
-            "tracking.wandb.mode=disabled.")
+            "tracking.wandb.mode=disabled."
+        )
     host = _wandb_host()
     if not _reachable(host):
-        _say_once(f"W&B: {host} cannot be reached from this machine; logging offline into "
-                  f"the run directory instead (upload it later with `wandb sync "
-                  f"runs/<name>/wandb/offline-run-*`).")
+        _say_once(
+            f"W&B: {host} cannot be reached from this machine; logging offline into "
+            f"the run directory instead (upload it later with `wandb sync "
+            f"runs/<name>/wandb/offline-run-*`)."
+        )
         return "offline"
     return "online"
 
@@ -59,6 +63,7 @@ def _requested_wandb_mode(cfg: WandbConfig) -> str:
 
 def _wandb_host() -> str:
     from urllib.parse import urlparse
+
     url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     return f"{url.hostname or 'api.wandb.ai'}:{url.port or (80 if url.scheme == 'http' else 443)}"
 
@@ -69,6 +74,7 @@ _reachability: dict[str, bool] = {}
 def _reachable(host: str, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to host:port opens within `timeout` (asked once per host)."""
     import socket
+
     if host not in _reachability:
         name, port = host.rsplit(":", 1)
         try:
@@ -111,10 +117,16 @@ def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
         run_id = uuid.uuid4().hex[:8]  # W&B's own id format: 8 lowercase alphanumerics
         atomic_write_text(id_file, run_id)
     w = config.tracking.wandb
-    return {"name": config.name, "id": run_id, "resume": "allow", "mode": mode,
-            "entity": w.entity or os.environ.get("WANDB_ENTITY"),
-            "group": w.group or os.environ.get("WANDB_RUN_GROUP"), "tags": w.tags,
-            "dir": str(run_dir)}
+    return {
+        "name": config.name,
+        "id": run_id,
+        "resume": "allow",
+        "mode": mode,
+        "entity": w.entity or os.environ.get("WANDB_ENTITY"),
+        "group": w.group or os.environ.get("WANDB_RUN_GROUP"),
+        "tags": w.tags,
+        "dir": str(run_dir),
+    }
 
 
 def trackers(config: Config) -> list[str]:
@@ -122,26 +134,32 @@ def trackers(config: Config) -> list[str]:
     disabled; PipelineError naming the package when one is not installed."""
     from pipeline.training.config import TRACKERS
 
-    chosen = [t for t in config.tracking.log_with
-              if not (t == "wandb" and wandb_mode(config.tracking.wandb) == "disabled")]
+    chosen = [
+        t
+        for t in config.tracking.log_with
+        if not (t == "wandb" and wandb_mode(config.tracking.wandb) == "disabled")
+    ]
     missing = [t for t in chosen if importlib.util.find_spec(TRACKERS[t]) is None]
     if missing:
         raise PipelineError(
             f"tracking.log_with names {', '.join(missing)}, which is not installed here: "
             f"pip install {' '.join(TRACKERS[t] for t in missing)} (for tensorboard: pip "
-            f"install 'gpt-pipeline[tensorboard]'), or take it out of tracking.log_with.")
+            f"install 'gpt-pipeline[tensorboard]'), or take it out of tracking.log_with."
+        )
     return chosen
 
 
 def flat_config(config: Config) -> dict:
     """The config as one level of dotted keys with scalar values: every tracker stores
     that (TensorBoard's hparams take nothing nested)."""
+
     def walk(node, prefix):
         for key, value in node.items():
             if isinstance(value, dict):
                 yield from walk(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}", str(value) if isinstance(value, list) else value
+
     return dict(walk(to_dict(config), ""))
 
 
@@ -153,6 +171,7 @@ class SampleTable:
         self.accelerator, self.prompt, self.table = accelerator, prompt, None
         if accelerator.is_main_process and any(t.name == "wandb" for t in accelerator.trackers):
             import wandb
+
             self.table = wandb.Table(columns=["step", "prompt", "text"], log_mode="INCREMENTAL")
 
     def add(self, step: int, text: str) -> None:
@@ -193,9 +212,12 @@ class MetricsLog:
                 if number < len(lines):
                     raise PipelineError(
                         f"{self.path} line {number} is not JSON: the file is damaged. Move it "
-                        f"aside to start the log afresh (the checkpoints are unaffected).") from None
-                log.warn(f"{self.path}: dropping its last line, cut short (a kill during "
-                         f"the write?): {line[:60]!r}")
+                        f"aside to start the log afresh (the checkpoints are unaffected)."
+                    ) from None
+                log.warn(
+                    f"{self.path}: dropping its last line, cut short (a kill during "
+                    f"the write?): {line[:60]!r}"
+                )
         return rows
 
     def append(self, row: dict) -> None:
@@ -205,6 +227,7 @@ class MetricsLog:
     def plot(self) -> None:
         """The book's figure: train and val loss against tokens seen."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -212,8 +235,9 @@ class MetricsLog:
         train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
         tasks = sorted({k for r in rows for k in r if k.endswith("_acc_norm")})
-        fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4), squeeze=False
+        )
         ax = axes[0][0]
         if train:
             ax.plot(*zip(*train), label="Training loss", alpha=0.8)
@@ -225,8 +249,12 @@ class MetricsLog:
         if tasks:  # a second panel, as build-nanogpt's plots have: task accuracy over tokens
             right = axes[0][1]
             for key in tasks:
-                right.plot(*zip(*[(r["tokens"], r[key]) for r in rows if key in r]),
-                           marker="o", markersize=3, label=key)
+                right.plot(
+                    *zip(*[(r["tokens"], r[key]) for r in rows if key in r]),
+                    marker="o",
+                    markersize=3,
+                    label=key,
+                )
             right.set_xlabel("Tokens seen")
             right.set_ylabel("Accuracy (normalized)")
             right.legend(loc="lower right")
@@ -245,10 +273,14 @@ def start_trackers(accelerator, config: Config, run_dir: Path, mode: str) -> Non
     if accelerator.is_main_process and "wandb" in names:
         init_kwargs["wandb"] = wandb_init_kwargs(config, run_dir, mode)
     try:
-        accelerator.init_trackers(wandb_project(config.tracking.wandb),
-                                  config=flat_config(config), init_kwargs=init_kwargs)
+        accelerator.init_trackers(
+            wandb_project(config.tracking.wandb),
+            config=flat_config(config),
+            init_kwargs=init_kwargs,
+        )
     except Exception as e:  # each tracker's own errors: a store, a server, a login
         raise PipelineError(
             f"the trackers {', '.join(names)} could not start ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Fix that tracker's setup, "
-            f"or take it out of tracking.log_with; nothing was trained yet.") from None
+            f"or take it out of tracking.log_with; nothing was trained yet."
+        ) from None
