@@ -18,6 +18,7 @@ import importlib
 import time
 from pathlib import Path
 
+from benchmarks import quiet
 from benchmarks.common import RESULTS, write_result
 
 # name -> module; run in this order
@@ -39,7 +40,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="NAME",
         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})",
     )
-    parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: smoke")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes, one repeat: smoke (measured on any machine)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="how long to wait for other processes to leave the CPUs before "
+        "each benchmark (default 300)",
+    )
+    parser.add_argument(
+        "--busy-ok",
+        action="store_true",
+        help="measure on a busy machine anyway; the tables say it was busy",
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON files")
     parser.add_argument(
         "--prepare-sizes",
@@ -97,16 +115,32 @@ def main(argv=None) -> None:
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     for name in args.names or list(BENCHMARKS):
         print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)
+        if not (args.quick or args.busy_ok):
+            try:
+                quiet.wait_until_quiet(args.patience)
+            except quiet.Busy as e:
+                raise SystemExit(
+                    f"not measuring {name}: {e}. A busy machine hurts contenders unequally; "
+                    f"stop what is running and start again, or pass --busy-ok to measure "
+                    f"anyway (the tables then say how busy it was)"
+                ) from None
         start = time.perf_counter()
+        watch = quiet.Watch().start()
         module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
         options = {"prepare_sizes": args.prepare_sizes} if name == "data" else {}
         result = module.run(quick=args.quick, **options)
+        sample = watch.stop()
+        result["quiet"] = sample.record()
         result["wall_s"] = time.perf_counter() - start
         result["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         )
         path = write_result(name, result, out)
-        print(f"{name}: {result['wall_s']:.0f} s, wrote {path}", flush=True)
+        print(
+            f"{name}: {result['wall_s']:.0f} s, wrote {path}; "
+            f"{'quiet' if sample.quiet else 'BUSY'}: {sample.describe()}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -142,8 +142,20 @@ def machine_line(machine: dict | None) -> str:
     if machine.get("device", "cpu") != "cpu":
         text += f", GPU {machine['device']}"
     if machine.get("load_average_1m") is not None:
-        text += f", 1-minute load average {machine['load_average_1m']:.2f} at the start"
+        text += f", load average {machine['load_average_1m']:.2f} at the start"
     return text
+
+
+def quietness(record: dict | None) -> str:
+    if record is None:
+        return (
+            "How busy the machine was is not recorded (a run from before the benchmarks "
+            "checked it)."
+        )
+    share = f"other processes used {record['others_cpu_share']:.1%} of the CPUs"
+    if record["quiet"]:
+        return f"Quiet: {share} during the run."
+    return f"**Busy**: {share} during the run; its ratios may be distorted."
 
 
 def wall(result: dict) -> str:

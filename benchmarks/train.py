@@ -13,15 +13,23 @@ Contenders (each shape, interleaved in one loop):
                    here (bf16 autocast with bf16 matrix units, else fp32), fused loss and
                    AdamW(fused=True), eager
   ours-best        the same under torch.compile (full run only: compiling costs minutes)
+  train stage      pipeline.train's own step (TrainLoop.train_step: the loader, the copy
+                   to the device, accumulate, backward, clipping, AdamW, the schedule, the
+                   progress bar) with its metrics row written every 5 steps, in ours-fast's
+                   precision, on random tokens: what the stage adds to ours-fast
 where <p> is fp32 or bf16 (CPU autocast). MFU is against the large-matmul FLOP/s of
-fp32 and bf16 measured in the same run. Knows nothing of the pipeline's train stage.
+fp32 and bf16 measured in the same run. Each ratio also comes as the range of its
+per-round ratios (contenders run in turns, so round r of each saw the same moment).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -131,12 +139,63 @@ def contenders(ours, hf, x, y, compile: bool = False, book: bool = True) -> dict
     return steps
 
 
+def stage_step(shape: Shape, work: Path):
+    """The train stage's own optimizer step as a closure (see the module's docstring)."""
+    from accelerate.state import AcceleratorState
+
+    from benchmarks.data import write_dataset
+    from pipeline.config import load_config
+    from pipeline.train import TrainLoop, make_accelerator, setup
+    from pipeline.training.tracking import MetricsLog
+
+    cfg, ctx = shape.cfg, shape.cfg.context_length
+    write_dataset(
+        work / "data" / "random", tokens=200 * shape.batch * (ctx + 1), val_tokens=4 * (ctx + 1)
+    )
+    model = [f"model.{k}={v}" for k, v in asdict(cfg).items() if k not in ("init_from", "init")]
+    config = load_config(
+        None,
+        [
+            f"data.root={work / 'data'}",
+            "data.name=random",
+            f"runs_root={work / 'runs'}",
+            "name=stage",
+            *model,
+            f"train.micro_batch_size={shape.batch}",
+            "train.max_steps=100000",
+            "train.log_every_steps=5",
+            "tracking.log_with=[]",
+            f"train.precision={'bf16' if fast_precision() == 'bf16' else 'fp32'}",
+            f"train.lr={ADAMW['lr']}",
+            f"train.weight_decay={ADAMW['weight_decay']}",
+            "train.betas=[0.9, 0.95]",
+        ],
+    )
+    config.run_dir.mkdir(parents=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # one per shape, as in a process
+    accelerator, _ = make_accelerator(config)
+    loop = TrainLoop(setup(config, accelerator), MetricsLog(config.run_dir))
+    calls = itertools.count(1)
+
+    def step():
+        loop.train_step()
+        if next(calls) % config.train.log_every_steps == 0:
+            loop.write_metrics(with_eval=False)
+
+    return step, loop
+
+
 def fast_precision() -> str:
     """The precision the train stage's `precision: auto` picks on this machine."""
     return "bf16" if "bf16" in precisions() else "fp32"
 
 
-FAST = ("hf-fast", "ours-fast", "ours-best")  # fused AdamW in the precision auto picks
+FAST = (
+    "hf-fast",
+    "ours-fast",
+    "ours-best",
+    "train stage",
+)  # fused AdamW in the precision auto picks
 
 
 def contender_precision(name: str) -> str:
@@ -161,15 +220,24 @@ def run_shape(shape: Shape, peaks: dict) -> dict:
     if "ours-best" in steps:
         steps["ours-best"]()  # compiles
     compile_s = time.perf_counter() - start
-    times = interleave(steps, shape.repeats, shape.warmup)
+    with tempfile.TemporaryDirectory() as work:
+        steps["train stage"], loop = stage_step(shape, Path(work))
+        try:
+            times = interleave(steps, shape.repeats, shape.warmup)
+        finally:
+            loop.close()
     rows = [row(shape, name, seconds, peaks) for name, seconds in times.items()]
     by_name = {r["contender"]: r for r in rows}
     for r in rows:
         hf_same = by_name[same_setting_reference(r["contender"])]
         r["x_hf_same_precision"] = r["tokens_per_s"] / hf_same["tokens_per_s"]
         r["x_hf_same_precision_best"] = r["tokens_per_s_best"] / hf_same["tokens_per_s_best"]
+        rounds = [h / o for h, o in zip(hf_same["seconds"], r["seconds"])]
+        r["x_hf_rounds"] = f"{min(rounds):.2f}-{max(rounds):.2f}"
         r["x_hf_fp32"] = r["tokens_per_s"] / by_name["hf/fp32"]["tokens_per_s"]
         r["x_hf_fp32_best"] = r["tokens_per_s_best"] / by_name["hf/fp32"]["tokens_per_s_best"]
+    stage, fast = by_name["train stage"], by_name["ours-fast"]
+    stage["stage_over_model_step"] = f"{stage['step_s'] / fast['step_s'] - 1:+.0%}"
     return {
         "shape": shape.name,
         "model": asdict(cfg),
@@ -265,8 +333,10 @@ def tables(result: dict) -> list[tuple[str, list[dict], list[str]]]:
                 "step_s",
                 "mfu",
                 "x_hf_same_precision",
+                "x_hf_rounds",
                 "x_hf_same_precision_best",
                 "x_hf_fp32",
+                "stage_over_model_step",
             ],
         )
     ]

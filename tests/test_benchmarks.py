@@ -27,7 +27,11 @@ def test_quick_train_and_evaluate_write_their_tables(tmp_path, capsys):
     )
     rows = {r["contender"]: r for r in shape["rows"]}
     expected = {f"{who}/{p}" for who in ("hf", "ours", "ours-logits") for p in precisions}
-    assert expected | {"hf-fast", "ours-fast"} == set(rows)  # the quick shape is not compiled
+    # the quick shape is not compiled; the train stage's own step runs beside the model's
+    assert expected | {"hf-fast", "ours-fast", "train stage"} == set(rows)
+    assert rows["train stage"]["stage_over_model_step"].endswith("%")
+    assert all("-" in r["x_hf_rounds"] for r in rows.values())  # each ratio's spread
+    assert {"others_cpu_share", "quiet"} <= set(train["quiet"])  # how busy, recorded
     assert rows["hf-fast"]["x_hf_same_precision"] == 1.0  # ours-fast's reference
     # ours-fast runs in the precision the train stage's `auto` picks here, and says so
     assert rows["ours-fast"]["precision"] == ("bf16" if "bf16" in precisions else "fp32")
@@ -184,3 +188,30 @@ def test_the_performance_page_is_what_the_results_say():
 
     assert PAGE.read_text() == page(RESULTS), "run `make bench-report`"
     assert "CPU capability **" in PAGE.read_text()  # every figure with its machine
+
+
+@pytest.mark.slow  # a 5-second sample of the machine
+def test_a_busy_neighbour_is_seen_named_and_stops_a_benchmark_before_it_measures():
+    """A process outside the benchmark's own tree that holds a core: Watch counts it and
+    names it, and `python -m benchmarks` refuses to measure (one line) instead of writing
+    a table it would distort. The neighbour is double-forked, so it is nobody's child."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks import quiet
+
+    spin = f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"
+    pid = int(subprocess.run(["sh", "-c", spin], capture_output=True, text=True).stdout)
+    try:
+        watch = quiet.Watch().start()
+        time.sleep(1.5)
+        sample = watch.stop()
+        assert not sample.quiet and sample.others_cpu_s > 0.5, sample
+        assert any(f"({pid})" in name for name, _ in sample.top), sample.top
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--patience", "1"])
+        assert f"({pid})" in str(stopped.value) and "not measuring train" in str(stopped.value)
+    finally:
+        os.kill(pid, 9)
