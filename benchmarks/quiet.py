@@ -26,8 +26,10 @@ class Busy(Exception):
     """The machine stayed busy for longer than the benchmark was willing to wait."""
 
 
-def _stat(pid: str) -> tuple[int, float, str] | None:
-    """(parent pid, CPU seconds used, command name) of a process; None once it is gone."""
+def _stat(pid: str) -> tuple[int, float, str, int] | None:
+    """(parent pid, CPU seconds used, command name, start time in ticks) of a process;
+    None once it is gone. The start time tells a reused pid from the same process (a
+    kernel worker's name changes with the work it does)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read().decode(errors="replace")
@@ -35,11 +37,12 @@ def _stat(pid: str) -> tuple[int, float, str] | None:
         return None
     name = text[text.index("(") + 1 : text.rindex(")")]
     fields = text[text.rindex(")") + 2 :].split()
-    # fields[1] is the parent pid; utime and stime are fields 14 and 15 of stat (1-based)
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, name
+    # fields[1] is the parent pid; utime, stime and starttime are fields 14, 15 and 22 of
+    # stat (1-based), fields[11], [12] and [19] here
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, name, int(fields[19])
 
 
-def cpu_by_process() -> dict[int, tuple[int, float, str]]:
+def cpu_by_process() -> dict[int, tuple[int, float, str, int]]:
     processes = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -49,10 +52,10 @@ def cpu_by_process() -> dict[int, tuple[int, float, str]]:
     return processes
 
 
-def ours(processes: dict[int, tuple[int, float, str]], root: int) -> set[int]:
+def ours(processes: dict[int, tuple[int, float, str, int]], root: int) -> set[int]:
     """`root` and every process below it: the benchmark and what it started."""
     children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in processes.items():
+    for pid, (parent, *_) in processes.items():
         children.setdefault(parent, []).append(pid)
     tree, todo = set(), [root]
     while todo:
@@ -110,10 +113,11 @@ class Watch:
         after, seconds = cpu_by_process(), time.monotonic() - self.began
         mine = ours(after, self.root) | ours(self.before, self.root)
         used: dict[int, float] = {}
-        for pid, (_, cpu, _) in after.items():
+        for pid, (_, cpu, _, started) in after.items():
             if pid not in mine:
                 earlier = self.before.get(pid)
-                used[pid] = cpu - (earlier[1] if earlier and earlier[2] == after[pid][2] else 0)
+                same = earlier is not None and earlier[3] == started
+                used[pid] = cpu - (earlier[1] if same else 0)
         total = sum(max(0.0, v) for v in used.values())
         top = sorted(
             ((f"{after[p][2]} ({p})", v) for p, v in used.items() if v > 0.05),
