@@ -40,7 +40,7 @@ from pipeline.keys import add_config_arguments, parse_stage_args
 from pipeline.model.gpt import GPTModel, count_parameters, flops_per_token
 from pipeline.training.checkpoint_manager import CheckpointManager
 from pipeline.training.mfu import mfu, peak_flops
-from pipeline.training.optim import build_optimizer, build_scheduler, total_steps
+from pipeline.training.optim import build_optimizer, build_scheduler, clips_at, total_steps
 from pipeline.training.precision import resolve as resolve_precision
 from pipeline.training.precision import slow_bf16_warning
 from pipeline.training.stopping import StopRequest
@@ -517,7 +517,7 @@ class TrainLoop:
                 loss = tr.model(x, targets=y)  # the model's fused head + cross-entropy
                 acc.backward(loss)
             self.interval.losses.append(loss.detach())
-        if t.grad_clip is not None:
+        if clips_at(tr.progress.step, t):
             self.interval.grad_norm = acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
         tr.optimizer.step()
         tr.scheduler.step()

@@ -192,10 +192,8 @@ def test_the_shipped_verdict_config_is_the_books_recipe():
 # ----------------------------------------------------------------------------- the run
 
 
-def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[float], list[float]]:
-    """The book's own train_model_simple on `text`, as its chapter 5 runs it."""
-    from pipeline.data.tokenizer import get_tokenizer
-
+def _book_setup(text: str, cfg: dict, lr: float):
+    """The book's loaders, model and AdamW on `text`, seeded as its chapters seed them."""
     split = int(0.9 * len(text))
     common = dict(
         batch_size=2, max_length=cfg["context_length"], stride=cfg["context_length"], num_workers=0
@@ -206,6 +204,14 @@ def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[flo
     torch.manual_seed(123)
     model = BookGPTModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    return train_loader, val_loader, model, optimizer
+
+
+def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[float], list[float]]:
+    """The book's own train_model_simple on `text`, as its chapter 5 runs it."""
+    from pipeline.data.tokenizer import get_tokenizer
+
+    train_loader, val_loader, model, optimizer = _book_setup(text, cfg, lr)
     train, val, _ = train_model_simple(
         model,
         train_loader,
@@ -221,8 +227,35 @@ def _books_table(text: str, cfg: dict, lr: float, epochs: int) -> tuple[list[flo
     return train, val
 
 
-def _our_evaluations(tmp_path: Path, text: str, cfg: dict, *overrides: str) -> list[dict]:
-    """configs/verdict.yaml through the real prepare and train stages (their own entry
+def _appendix_d_table(text: str, cfg: dict, lr: float, epochs: int, warmup: int):
+    """The book's own appendix D train_model on `text`: (train losses, val losses, lrs)."""
+    from llms_from_scratch.appendix_d import train_model
+
+    from pipeline.data.tokenizer import get_tokenizer
+
+    train_loader, val_loader, model, optimizer = _book_setup(text, cfg, lr)
+    train, val, _, lrs = train_model(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        "cpu",
+        n_epochs=epochs,
+        eval_freq=5,
+        eval_iter=1,
+        start_context="Every effort moves you",
+        tokenizer=get_tokenizer(),
+        warmup_steps=warmup,
+        initial_lr=1e-5,
+        min_lr=1e-5,
+    )
+    return train, val, lrs
+
+
+def _our_evaluations(
+    tmp_path: Path, text: str, cfg: dict, *overrides: str, config: str = "verdict"
+) -> list[dict]:
+    """configs/<config>.yaml through the real prepare and train stages (their own entry
     points, in this process), on `text`."""
     from train_runs import train_here
 
@@ -239,9 +272,10 @@ def _our_evaluations(tmp_path: Path, text: str, cfg: dict, *overrides: str) -> l
         "checkpoint.every_steps=1000",
         *overrides,
     ]
-    prepare(load_config(ROOT / "configs" / "verdict.yaml", args))
-    train_here(args, ROOT / "configs" / "verdict.yaml")
-    rows = [json.loads(line) for line in (tmp_path / "runs/verdict/metrics.jsonl").open()]
+    path = ROOT / "configs" / f"{config}.yaml"
+    prepare(load_config(path, args))
+    train_here(args, path)
+    rows = [json.loads(line) for line in (tmp_path / f"runs/{config}/metrics.jsonl").open()]
     return [r for r in rows if "val_loss" in r]
 
 
@@ -273,6 +307,65 @@ def test_shortened_verdict_run_overfits_as_figure_5_12(tmp_path):
     assert train[-1] < 0.5 * val[-1]
     assert 0 < low < len(val) - 1 and val[-1] > val[low] + 0.1
     assert max(train + val) <= max(train[0], val[0])
+
+
+def test_the_shipped_appendix_d_config_is_the_books_recipe():
+    c = load_config(ROOT / "configs/appendix-d.yaml")
+    t = c.train
+    assert (c.seed, c.model.init, t.order, t.weight_decay_on, t.epochs) == (
+        123,
+        "torch_default",
+        "book",
+        "all",
+        15,
+    )
+    assert (t.lr, t.warmup_start_lr, t.min_lr, t.warmup_steps, t.schedule) == (
+        1e-3,
+        1e-5,
+        1e-5,
+        int(0.2 * 9 * 15),
+        "cosine",
+    )
+    assert (t.grad_clip, t.grad_clip_after_warmup, t.betas) == (1.0, True, (0.9, 0.999))
+    assert (c.eval.first_step, c.eval.every_steps, c.eval.batches) == (1, 5, 1)
+
+
+@pytest.mark.slow
+def test_shortened_appendix_d_run_equals_the_books_train_model(tmp_path):
+    """Appendix D's schedule (warmup from initial_lr, cosine to min_lr), clipping from the
+    end of warmup and one-batch evaluations, through configs/appendix-d.yaml, against the
+    book's own train_model: the learning rate of every step, and every evaluation. 2
+    layers at width 64, 3 epochs of 13 batches, warmup int(0.2 x 39) = 7 steps; peak lr
+    4e-4 (at appendix D's 1e-3 this small model parts from the book's code after a few
+    steps, by the float rounding that Adam amplifies, as in the chapter 5 test)."""
+    from pipeline.training.optim import build_scheduler
+
+    text, epochs, warmup = prose(3000), 3, 7
+    ours = _our_evaluations(
+        tmp_path,
+        text,
+        SMALL,
+        f"train.epochs={epochs}",
+        "train.lr=4e-4",
+        f"train.warmup_steps={warmup}",
+        config="appendix-d",
+    )
+    book_train, book_val, book_lrs = _appendix_d_table(text, SMALL, 4e-4, epochs, warmup)
+    config = load_config(
+        ROOT / "configs/appendix-d.yaml", ["train.lr=4e-4", f"train.warmup_steps={warmup}"]
+    )
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=config.train.lr)
+    schedule, lrs = build_scheduler(optimizer, config.train, len(book_lrs)), []
+    for _ in book_lrs:
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    np.testing.assert_allclose(lrs, book_lrs, rtol=1e-12)
+    # the book's evaluations at its steps 0, 5, ..., 35 are ours at 1, 6, ..., 36, and ours
+    # adds one after the last step
+    assert len(ours) == len(book_train) + 1 == 9
+    np.testing.assert_allclose([r["train_loss"] for r in ours[:-1]], book_train, atol=1e-3)
+    np.testing.assert_allclose([r["val_loss"] for r in ours[:-1]], book_val, atol=1e-3)
 
 
 def test_report_puts_each_evaluation_beside_the_books_line():

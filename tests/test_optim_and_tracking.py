@@ -27,6 +27,62 @@ def test_warmup_then_cosine_hits_its_endpoints():
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)  # and stays at min
 
 
+def test_wsd_holds_the_peak_then_decays_over_its_last_fraction_in_either_shape():
+    def f(step, shape="linear", max_steps=110):
+        return lr_factor(
+            step,
+            warmup_steps=10,
+            max_steps=max_steps,
+            min_ratio=0.1,
+            schedule="wsd",
+            decay_fraction=0.2,
+            decay_shape=shape,
+        )
+
+    assert f(9) == pytest.approx(1.0) and f(50) == f(87) == 1.0  # stable until step 88
+    assert f(88) == 1.0 and f(99) == pytest.approx(0.1 + 0.9 * (1 - 11 / 22))  # linear
+    assert f(99, "1-sqrt") == pytest.approx(0.1 + 0.9 * (1 - (11 / 22) ** 0.5))
+    assert f(110) == pytest.approx(0.1) and f(110, "1-sqrt") == pytest.approx(0.1)
+    # lengthened from its stable phase: at step 60 of a run now 220 steps long, still the peak
+    assert f(60, max_steps=220) == 1.0 and f(200, max_steps=220) < 1.0
+    constant = [
+        lr_factor(s, warmup_steps=2, max_steps=9, min_ratio=0.1, schedule="constant")
+        for s in range(9)
+    ]
+    assert constant == [0.5, 1.0] + [1.0] * 7
+
+
+def test_warmup_from_a_start_lr_and_clipping_from_the_end_of_warmup():
+    from pipeline.training.optim import clips_at
+
+    f = [
+        lr_factor(s, warmup_steps=4, max_steps=20, min_ratio=0.01, start_ratio=0.01)
+        for s in range(5)
+    ]
+    assert f == pytest.approx([0.01, 0.2575, 0.505, 0.7525, 1.0])  # the book's initial_lr ramp
+    after = TrainConfig(warmup_steps=4, grad_clip_after_warmup=True)
+    assert [clips_at(s, after) for s in range(6)] == [False] * 4 + [True] * 2
+    assert all(clips_at(s, TrainConfig(warmup_steps=4)) for s in range(6))
+    assert not clips_at(9, TrainConfig(grad_clip=None))
+
+
+def test_a_wsd_run_resumed_with_more_steps_goes_on_at_its_peak():
+    """The scheduler's checkpointed state (its step) under a longer run: still stable."""
+    model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
+    train = TrainConfig(lr=1e-3, schedule="wsd", warmup_steps=2)
+    optimizer = build_optimizer(model, train, "cpu")
+    short = build_scheduler(optimizer, train, max_steps=10)
+    for _ in range(8):  # to step 8 of a 10-step run: the last step of its stable phase
+        optimizer.step()
+        short.step()
+    longer = build_scheduler(build_optimizer(model, train, "cpu"), train, max_steps=100)
+    longer.load_state_dict(short.state_dict())
+    short.step()
+    longer.step()
+    assert short.get_last_lr()[0] < 1e-3  # the 10-step run decays from step 9
+    assert longer.get_last_lr()[0] == pytest.approx(1e-3)  # resumed as 100 steps: stable
+
+
 def test_scheduler_defaults_min_lr_to_a_tenth_and_steps_once_per_call():
     model = GPTModel(ModelConfig(vocab_size=32, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
     optimizer = build_optimizer(model, TrainConfig(lr=1e-3), "cpu")

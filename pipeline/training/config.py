@@ -45,6 +45,22 @@ class TrainConfig(Section):
     lr: float = setting(4e-4, "peak learning rate")
     min_lr: Optional[float] = setting(None, "end of the cosine decay (null: lr / 10)")
     warmup_steps: int = setting(0, "linear warmup, in optimizer steps")
+    warmup_start_lr: Optional[float] = setting(
+        None,
+        "the lr of the first warmup step, rising linearly to lr at the end of warmup (the "
+        "book's appendix D initial_lr); null: lr / warmup_steps, reaching lr at the last "
+        "warmup step",
+    )
+    schedule: Literal["cosine", "wsd", "constant"] = setting(
+        "cosine",
+        "after warmup: cosine to min_lr at the last step; wsd (warmup-stable-decay): lr "
+        "until the last decay_fraction of the steps, then down to min_lr (a wsd run can be "
+        "lengthened from its stable phase by resuming with more steps); constant: lr",
+    )
+    decay_fraction: float = setting(0.2, "wsd: the share of the steps spent decaying")
+    decay_shape: Literal["linear", "1-sqrt"] = setting(
+        "linear", "wsd: how the lr falls during the decay (1-sqrt: lr x (1 - sqrt(progress)))"
+    )
     weight_decay: float = setting(0.1, "AdamW decoupled weight decay")
     weight_decay_on: Literal["matrices", "all"] = setting(
         "matrices",
@@ -54,6 +70,9 @@ class TrainConfig(Section):
     )
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1, beta2")
     grad_clip: Optional[float] = setting(1.0, "max global grad norm (null: no clipping)")
+    grad_clip_after_warmup: bool = setting(
+        False, "clip only from the end of warmup on, as the book's appendix D (false: every step)"
+    )
     precision: Literal["auto", "fp32", "no", "bf16", "fp16"] = setting(
         "no",
         "mixed precision through Accelerate: fp32 (also written `no`, Accelerate's word: "
@@ -102,6 +121,13 @@ class TrainConfig(Section):
             f"0 .. train.lr ({self.lr}), or null for lr / 10",
         )
         self.require(self.warmup_steps >= 0, "warmup_steps", "0 or more")
+        self.require(
+            self.warmup_start_lr is None
+            or (math.isfinite(self.warmup_start_lr) and 0 <= self.warmup_start_lr <= self.lr),
+            "warmup_start_lr",
+            f"0 .. train.lr ({self.lr}), or null",
+        )
+        self.require(0 < self.decay_fraction <= 1, "decay_fraction", "in (0, 1]")
         self.require(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "0 or more"
         )

@@ -65,11 +65,38 @@ def build_adamw(params: list, train: TrainConfig, device_type: str):
     return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=fused)
 
 
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup to 1,
-    then a cosine down to `min_ratio` at `max_steps`, as GPT-2 reproductions do."""
+def lr_factor(
+    step: int,
+    *,
+    warmup_steps: int,
+    max_steps: int,
+    min_ratio: float,
+    schedule: str = "cosine",
+    start_ratio: float | None = None,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "linear",
+) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based).
+
+    Warmup: linear over `warmup_steps`, from `start_ratio` at step 0 to 1 at the end of
+    warmup (the book's appendix D), or, with no start_ratio, from 1/warmup_steps to 1 at
+    its last step (nanoGPT). Then `schedule`: cosine down to `min_ratio` at `max_steps`
+    (GPT-2 reproductions); constant; or wsd, warmup-stable-decay: 1 until the last
+    `decay_fraction` of the steps, which fall to `min_ratio` linearly or as 1 - sqrt
+    (MiniCPM, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations"). A wsd run can be lengthened from its stable phase: resumed with a larger
+    max_steps, its decay simply starts later."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        if start_ratio is None:
+            return (step + 1) / warmup_steps
+        return start_ratio + step * (1.0 - start_ratio) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * max_steps))
+        progress = min(1.0, max(0.0, (step - (max_steps - decay_steps)) / decay_steps))
+        fallen = progress if decay_shape == "linear" else math.sqrt(progress)
+        return min_ratio + (1.0 - min_ratio) * (1.0 - fallen)
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
@@ -79,13 +106,30 @@ def build_scheduler(optimizer, train: TrainConfig, max_steps: int):
     """A LambdaLR stepped once per optimizer step by the loop (never prepare()d, so it
     does not advance once per process)."""
     min_lr = train.min_lr if train.min_lr is not None else train.lr / 10
+    start = None if train.warmup_start_lr is None else train.warmup_start_lr / train.lr
 
     def factor(step: int) -> float:
         return lr_factor(
-            step, warmup_steps=train.warmup_steps, max_steps=max_steps, min_ratio=min_lr / train.lr
+            step,
+            warmup_steps=train.warmup_steps,
+            max_steps=max_steps,
+            min_ratio=min_lr / train.lr,
+            schedule=train.schedule,
+            start_ratio=start,
+            decay_fraction=train.decay_fraction,
+            decay_shape=train.decay_shape,
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clips_at(step: int, train: TrainConfig) -> bool:
+    """Whether the gradient is clipped at optimizer step `step` (0-based): always with
+    train.grad_clip set, or only from the end of warmup with grad_clip_after_warmup (the
+    book's appendix D: `if global_step >= warmup_steps`)."""
+    if train.grad_clip is None:
+        return False
+    return not train.grad_clip_after_warmup or step >= train.warmup_steps
 
 
 def total_steps(
