@@ -34,7 +34,13 @@ import torch
 from pipeline.config import Config, EvalConfig, load_config, save_config
 from pipeline.core import console, locking, log
 from pipeline.core.errors import PipelineError, cli_main
-from pipeline.data.loader import MixedWindows, TokenWindows, TrainBatches, mixed_train_windows
+from pipeline.data.loader import (
+    MixedWindows,
+    TokenWindows,
+    TrainBatches,
+    mixed_train_windows,
+    spread_windows,
+)
 from pipeline.evaluate import evaluate
 from pipeline.keys import add_config_arguments, parse_stage_args
 from pipeline.model.gpt import GPTModel, count_parameters, flops_per_token
@@ -448,6 +454,8 @@ def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: Sto
             f"Resume with the same command (checkpoint.resume=auto)."
         )
     result = summary(progress, metrics, loop.started)
+    if reason == "done":
+        result["val_loss_whole_split"] = whole_split_val_loss(tr)
     accelerator.end_training()
     if accelerator.is_main_process and reason == "done":
         print_summary(result)
@@ -485,6 +493,13 @@ class TrainLoop:
         self.samples = SampleTable(tr.accelerator, tr.config.eval.prompt)
         self.started = time.perf_counter() - tr.progress.elapsed
         self.bar = self._progress_bar()
+        # The val estimate: the book's first batches in file order for the book's order,
+        # else windows spread over the whole split, the same ones at every evaluation.
+        e, acc = tr.config.eval, tr.accelerator
+        self.val_order = None
+        if tr.config.train.order != "book":
+            wanted = e.batches * tr.plan.micro_batch_size * acc.num_processes
+            self.val_order = spread_windows(len(tr.val_windows), wanted)
 
     def run(self, stop: StopRequest) -> str:
         """Train to max_steps; return "done" or "signal"."""
@@ -573,7 +588,9 @@ class TrainLoop:
         train_loss = evaluate(tr.model, tr.train_windows, batch, tr.accelerator, e.batches, order)[
             "loss"
         ]
-        val_loss = evaluate(tr.model, tr.val_windows, batch, tr.accelerator, e.batches)["loss"]
+        val_loss = evaluate(
+            tr.model, tr.val_windows, batch, tr.accelerator, e.batches, self.val_order
+        )["loss"]
         sample = self.sample()
         self.samples.add(p.step, sample)
         scores = self.score_tasks()
@@ -687,6 +704,20 @@ def announce(tr: Training) -> None:
     )
 
 
+# Scoring the whole val split once at the end costs about one evaluation per this many
+# windows' worth of estimates; past it (a large corpus' val split) the evaluate stage does it.
+WHOLE_SPLIT_WINDOWS = 4096
+
+
+def whole_split_val_loss(tr: Training) -> float | None:
+    """The val loss over every val window (all processes together), to print beside the
+    in-training estimate; None for a split too large to score at the end of training."""
+    if len(tr.val_windows) > WHOLE_SPLIT_WINDOWS:
+        return None
+    batch = tr.plan.micro_batch_size
+    return evaluate(tr.model, tr.val_windows, batch, tr.accelerator)["loss"]
+
+
 def summary(progress: Progress, metrics: MetricsLog, started: float) -> dict:
     rows = metrics.rows()
     last = lambda key: next((r[key] for r in reversed(rows) if key in r), None)  # noqa: E731
@@ -703,10 +734,12 @@ def summary(progress: Progress, metrics: MetricsLog, started: float) -> dict:
 
 def print_summary(s: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    whole = s.get("val_loss_whole_split")
     log.info(
         f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s | "
-        f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} | "
-        f"best val loss {fmt(s['best_val_loss'])}"
+        f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} (estimate)"
+        + (f", {whole:.3f} over the whole val split" if whole is not None else "")
+        + f" | best val loss {fmt(s['best_val_loss'])}"
     )
 
 

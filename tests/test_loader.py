@@ -207,3 +207,13 @@ def test_cached_order_blocks_do_not_change_the_stream(tmp_path, monkeypatch):
     xs = drain(TrainBatches(w, 3, seed=11, rank=1, world_size=2), 10)
     want = [loader.stream_indices(6 * j + 3, 3, len(w), 11) for j in range(10)]
     assert first_column_ids([x for x, _ in xs], w) == np.concatenate(want).tolist()
+
+
+def test_estimates_draw_windows_spread_over_the_whole_split_the_same_every_time():
+    from pipeline.data.loader import spread_windows
+
+    picked = spread_windows(330, 40)
+    assert len(picked) == 40 and picked[0] == 0 and picked[-1] == 329
+    assert np.all(np.diff(picked) >= 8)  # evenly apart, not the first 40 windows
+    assert np.array_equal(picked, spread_windows(330, 40))
+    assert np.array_equal(spread_windows(5, 40), np.arange(5))  # fewer than wanted: all

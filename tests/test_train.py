@@ -120,6 +120,8 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     assert (run_dir / "config.yaml").is_file()
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert "done: 60 steps" in printed
+    # the in-training val estimate (spread over the split) beside the whole split's loss
+    assert "(estimate), " in printed and " over the whole val split" in printed
     # auto says what it chose and why: bf16 only where this CPU has bf16 units.
     from pipeline.training.precision import cpu_bf16_flags
 

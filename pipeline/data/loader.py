@@ -398,12 +398,14 @@ class TrainBatches:
         return self._block_ids[within : within + count]
 
     def evaluation_windows(self, batches: int) -> np.ndarray | None:
-        """Train windows for an evaluation of `batches` micro batches: None for the first
-        windows in a fixed order; for the book's order, the first batches of a fresh
+        """Train windows for an evaluation of `batches` micro batches (all processes
+        together): windows spread evenly over the whole split (spread_windows); for the
+        book's order, the first batches of a fresh
         shuffled pass, after the draws the book's evaluate_model makes (a pass over the
         train loader, then one over the val loader)."""
         if self.order != "book":
-            return None
+            wanted = batches * self.micro_batch_size * self.world_size
+            return spread_windows(len(self.windows), wanted)
         seed = dataloader_pass_draws(shuffle=True)
         dataloader_pass_draws(shuffle=False)  # the val loader's pass, drawn in the same call
         return seeded_randperm(len(self.windows), seed)[: batches * self.micro_batch_size]
@@ -457,6 +459,15 @@ class TrainBatches:
                 )
         self._seek(int(state["samples"]))
         self._epoch_seed = state.get("epoch_seed")
+
+
+def spread_windows(count: int, wanted: int) -> np.ndarray:
+    """`wanted` window indices spread evenly over 0 .. count - 1 (all of them when there
+    are fewer), the same at every call: an in-training estimate drawn from the whole split,
+    not from its first documents, and comparable from one evaluation to the next."""
+    if wanted >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, wanted).round().astype(np.int64))
 
 
 def fixed_batches(
