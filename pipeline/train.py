@@ -506,21 +506,24 @@ class TrainLoop:
         tr, c, p = self.tr, self.tr.config, self.tr.progress
         last = tr.plan.max_steps
         tr.model.train()
-        while p.step < last:
-            self.train_step()
-            due_log = p.step % c.train.log_every_steps == 0
-            due_eval = eval_due(p.step, c.eval, last)
-            due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == last
-            one_process = tr.accelerator.num_processes == 1
-            stopping = (due_log or one_process) and stop.requested(tr.accelerator)
-            if due_log or due_eval or due_ckpt or stopping:
-                self.write_metrics(with_eval=due_eval)
-            if due_ckpt or stopping:
-                self.save()
-                self.interval = Interval()  # checkpoint time is not step time either
-            if stopping:
-                return "signal"
-        return "done"
+        stop.attach(tr.accelerator)
+        try:
+            while p.step < last:
+                self.train_step()
+                due_log = p.step % c.train.log_every_steps == 0
+                due_eval = eval_due(p.step, c.eval, last)
+                due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == last
+                stopping = stop.poll(tr.accelerator)
+                if due_log or due_eval or due_ckpt or stopping:
+                    self.write_metrics(with_eval=due_eval)
+                if due_ckpt or stopping:
+                    self.save()
+                    self.interval = Interval()  # checkpoint time is not step time either
+                if stopping:
+                    return "signal"
+            return "done"
+        finally:
+            stop.settle()
 
     def train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro batches."""

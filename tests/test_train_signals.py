@@ -6,6 +6,7 @@ test_train.py (the two files run on different pytest workers)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -69,6 +70,95 @@ def test_non_finite_loss_stops_naming_the_step(data_root, tmp_path):
             )
         )
     assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_one_step_later(data_root, tmp_path, free_port):
+    """A scheduler may signal only one node: the signalled worker's flag reaches the other
+    through the sum that every step starts and the next one reads, so both checkpoint the
+    same step, at most the step in flight when the signal came plus one."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--monitor_interval",
+        "1",
+        "-m",
+        "pipeline.train",
+    ]
+    args = train_args(
+        data_root,
+        tmp_path,
+        "one",
+        "train.max_steps=100000",
+        "train.log_every_steps=1",
+        "eval.every_steps=100000",
+        "checkpoint.every_steps=100000",
+        "train.micro_batch_size=16",
+    )
+    proc = subprocess.Popen(
+        launcher + args,
+        cwd=ROOT,
+        env={**env(), "ACCELERATE_USE_CPU": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _signal_the_second_and_check(proc, tmp_path)
+    finally:
+        if proc.poll() is None:  # its workers get SIGTERM from the kernel (PDEATHSIG)
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _signal_the_second_and_check(proc: subprocess.Popen, tmp_path: Path) -> None:
+    log = tmp_path / "one" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [
+        pid
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+        if _is_worker_of(pid, proc.pid, rank="1")
+    ]
+    assert len(workers) == 1, workers
+    logged = json.loads(log.read_text().splitlines()[-1])["step"]
+    os.kill(workers[0], signal.SIGTERM)  # the second process only
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    (saved,) = (tmp_path / "one" / "checkpoints").glob("step_*")
+    stopped = json.loads((saved / "meta.json").read_text())["step"]
+    # the step in flight when the signal came (logged + 1), and the one after it
+    assert logged < stopped <= logged + 2, (logged, stopped)
+    assert "Stopped by a signal to another process" in stdout
+
+
+def _is_worker_of(pid: int, launcher: int, rank: str) -> bool:
+    """Whether `pid` is a pipeline.train worker below `launcher` (torch elastic starts
+    its workers in sessions of their own, so by parentage) with LOCAL_RANK `rank`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"pipeline.train" not in cmdline or f"LOCAL_RANK={rank}".encode() not in environ:
+        return False
+    for _ in range(8):  # up the parent chain to the launcher
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if pid == launcher:
+            return True
+    return False
 
 
 @pytest.mark.parametrize("after", [0.3, 3.0])
