@@ -454,7 +454,7 @@ def _run_locked(config: Config, accelerator, mode: str, initial_state, stop: Sto
             f"Resume with the same command (checkpoint.resume=auto)."
         )
     result = summary(progress, metrics, loop.started)
-    if reason == "done":
+    if reason == "done" and config.eval.whole_split_at_end:
         result["val_loss_whole_split"] = whole_split_val_loss(tr)
     accelerator.end_training()
     if accelerator.is_main_process and reason == "done":

@@ -46,6 +46,7 @@ TRAIN = [
     "eval.every_steps=6",
     "eval.batches=2",
     "eval.max_new_tokens=4",
+    "eval.whole_split_at_end=false",
     "checkpoint.every_steps=2",
     "checkpoint.keep_last=2",
 ]

@@ -39,6 +39,7 @@ TINY = [
     "train.micro_batch_size=2",
     "eval.batches=2",
     "eval.max_new_tokens=4",
+    "eval.whole_split_at_end=false",
     "train.log_every_steps=1",
     "checkpoint.keep_last=0",
     "tracking.wandb.mode=disabled",

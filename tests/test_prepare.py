@@ -368,7 +368,14 @@ def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_pat
 
 @pytest.mark.slow
 def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path):
-    args = stdlib_args(tmp_path, "data.source.max_bytes=2000000", "data.shard_tokens=4000")
+    # 20 parts: Ctrl-C comes when the first is committed, with most still to build (with
+    # one part, a fast CPU had finished the whole data set before the signal arrived)
+    args = stdlib_args(
+        tmp_path,
+        "data.source.max_bytes=2000000",
+        "data.shard_tokens=4000",
+        "data.part_bytes=100000",
+    )
     prepare(load_config(None, args))
     data_dir = tmp_path / "data" / "std"
     before = snapshot_bytes(data_dir)

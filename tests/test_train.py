@@ -86,6 +86,7 @@ def trained_run(data_root, tmp_path_factory):
         "checkpoint.every_steps=60",
         "tracking.wandb.mode=offline",
         "train.precision=auto",
+        "eval.whole_split_at_end=true",
     )
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):

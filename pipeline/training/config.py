@@ -183,6 +183,11 @@ class EvalConfig(Section):
         None, "score the tasks every N steps (null: at every evaluation)"
     )
     task_examples: Optional[int] = setting(500, "the first N examples, for speed (null: all)")
+    whole_split_at_end: bool = setting(
+        True,
+        "at the end of the run, score the whole val split once and print it beside the last "
+        "estimate (skipped for splits over 4,096 windows: the evaluate stage's job)",
+    )
 
     def __post_init__(self) -> None:
         self.require_positive("every_steps", "batches", "max_new_tokens")
