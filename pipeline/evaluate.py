@@ -394,22 +394,32 @@ def main(argv=None) -> dict:
     check_inputs(args)
     model, info = load_model(args.model, context_length=args.context_length, n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
-    if args.task != "val" or args.text:
-        precision = _precision(args, config)
-        accelerator = Accelerator(mixed_precision=precision)
-        run_other = run_text if args.text else run_task
-        return run_other(args, model.to(accelerator.device), info, accelerator)
-    data_dir = _data_dir(args, config)
-    batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)
+    data_dir = None
+    if args.task == "val" and not args.text:
+        data_dir = _data_dir(args, config)
+        vocab = load_manifest(data_dir).vocab_size
+        if vocab > model.cfg.vocab_size:
+            raise PipelineError(
+                f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "
+                f"model's {model.cfg.vocab_size}"
+            )
     precision = _precision(args, config)
-    vocab = load_manifest(data_dir).vocab_size
-    if vocab > model.cfg.vocab_size:
-        raise PipelineError(
-            f"{data_dir} uses a vocabulary of {vocab} tokens, more than the "
-            f"model's {model.cfg.vocab_size}"
-        )
     accelerator = Accelerator(mixed_precision=precision)
     model = model.to(accelerator.device)
+    try:
+        if data_dir is None:
+            run_other = run_text if args.text else run_task
+            return run_other(args, model, info, accelerator)
+        return run_val(args, model, info, accelerator, config, data_dir, precision)
+    finally:
+        # Destroys the process group under a launcher: left to the interpreter's exit,
+        # its gloo threads could abort a process now and then ("terminate called
+        # without an active exception", exit -6) after the results were written.
+        accelerator.end_training()
+
+
+def run_val(args, model, info, accelerator, config, data_dir: Path, precision: str) -> dict:
+    batch_size = args.batch_size or (config.train.micro_batch_size if config else 8)
     windows = TokenWindows(data_dir, "val", model.cfg.context_length)
     result = evaluate(model, windows, batch_size, accelerator, args.max_batches)
     by_source = {}  # a mixture's val loss per source, over each source's whole val split

@@ -368,11 +368,11 @@ def test_too_small_corpus_exits_2_says_what_to_change_and_leaves_nothing(tmp_pat
 
 @pytest.mark.slow
 def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path):
-    # 20 parts: Ctrl-C comes when the first is committed, with most still to build (with
+    # 60 parts: Ctrl-C comes when the first is committed, with most still to build (with
     # one part, a fast CPU had finished the whole data set before the signal arrived)
     args = stdlib_args(
         tmp_path,
-        "data.source.max_bytes=2000000",
+        "data.source.max_bytes=6000000",
         "data.shard_tokens=4000",
         "data.part_bytes=100000",
     )
@@ -398,7 +398,11 @@ def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path
     deadline = time.monotonic() + 120
     while not list(data_dir.glob(".staging/parts/*.json")) and time.monotonic() < deadline:
         time.sleep(0.005)
+    # Held still while the signal is sent, so that a slow poll on a loaded machine cannot
+    # let the build run to its end first; it arrives the moment the group runs again.
+    os.killpg(proc.pid, signal.SIGSTOP)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the stage and its workers
+    os.killpg(proc.pid, signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "interrupted (Ctrl-C)" in stderr
