@@ -394,6 +394,9 @@ def test_ctrl_c_during_prepare_exits_quietly_and_keeps_the_old_data_set(tmp_path
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a shell: SIGINT handled, whatever this test process inherited (a
+        # process started with SIGINT ignored keeps it ignored, and Python then too)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not list(data_dir.glob(".staging/parts/*.json")) and time.monotonic() < deadline:
