@@ -5,7 +5,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import write_data_set
 from safetensors.torch import save_file
+from train_runs import two_cpu_processes
 
 from pipeline.config import ModelConfig
 from pipeline.core.errors import PipelineError
@@ -124,21 +124,7 @@ def test_two_processes_give_the_numbers_of_one(run, tmp_path, free_port):
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
+        *two_cpu_processes(free_port()),
         "pipeline.evaluate",
         "--model",
         str(run_dir),

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from train_runs import two_cpu_processes
 
 from pipeline.data.tokenizer import encode
 from pipeline.evaluate import main
@@ -352,7 +353,6 @@ def test_two_processes_score_a_task_as_one(tmp_path, free_port):
     """Each process a disjoint share (5 examples: 3 and 2), the counts summed once."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     hf_model(tmp_path, False)
@@ -371,21 +371,7 @@ def test_two_processes_score_a_task_as_one(tmp_path, free_port):
     single = main([*args, "--out", str(tmp_path / "one.json")])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
+        *two_cpu_processes(free_port()),
         "pipeline.evaluate",
         *args,
         "--out",

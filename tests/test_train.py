@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from golden_losses import reference_losses
-from train_runs import ROOT, env, run_train, train_args, train_here
+from train_runs import ROOT, env, run_train, train_args, train_here, two_cpu_processes
 
 pytestmark = pytest.mark.slow  # every test here trains
 
@@ -168,21 +168,7 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
     # Two processes with micro batch 4 = one process with micro batch 4 and 2 accumulation
     # steps: the same global batch, so the same samples in each step.
     two_env = {**env(), "ACCELERATE_USE_CPU": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--monitor_interval",
-        "1",
-        "-m",
-    ]
+    launcher = two_cpu_processes(free_port())
     two = run_train(
         train_args(data_root, tmp_path, "two", *common, "train.max_steps=3"), launcher, env=two_env
     )

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_runs import ROOT, env, run_train, train_args, train_here
+from train_runs import ROOT, env, run_train, train_args, train_here, two_cpu_processes
 
 from pipeline.core.errors import PipelineError
 
@@ -76,22 +76,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_one_step_later(data_root, tm
     """A scheduler may signal only one node: the signalled worker's flag reaches the other
     through the sum that every step starts and the next one reads, so both checkpoint the
     same step, at most the step in flight when the signal came plus one."""
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--monitor_interval",
-        "1",
-        "-m",
-        "pipeline.train",
-    ]
+    launcher = [*two_cpu_processes(free_port()), "pipeline.train"]
     args = train_args(
         data_root,
         tmp_path,

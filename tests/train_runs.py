@@ -92,6 +92,30 @@ def train_args(
     ]
 
 
+def two_cpu_processes(port: int) -> list[str]:
+    """`accelerate launch` of two CPU processes on this machine (gloo), up to its `-m`:
+    what stands in for two GPUs in the tests."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--monitor_interval",
+        "1",
+        "-m",
+    ]
+
+
 def run_train(args: list[str], launcher: list[str] | None = None, **kw):
     cmd = (launcher or [sys.executable, "-m"]) + ["pipeline.train"] + args
     return subprocess.run(
