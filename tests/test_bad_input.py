@@ -67,6 +67,12 @@ BAD_VALUES = [
     ("eval.tasks=[mc]", ["eval.task_file=None", "a jsonl file when eval.tasks has mc"]),
     ("eval.task_every_steps=0", ["eval.task_every_steps=0", "positive, or null"]),
     ("eval.task_examples=-2", ["eval.task_examples=-2", "positive, or null"]),
+    ("train.schedule=linear", ["train.schedule='linear'", "cosine, wsd, constant"]),
+    ("train.decay_fraction=0", ["train.decay_fraction=0.0", "in (0, 1]"]),
+    ("train.decay_shape=sqrt", ["train.decay_shape='sqrt'", "linear, 1-sqrt"]),
+    ("train.warmup_start_lr=1", ["train.warmup_start_lr=1.0", "0 .. train.lr"]),
+    ("train.grad_clip_after_warmup=yes", ["train.grad_clip_after_warmup must be bool"]),
+    ("eval.whole_split_at_end=2", ["eval.whole_split_at_end must be bool"]),
 ]
 
 HOSTILE_NAMES = [

@@ -267,23 +267,7 @@ def test_processes_that_form_no_group_are_stopped_with_the_fix(data_root, tmp_pa
     without ACCELERATE_USE_CPU=1: Accelerate makes no group of the two processes."""
     e = env()
     e.pop("ACCELERATE_USE_CPU", None)
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-    ]
+    launcher = two_cpu_processes(free_port())  # but without ACCELERATE_USE_CPU=1
     out = run_train(train_args(data_root, tmp_path, "split", "train.max_steps=2"), launcher, env=e)
     assert out.returncode != 0
     message = " ".join(out.stderr.split())
