@@ -270,6 +270,9 @@ def _our_evaluations(
         *shape,
         "eval.max_new_tokens=4",
         "checkpoint.every_steps=1000",
+        # one tokenizer process: a worker pool forked from this test process, which other
+        # in-process runs have left with threads, can deadlock on a lock held at the fork
+        "data.num_workers=1",
         *overrides,
     ]
     path = ROOT / "configs" / f"{config}.yaml"
