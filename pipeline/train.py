@@ -49,6 +49,7 @@ from pipeline.training.mfu import mfu, peak_flops
 from pipeline.training.optim import build_optimizer, build_scheduler, clips_at, total_steps
 from pipeline.training.precision import resolve as resolve_precision
 from pipeline.training.precision import slow_bf16_warning
+from pipeline.training.sharding import fsdp_plugin, whole_root
 from pipeline.training.stopping import StopRequest
 from pipeline.training.tracking import MetricsLog, SampleTable, start_trackers, trackers, wandb_mode
 
@@ -175,6 +176,7 @@ def make_accelerator(config: Config):
             mixed_precision=precision,
             gradient_accumulation_steps=config.train.grad_accum_steps,
             log_with=trackers(config) or None,
+            fsdp_plugin=fsdp_plugin(),  # None unless an FSDP2 launch: then DDP's numbers
             project_config=ProjectConfiguration(
                 project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "tensorboard")
             ),
@@ -531,7 +533,9 @@ class TrainLoop:
         for _ in range(t.grad_accum_steps):
             x, y = next(tr.batches)
             x, y = x.to(acc.device), y.to(acc.device)
-            with acc.accumulate(tr.model):
+            # autocast here, not only in the forward Accelerate wraps: under FSDP2 it
+            # wraps none, and the run would be fp32 while saying bf16
+            with acc.accumulate(tr.model), acc.autocast():
                 loss = tr.model(x, targets=y)  # the model's fused head + cross-entropy
                 acc.backward(loss)
             self.interval.losses.append(loss.detach())
@@ -630,12 +634,11 @@ class TrainLoop:
         from pipeline.generate import continue_text
 
         tr, e = self.tr, self.tr.config.eval
-        model = tr.accelerator.unwrap_model(tr.model)
         device = tr.accelerator.device
         gen = torch.Generator(device=device).manual_seed(tr.config.seed + tr.progress.step)
-        with torch.no_grad(), tr.accelerator.autocast():
+        with torch.no_grad(), tr.accelerator.autocast(), whole_root(tr.model):
             _, text = continue_text(
-                model,
+                tr.model,
                 e.prompt,
                 e.max_new_tokens,
                 temperature=e.temperature,

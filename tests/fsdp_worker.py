@@ -21,9 +21,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import ModelConfig, TrainConfig, to_dict
+from pipeline.generate import continue_text
 from pipeline.model.gpt import GPTModel
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.sharding import whole_root
 
 CFG = ModelConfig(
     context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, tie_embeddings=True
@@ -34,8 +36,10 @@ TRAIN = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6)
 def wrapped(mode: str):
     torch.manual_seed(0)
     model = GPTModel(CFG)
-    if mode == "fsdp":
-        for block in model.trf_blocks:
+    if mode.startswith("fsdp"):
+        if mode == "fsdp-compiled":  # as train.compile + Accelerate: compile, then shard
+            model = torch.compile(model)
+        for block in model.trf_blocks if mode == "fsdp" else model._orig_mod.trf_blocks:
             fully_shard(block)
         fully_shard(model)
     else:
@@ -57,10 +61,17 @@ def step(model, optimizer, scheduler, n: int) -> float:
     return loss.item()
 
 
+def sample(model) -> str:
+    """Greedy text from the GPT inside the wrappers, as the train loop samples."""
+    with torch.no_grad(), whole_root(model):
+        return continue_text(model, "Every effort moves you", 6)[1]
+
+
 def main(mode: str, out: Path) -> None:
     state = PartialState(cpu=True)
     model, optimizer, scheduler = wrapped(mode)
     losses = [step(model, optimizer, scheduler, n) for n in range(3)]
+    text = sample(model)  # after a backward: FSDP's root holds shards
     meta = {"step": 3, "model": to_dict(CFG)}
     path = save_checkpoint(
         out,
@@ -79,6 +90,7 @@ def main(mode: str, out: Path) -> None:
     losses += [step(model, optimizer, scheduler, n) for n in range(3, 6)]
     if state.is_main_process:
         (out / "losses.json").write_text(json.dumps(losses))
+        (out / "sample.txt").write_text(text)
     state.wait_for_everyone()
     dist.destroy_process_group()
 
