@@ -25,6 +25,7 @@ from benchmarks.common import RESULTS, write_result
 BENCHMARKS = {
     "time-to-loss": "time_to_loss",
     "train": "train",
+    "vocab-padding": "vocab_padding",
     "profile": "profile_step",
     "generate": "generate",
     "data": "data",

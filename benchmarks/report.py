@@ -40,6 +40,12 @@ ABOUT = {
         "turns; MFU is 6N + 12·L·d·T FLOPs per token against a 2048³ matmul measured in the "
         "same run. `_best` ratios compare the fastest steps, the others the medians.",
     ),
+    "vocab-padding": (
+        "Vocabulary padding",
+        "One training step of the same weights with the head's matmuls on the 50257-row "
+        "vocabulary as it is and padded (`model.vocab_padding`, default 64: 50304 rows), "
+        "contenders in turns, the losses checked equal.",
+    ),
     "profile": (
         "Where a step's time goes",
         "torch.profiler self CPU time of one step, bucketed by operator; the profiler adds "

@@ -312,7 +312,15 @@ def check_vocabulary(config: Config) -> None:
         raise PipelineError(
             f"{config.data_dir} was tokenized with a vocabulary of {vocab} tokens, and "
             f"model.vocab_size is {config.model.vocab_size}: its ids would not fit the "
-            f"embedding. Set model.vocab_size to {vocab} or more."
+            f"embedding. Set model.vocab_size to {vocab}."
+        )
+    if config.model.vocab_size > vocab and config.model.init_from == "scratch":
+        raise PipelineError(
+            f"model.vocab_size is {config.model.vocab_size}, more than the {vocab} tokens "
+            f"{config.data_dir} was tokenized with: the extra rows would be trained toward "
+            f"never being predicted and exported as ids no tokenizer has. To pad the "
+            f"vocabulary for speed, as nanoGPT's 50304 does, keep model.vocab_size={vocab}: "
+            f"model.vocab_padding (64 by default) pads the head's matmuls internally."
         )
     prompt_ids(config.eval.prompt, config.model.context_length, config.model.vocab_size)
 

@@ -650,6 +650,8 @@ def test_a_model_vocabulary_smaller_than_the_data_or_the_prompt_is_refused(tmp_p
         PipelineError, match="vocabulary of 50257 tokens, and model.vocab_size is 256"
     ):
         check_vocabulary(load_config(None, base + ["model.vocab_size=256"]))
+    with pytest.raises(PipelineError, match="model.vocab_size is 50304, more than the 50257"):
+        check_vocabulary(load_config(None, base + ["model.vocab_size=50304"]))
     write_data_set(
         tmp_path / "data" / "small", {"train": [[1, 2, 3]], "val": [[4, 5, 6]]}, vocab_size=256
     )

@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 
 
 @pytest.mark.slow  # end to end: real models, seconds
-def test_quick_train_and_evaluate_write_their_tables(tmp_path, capsys):
-    main(["--quick", "--out", str(tmp_path), "train", "evaluate"])
+def test_quick_train_evaluate_and_padding_write_their_tables(tmp_path, capsys):
+    main(["--quick", "--out", str(tmp_path), "train", "evaluate", "vocab-padding"])
     train = json.loads((tmp_path / "train.json").read_text())
     assert {"cpu", "cores", "torch", "device", "cpu_capability"} <= set(train["machine"])
     # bf16 rows only where bf16 is fast (a GPU, or a CPU with bf16 matrix units)
@@ -42,8 +42,12 @@ def test_quick_train_and_evaluate_write_their_tables(tmp_path, capsys):
     evaluate = json.loads((tmp_path / "evaluate.json").read_text())
     assert evaluate["losses_agree"]
     assert [r["contender"] for r in evaluate["rows"]][0] == "evaluate stage"
+    padding = json.loads((tmp_path / "vocab-padding.json").read_text())
+    rows = [r for shape in padding["shapes"] for r in shape["rows"]]
+    assert {r["head_rows"] for r in rows} == {50257, 50304, 50432}
+    assert all(r["x_unpadded"] > 0 for r in rows)
     out = capsys.readouterr().out
-    assert "x_hf_same_precision" in out and "wrote" in out
+    assert "x_hf_same_precision" in out and "x_unpadded" in out and "wrote" in out
 
 
 def test_unknown_benchmark_is_named(capsys):

@@ -137,20 +137,44 @@ def test_forward_with_targets_gives_cross_entropy_and_its_gradients():
         model.zero_grad()
 
 
-def test_head_cross_entropy_in_chunks_with_a_ragged_last_one():
+@pytest.mark.parametrize("pad_to", [1, 64], ids=["unpadded", "padded-300-to-320"])
+def test_head_cross_entropy_in_chunks_with_a_ragged_last_one(pad_to):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 16, generator=g, requires_grad=True)
     w = torch.randn(300, 16, generator=g, requires_grad=True)
     t = torch.randint(0, 300, (50,), generator=g)
-    loss = head_cross_entropy(h, w, t, chunk_rows=7)
+    loss = head_cross_entropy(h, w, t, chunk_rows=7, pad_to=pad_to)
+    assert w.grad is None
     (loss * 3).backward()  # the incoming gradient scales both
     got = h.grad, w.grad
     h.grad = w.grad = None
     (F.cross_entropy(h @ w.t(), t) * 3).backward()
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), t))
     torch.testing.assert_close(got, (h.grad, w.grad))
+    assert got[1].shape == w.shape  # the weight's own rows, never the padding
     with torch.no_grad():
-        torch.testing.assert_close(head_cross_entropy(h, w, t, chunk_rows=7), loss)
+        torch.testing.assert_close(head_cross_entropy(h, w, t, 7, pad_to), loss)
+
+
+def test_a_padded_head_under_bf16_autocast_is_the_unpadded_head():
+    """Padding changes which kernels run, not what they compute: the padded columns
+    are zeros left out of the softmax (bf16 matmuls, fp32 softmax, as in training)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = torch.randn(1000, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    results = []
+    for pad_to in (1, 128):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head_cross_entropy(h, w, t, chunk_rows=16, pad_to=pad_to)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+        h.grad = w.grad = None
+    (loss1, gh1, gw1), (loss2, gh2, gw2) = results
+    assert gw2.shape == w.shape
+    torch.testing.assert_close(loss2, loss1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gh2, gh1, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(gw2, gw1, rtol=0, atol=1e-6)
 
 
 def test_head_cross_entropy_refuses_a_second_backward_instead_of_scaling_twice():

@@ -277,12 +277,19 @@ def test_a_trained_export_reads_in_a_fresh_transformers_process_as_gpt_pipeline_
 ):
     """Exported and sampled through gpt-pipeline's own dispatch (in this process), then read
     by transformers in a fresh interpreter, which must know nothing of this project."""
+    from safetensors.torch import load_file
+
     from pipeline.cli import main as gpt_pipeline
     from pipeline.data.tokenizer import encode
 
     run_dir, _ = trained_run
     export = tmp_path / "export"
     gpt_pipeline(["export", "--model", str(run_dir), "--out", str(export)])
+    # trained with the head padded to 50304 (model.vocab_padding's default): no file shows it
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    assert load_file(str(newest / "model.safetensors"))["tok_emb.weight"].shape[0] == 50257
+    assert load_file(str(export / "model.safetensors"))["transformer.wte.weight"].shape[0] == 50257
+    assert json.loads((export / "config.json").read_text())["vocab_size"] == 50257
     prompts = ["Every effort moves you", "def main():", "naïve café — 東京"]
     texts = prompts + ["tabs\tand  spaces, emoji 😀", "end<|endoftext|>start"]
     capsys.readouterr()

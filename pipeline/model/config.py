@@ -22,6 +22,13 @@ class ModelConfig(Section):
     n_heads: int = setting(12, "attention heads (emb_dim must divide by it)")
     n_layers: int = setting(12, "transformer blocks")
     drop_rate: float = setting(0.1, "dropout probability")
+    vocab_padding: int = setting(
+        64,
+        "the head's matmuls run on the vocabulary padded to a multiple of this (64: "
+        "50257 -> 50304, nanoGPT's size; 1: off), which matmul kernels tile better. "
+        "Never seen outside the head: parameters, checkpoints and exports keep "
+        "vocab_size rows, and padded ids get no probability",
+    )
     qkv_bias: bool = setting(False, "bias on the query/key/value projection (the book: false)")
     tie_embeddings: bool = setting(False, "share the token embedding with the output head")
     init_from: str = setting(
@@ -37,7 +44,9 @@ class ModelConfig(Section):
     )
 
     def __post_init__(self) -> None:
-        self.require_positive("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+        self.require_positive(
+            "vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_padding"
+        )
         check(
             self.emb_dim % self.n_heads == 0,
             f"{self.key('emb_dim')} ({self.emb_dim}) must be divisible by "

@@ -167,7 +167,9 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.length += t
         if targets is not None:
-            return head_cross_entropy(self.final_norm(x), self.out_head.weight, targets)
+            return head_cross_entropy(
+                self.final_norm(x), self.out_head.weight, targets, pad_to=self.cfg.vocab_padding
+            )
         return self.out_head(self.final_norm(x))
 
 

@@ -14,7 +14,11 @@ IGNORE_INDEX = -100  # a target that counts for nothing (F.cross_entropy's defau
 
 
 def head_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 512
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int = 512,
+    pad_to: int = 1,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `h @ weight.T` against `targets`, without them.
 
@@ -25,6 +29,11 @@ def head_cross_entropy(
     backward pass run right then; backward only scales the kept gradients. Under
     autocast the matmuls take the autocast dtype and the softmax fp32, as autocast
     does for `F.cross_entropy` of a Linear's output.
+
+    `pad_to`: the matmuls run on the vocabulary padded with zero rows to a multiple of
+    it (50257 -> 50304 for 64), which matmul kernels tile better; the padded columns
+    are left out of the softmax, so the loss and gradients are those of the unpadded
+    head, and the weight's gradient has the weight's own rows.
     """
     dtype = weight.dtype
     if torch.is_autocast_enabled(h.device.type):
@@ -33,7 +42,7 @@ def head_cross_entropy(
         h, weight = h.detach(), weight.detach()
     with torch.autocast(h.device.type, enabled=False):
         return _HeadCrossEntropy.apply(
-            h.flatten(0, -2), weight, targets.flatten(), dtype, chunk_rows
+            h.flatten(0, -2), weight, targets.flatten(), dtype, chunk_rows, pad_to
         )
 
 
@@ -42,28 +51,31 @@ class _HeadCrossEntropy(torch.autograd.Function):
     # call: fresh allocations that large are fresh pages from the OS, and filling them
     # costs as much as the arithmetic on a CPU.
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, chunk_rows):
+    def forward(ctx, h, weight, targets, dtype, chunk_rows, pad_to):
         n, rows = h.shape[0], min(chunk_rows, h.shape[0])
-        w = weight.to(dtype)
+        vocab = weight.shape[0]
+        w = padded_rows(weight, dtype, pad_to)
         valid = targets != IGNORE_INDEX
         count = valid.sum()  # 0 gives nan, as F.cross_entropy does
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
         # the first block writes grad_w and the others add to it: no pass to zero 154 MB
         # (GPT-2's head) first
-        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        grad_w = torch.empty(w.shape, dtype=torch.float32, device=h.device) if want_w else None
         if want_w and n == 0:
             grad_w.zero_()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         block = torch.empty(rows, w.shape[0], dtype=dtype, device=h.device)
-        block32 = block if dtype == torch.float32 else torch.empty_like(block, dtype=torch.float32)
+        block32 = block if dtype == torch.float32 else torch.empty(rows, vocab, device=h.device)
         low = dtype != torch.float32 and want_w  # bf16 weight gradients, added up in fp32
         part_w = torch.empty_like(w) if low else None
         part_w32 = torch.empty_like(grad_w) if low else None
         for start in range(0, n, rows):
             end = min(start + rows, n)
             hc, m = h[start:end].to(dtype), end - start
-            logits = torch.mm(hc, w.t(), out=block[:m])
+            # the padded columns are h @ 0 = 0 and stay 0: the softmax reads the vocabulary's
+            # own columns, and the gradient's padded columns add nothing below
+            logits = torch.mm(hc, w.t(), out=block[:m])[:, :vocab]
             logits = logits if block32 is block else block32[:m].copy_(logits)
             keep = valid[start:end].unsqueeze(1).float()
             tgt = targets[start:end].clamp(min=0).unsqueeze(1)
@@ -80,7 +92,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
             # before the loss scale could reach it. Backward applies 1/count and the
             # incoming gradient (the loss scale) in fp32.
             grad = probs.mul_(keep / norm).scatter_add_(1, tgt, -keep)
-            grad = grad if block32 is block else block[:m].copy_(grad)
+            if block32 is not block:
+                block[:m, :vocab].copy_(grad)
+            grad = block[:m]
             if want_h:
                 grad_h[start:end] = torch.mm(grad, w)
             if want_w and not low:
@@ -96,7 +110,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     grad_w += part_w32.copy_(part)
         # Kept on ctx, not saved for backward: backward scales them in place and hands
         # them over, and autograd then keeps grad_w as the weight's .grad without a copy.
-        ctx.grads = (grad_h, grad_w)
+        ctx.grads = (grad_h, grad_w[:vocab] if want_w else None)
         ctx.count = count
         ctx.weight_dtype = weight.dtype
         return total / count
@@ -113,4 +127,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float() / ctx.count  # the mean's 1/count, and the loss scale
         grad_h = grad_h.mul_(scale) if grad_h is not None else None
         grad_w = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
+
+
+def padded_rows(weight: torch.Tensor, dtype: torch.dtype, pad_to: int) -> torch.Tensor:
+    """`weight` in `dtype`, with zero rows added up to a multiple of `pad_to` rows."""
+    rows = -(-weight.shape[0] // pad_to) * pad_to
+    if rows == weight.shape[0]:
+        return weight.to(dtype)
+    w = torch.zeros(rows, weight.shape[1], dtype=dtype, device=weight.device)
+    w[: weight.shape[0]].copy_(weight)
+    return w
