@@ -13,7 +13,7 @@
 # A value given on the command line or in the environment is text, never make syntax:
 # each of these is frozen here unexpanded (`ARGS='$(shell ...)'` stays those characters),
 # and recipes hand it to the shell only single-quoted (shq), so nothing in it runs.
-USER_VARIABLES := ARGS CONFIG PROMPT SAMPLE_ARGS BENCH_ARGS NUM_GPUS NUM_PROCESSES \
+USER_VARIABLES := ARGS CONFIG PROMPT SAMPLE_ARGS BENCH_ARGS GPU_CHECK_ARGS NUM_GPUS NUM_PROCESSES \
 	ACCEL_CONFIG FAULT_TRIALS VENV PYTHON_SYS TORCH_VERSION TORCH_CPU_INDEX
 $(foreach v,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(v))),\
 	$(eval override $(v) := $$(value $(v)))))
@@ -258,6 +258,11 @@ faults: install
 bench: install
 	BENCH_ARGS=$(call shq,$(BENCH_ARGS)); set -f; $(PY) -m benchmarks $$BENCH_ARGS
 
+## gpu-check: on one GPU, no network, <8 min: parity, fp16/bf16, resume, FSDP, 124M speed -> gpu-check-results/
+# GPU_CHECK_ARGS=--cpu runs the same steps on tiny shapes on the CPU (as the suite does).
+gpu-check: install
+	GPU_CHECK_ARGS=$(call shq,$(GPU_CHECK_ARGS)); set -f; $(PY) -m benchmarks.gpu_check $$GPU_CHECK_ARGS
+
 ## bench-report: write docs/performance.md from benchmarks/results/*.json
 bench-report: install
 	$(PY) -m benchmarks.report
@@ -277,4 +282,4 @@ distclean:
 
 FORCE:
 
-.PHONY: help install lock test-latest data train eval export sample all book book-report test golden faults bench bench-report clean distclean FORCE
+.PHONY: help install lock test-latest data train eval export sample all book book-report test golden faults bench gpu-check bench-report clean distclean FORCE

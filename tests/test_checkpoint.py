@@ -7,8 +7,10 @@ needs no change to train.py's save or resume code.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +321,26 @@ def test_resume_refuses_another_model_shape_or_optimizer_naming_it(tmp_path, ove
     message = " ".join(str(refused.value).split())
     assert all(w in message for w in words), message
     assert ckpt.damage(newest, 1) is None
+
+
+def test_meta_names_every_process_file_even_where_the_listing_misses_one(tmp_path, monkeypatch):
+    """On NFS a directory listing can lag behind files another machine just wrote and
+    closed; meta.json's file list (what `resume` checks a checkpoint against) is built
+    from the names every process writes, not from the listing."""
+    listed = Path.iterdir
+    monkeypatch.setattr(
+        Path, "iterdir", lambda self: (p for p in listed(self) if not p.name.startswith("rng_"))
+    )
+    model, optimizer, scheduler = trainer(0)
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        1,
+        accelerator=PartialState(cpu=True),
+        model=model,
+        optimizer=optimizer,
+        parts={"scheduler": scheduler},
+        meta={"step": 1, "model": to_dict(CFG)},
+        keep_last=0,
+    )
+    files = json.loads((path / "meta.json").read_text())["files"]
+    assert sorted(files) == ["model.safetensors", "optimizer.pt", "rng_0.pt", "trainer.pt"]

@@ -5,7 +5,7 @@ DDP over gloo), so configs/accelerate/fsdp.yaml cannot run here as it is. Two wa
 torch's own FSDP2 (`fully_shard`) over gloo under torchrun (tests/fsdp_worker.py: the
 model sharded per TransformerBlock, the optimizer, checkpoint save/resume through full
 state dicts, generation after a backward, with and without compile), and the train stage
-under Accelerate's FSDP2 branch with the device type faked (tests/accelerate_fsdp.py).
+under Accelerate's FSDP2 branch with the device type faked (benchmarks/fsdp_on_cpu.py).
 """
 
 import json
@@ -84,7 +84,7 @@ def test_accelerate_fsdp2_trains_as_ddp_does_in_bf16(tmp_path, stdlib_data, free
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     fsdp_launch = two_cpu_processes(free_port())[:-1]  # a script, not -m
     fsdp = subprocess.run(
-        [*fsdp_launch, str(ROOT / "tests" / "accelerate_fsdp.py")]
+        [*fsdp_launch, str(ROOT / "benchmarks" / "fsdp_on_cpu.py")]
         + train_args(stdlib_data, tmp_path, "fsdp", *args),
         cwd=ROOT,
         env=two_env,

@@ -159,8 +159,14 @@ def save_checkpoint(
         )
         fsync_file(tmp / MODEL_FILE)
 
+    # The files by name, not by listing the directory: on NFS a listing can miss the other
+    # processes' rng files for a while (attribute caching), and opening a file by name
+    # sees a file another machine wrote and closed.
+    names = [MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE]
+    names += [f"rng_{rank}.pt" for rank in range(accelerator.num_processes)]
+
     def finish():
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        files = {name: file_sha256(tmp / name) for name in sorted(names)}
         atomic_write_text(tmp / META_FILE, json.dumps({**meta, "files": files}, indent=2))
         fsync_dir(tmp)
         if final.exists():

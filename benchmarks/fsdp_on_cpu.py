@@ -1,5 +1,6 @@
 """The train stage under Accelerate's FSDP2 path, on CPUs (run by accelerate launch, one
-per process): `accelerate launch ... tests/accelerate_fsdp.py KEY=VALUE ...`.
+per process): `accelerate launch ... benchmarks/fsdp_on_cpu.py KEY=VALUE ...`. Used by
+the tests and by the GPU check's CPU mode.
 
 Accelerate turns FSDP on only for accelerators: on CPUs (gloo) its state maps an FSDP
 launch to plain multi-process DDP. This stands in for the GPU: it sets what `accelerate
