@@ -146,22 +146,25 @@ def generate(
     out = idx.to(device)[:, -cfg.context_length :]
     was_training = model.training
     model.eval()
+    # Eager even where train.compile compiled the blocks in place: every new length and
+    # cache position would be a recompile.
     try:
-        step = _CachedStep(model, out) if use_cache else _FullStep(model)
-        logits = step.first(out)
-        done = torch.zeros(out.shape[0], dtype=torch.bool, device=device)
-        for i in range(max_new_tokens):
-            # Ids past the tokenizer's (a padded vocabulary) are never drawn: no text has them.
-            new = next_token(logits[:, :VOCAB_SIZE], temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                new = new.masked_fill(done, eos_id)
-                done |= new == eos_id
-            out = torch.cat([out, new[:, None]], dim=1)
-            if on_token is not None:
-                on_token(new)
-            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                break
-            logits = step.next(out)
+        with torch.compiler.set_stance("force_eager"):
+            step = _CachedStep(model, out) if use_cache else _FullStep(model)
+            logits = step.first(out)
+            done = torch.zeros(out.shape[0], dtype=torch.bool, device=device)
+            for i in range(max_new_tokens):
+                # Ids past the tokenizer's (a padded vocabulary) are never drawn: no text has them.
+                new = next_token(logits[:, :VOCAB_SIZE], temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    new = new.masked_fill(done, eos_id)
+                    done |= new == eos_id
+                out = torch.cat([out, new[:, None]], dim=1)
+                if on_token is not None:
+                    on_token(new)
+                if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                    break
+                logits = step.next(out)
     finally:
         model.train(was_training)
     return out

@@ -359,7 +359,7 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
     parameters = count_parameters(model)
     model.recompute_blocks = t.activation_checkpointing
     if t.compile:
-        model = torch.compile(model)
+        model.compile_blocks()
     model, optimizer = accelerator.prepare(model, optimizer)
     return Training(
         config,
@@ -539,8 +539,7 @@ class TrainLoop:
         """One optimizer step over grad_accum_steps micro batches."""
         tr, acc, t = self.tr, self.tr.accelerator, self.tr.config.train
         for _ in range(t.grad_accum_steps):
-            x, y = next(tr.batches)
-            x, y = x.to(acc.device), y.to(acc.device)
+            x, y = (on_device(t, acc.device) for t in next(tr.batches))
             # autocast here, not only in the forward Accelerate wraps: under FSDP2 it
             # wraps none, and the run would be fp32 while saying bf16
             with acc.accumulate(tr.model), acc.autocast():
@@ -678,6 +677,15 @@ class TrainLoop:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def on_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on the training device. To a GPU through pinned host memory, copied
+    asynchronously: the host goes on queueing the step's kernels while the batch travels
+    (the first kernel that reads it waits for the copy on the same stream)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def eval_due(step: int, schedule: EvalConfig, max_steps: int) -> bool:

@@ -37,7 +37,7 @@ def wrapped(mode: str):
     torch.manual_seed(0)
     model = GPTModel(CFG)
     if mode.startswith("fsdp"):
-        if mode == "fsdp-compiled":  # as train.compile + Accelerate: compile, then shard
+        if mode == "fsdp-compiled":  # a compiled root, then sharded (dynamo_backend)
             model = torch.compile(model)
         for block in model.trf_blocks if mode == "fsdp" else model._orig_mod.trf_blocks:
             fully_shard(block)

@@ -45,8 +45,9 @@ def launch(mode: str, out: Path) -> list[float]:
 def test_fsdp2_matches_ddp_losses_and_checkpoint_files(tmp_path):
     ddp = launch("ddp", tmp_path / "ddp")
     fsdp = launch("fsdp", tmp_path / "fsdp")
-    # train.compile's order (compile, then shard): the sample after a backward read the
-    # root's sharded embedding ("mixed torch.Tensor and DTensor") before whole_root
+    # a compiled root (the whole model compiled, then sharded, as Accelerate's dynamo_backend
+    # does): the sample after a backward read the root's sharded embedding ("mixed
+    # torch.Tensor and DTensor") before whole_root
     compiled = launch("fsdp-compiled", tmp_path / "fsdp-compiled")
     assert fsdp == pytest.approx(ddp, abs=1e-5)
     assert compiled == pytest.approx(ddp, abs=1e-5)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from golden_losses import reference_losses
+from safetensors.torch import load_file
 from train_runs import ROOT, env, run_train, train_args, train_here, two_cpu_processes
 
 pytestmark = pytest.mark.slow  # every test here trains
@@ -209,6 +210,29 @@ def test_a_muon_run_trains_and_resumes(data_root, tmp_path, capsys):
     )
     assert "Resumed from" in capsys.readouterr().out
     assert [r["step"] for r in metrics(tmp_path / "muon")] == [2, 4]
+
+
+def test_compile_compiles_the_blocks_and_trains_as_eager_does(data_root, tmp_path):
+    """train.compile compiles each block in place and leaves the head's loop eager; the
+    losses are eager's, the checkpoint's names are eager's, and the samples generated at
+    each evaluation run eagerly (no recompile per new length)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    args = ["train.max_steps=4", "train.log_every_steps=1", "eval.every_steps=2"]
+    train_here(train_args(data_root, tmp_path, "eager", *args))
+    dynamo_utils.counters.clear()
+    train_here(train_args(data_root, tmp_path, "compiled", *args, "train.compile=true"))
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    loss = [r["loss"] for r in eager]
+    assert [r["loss"] for r in compiled] == pytest.approx(loss, abs=1e-5)
+    assert [r.get("sample") for r in compiled] == [r.get("sample") for r in eager]
+    # one graph per block call site and grad mode (train, evaluation), not one per length
+    assert 0 < graphs <= 4, dynamo_utils.counters["stats"]
+    names = load_file(
+        str(tmp_path / "compiled" / "checkpoints" / "step_000004" / "model.safetensors")
+    )
+    assert "trf_blocks.0.att.qkv.weight" in names
 
 
 def test_tensorboard_and_offline_wandb_get_the_metrics_and_the_environment_is_honoured(

@@ -80,7 +80,10 @@ class TrainConfig(Section):
         "from Ampere on, CPUs with AVX512_BF16 or AMX), fp16 on older GPUs, else fp32: on "
         "a CPU without bf16 units bf16 is ~40x slower (pipeline/training/precision.py)",
     )
-    compile: bool = setting(False, "torch.compile the model")
+    compile: bool = setting(
+        False,
+        "torch.compile each transformer block in place (the embeddings and the fused head stay eager)",
+    )
     activation_checkpointing: bool = setting(
         False,
         "recompute each transformer block's activations in backward instead of keeping "
