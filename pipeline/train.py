@@ -45,6 +45,7 @@ from pipeline.evaluate import evaluate
 from pipeline.keys import add_config_arguments, parse_stage_args
 from pipeline.model.gpt import GPTModel, count_parameters, flops_per_token
 from pipeline.training.checkpoint_manager import CheckpointManager
+from pipeline.training.hangwatch import HangWatch, warning_margin_s
 from pipeline.training.mfu import mfu, peak_flops
 from pipeline.training.optim import build_optimizer, build_scheduler, clips_at, total_steps
 from pipeline.training.precision import resolve as resolve_precision
@@ -478,14 +479,39 @@ def timed_out(error: RuntimeError, config: Config) -> PipelineError | None:
     text = str(error)
     if not any(word in text.lower() for word in ("timed out", "timeout")):
         return None
-    rank = os.environ.get("RANK", "?")
+    minutes = config.train.collective_timeout_minutes
     return PipelineError(
-        f"process {rank} waited {config.train.collective_timeout_minutes:g} minutes "
+        f"process {os.environ.get('RANK', '?')} waited {minutes:g} minutes "
         f"(train.collective_timeout_minutes) for the other processes in a collective "
-        f"operation; one of them hung or died (see the logs of the other ranks). The last "
-        f"checkpoint is intact: fix the cause and run the same command to resume. "
-        f"({text.splitlines()[0][:200]})"
+        f"operation; {HANG_ADVICE} ({text.splitlines()[0][:200]})"
     )
+
+
+HANG_ADVICE = (
+    "one of them hung or died (see the logs of the other ranks). The last checkpoint is "
+    "intact: fix the cause and run the same command to resume."
+)
+
+
+def hang_watch(tr: Training) -> HangWatch | None:
+    """On NCCL, a paragraph shortly before its watchdog aborts a process that waits for a
+    hung peer (gloo raises instead, and timed_out says it)."""
+    acc = tr.accelerator
+    if acc.num_processes == 1 or acc.device.type != "cuda":
+        return None
+    timeout_s = 60 * tr.config.train.collective_timeout_minutes
+    limit = timeout_s - warning_margin_s(timeout_s)
+
+    def warn(quiet_s: float) -> None:
+        log.warn(
+            f"process {acc.process_index}: nothing has moved for {quiet_s / 60:.1f} minutes; "
+            f"at {timeout_s / 60:g} minutes (train.collective_timeout_minutes) NCCL's "
+            f"watchdog ends the processes waiting in a collective: {HANG_ADVICE} If a step "
+            f"or a checkpoint is just this slow, raise train.collective_timeout_minutes.",
+            everywhere=True,
+        )
+
+    return HangWatch(limit, warn)
 
 
 class TrainLoop:
@@ -517,9 +543,12 @@ class TrainLoop:
         last = tr.plan.max_steps
         tr.model.train()
         stop.attach(tr.accelerator)
+        watch = hang_watch(tr)
+        beat = watch.beat if watch else lambda: None
         try:
             while p.step < last:
                 self.train_step()
+                beat()
                 due_log = p.step % c.train.log_every_steps == 0
                 due_eval = eval_due(p.step, c.eval, last)
                 due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == last
@@ -529,11 +558,14 @@ class TrainLoop:
                 if due_ckpt or stopping:
                     self.save()
                     self.interval = Interval()  # checkpoint time is not step time either
+                beat()
                 if stopping:
                     return "signal"
             return "done"
         finally:
             stop.settle()
+            if watch:
+                watch.close()
 
     def train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro batches."""
