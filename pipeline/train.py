@@ -51,6 +51,7 @@ from pipeline.training.optim import build_optimizer, build_scheduler, clips_at, 
 from pipeline.training.precision import resolve as resolve_precision
 from pipeline.training.precision import slow_bf16_warning
 from pipeline.training.sharding import fsdp_plugin, whole_root
+from pipeline.training.spikes import TRAIN, SpikeGuard, Verdict
 from pipeline.training.stopping import StopRequest
 from pipeline.training.tracking import MetricsLog, SampleTable, start_trackers, trackers, wandb_mode
 
@@ -285,6 +286,7 @@ class Training:
     tasks: dict = field(
         default_factory=dict
     )  # eval.tasks: name -> examples (pipeline.training.tasks)
+    spikes: SpikeGuard | None = None  # spikes.*: None when all are off
     checkpoints: CheckpointManager = field(init=False)  # resume() and save(step, tokens)
 
     def __post_init__(self) -> None:
@@ -296,6 +298,8 @@ class Training:
         """Everything a checkpoint saves besides the model and the optimizer, by name;
         each has state_dict()/load_state_dict(). A new stateful part is one line here."""
         parts = {"progress": self.progress, "loader": self.batches, "scheduler": self.scheduler}
+        if self.spikes is not None:
+            parts["spikes"] = self.spikes
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling
         if scaler is not None:
             parts["scaler"] = scaler
@@ -374,6 +378,7 @@ def setup(config: Config, accelerator, initial_state: dict | None = None) -> Tra
         plan,
         parameters,
         tasks=task_examples(config),
+        spikes=SpikeGuard(config.spikes) if config.spikes.on else None,
     )
 
 
@@ -527,6 +532,7 @@ class TrainLoop:
         self.flops_per_token = flops_per_token(tr.config.model)
         self.interval = Interval()
         self.samples = SampleTable(tr.accelerator, tr.config.eval.prompt)
+        self.judged: dict = {}  # the spike guard's view of the last step (loss, grad norm)
         self.started = time.perf_counter() - tr.progress.elapsed
         self.bar = self._progress_bar()
         # The val estimate: the book's first batches in file order for the book's order,
@@ -547,8 +553,10 @@ class TrainLoop:
         beat = watch.beat if watch else lambda: None
         try:
             while p.step < last:
-                self.train_step()
+                rolled_back = self.train_step()
                 beat()
+                if rolled_back:  # back at a checkpointed step: nothing is due there again
+                    continue
                 due_log = p.step % c.train.log_every_steps == 0
                 due_eval = eval_due(p.step, c.eval, last)
                 due_ckpt = p.step % c.checkpoint.every_steps == 0 or p.step == last
@@ -567,9 +575,11 @@ class TrainLoop:
             if watch:
                 watch.close()
 
-    def train_step(self) -> None:
-        """One optimizer step over grad_accum_steps micro batches."""
+    def train_step(self) -> bool:
+        """One optimizer step over grad_accum_steps micro batches; True when the step
+        rolled the run back to its newest checkpoint instead (spikes.*)."""
         tr, acc, t = self.tr, self.tr.accelerator, self.tr.config.train
+        step_losses = []
         for _ in range(t.grad_accum_steps):
             x, y = (on_device(t, acc.device) for t in next(tr.batches))
             # autocast here, not only in the forward Accelerate wraps: under FSDP2 it
@@ -577,15 +587,93 @@ class TrainLoop:
             with acc.accumulate(tr.model), acc.autocast():
                 loss = tr.model(x, targets=y)  # the model's fused head + cross-entropy
                 acc.backward(loss)
-            self.interval.losses.append(loss.detach())
+            step_losses.append(loss.detach())
+        norm = None
         if clips_at(tr.progress.step, t):
-            self.interval.grad_norm = acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
-        tr.optimizer.step()
+            norm = acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+        verdict = self.judge(step_losses, norm) if tr.spikes is not None else TRAIN
+        if verdict.action == "rollback":
+            return self.roll_back(verdict)
+        if verdict.action == "train":  # a skipped step's loss is on its own row
+            self.interval.losses += step_losses
+            self.interval.grad_norm = norm if norm is not None else self.interval.grad_norm
+            tr.optimizer.step()
         tr.scheduler.step()
         tr.optimizer.zero_grad(set_to_none=True)
         tr.progress.step += 1
         tr.progress.tokens += tr.plan.tokens_per_step
         self.bar.update(1)
+        if verdict.action == "skip":
+            self.skipped(verdict)
+        return False
+
+    def judge(self, step_losses: list, norm) -> Verdict:
+        """The spike guard's verdict on this step, from its loss averaged over the
+        processes and its gradient norm (a device sync each step: only with spikes.*)."""
+        tr, acc = self.tr, self.tr.accelerator
+        loss = acc.reduce(torch.stack(step_losses).float().mean(), reduction="mean").item()
+        if norm is None and tr.config.spikes.skip_grad_z is not None:
+            norm = acc.clip_grad_norm_(tr.model.parameters(), math.inf)  # measured, not clipped
+        grad_norm = None if norm is None else float(norm)
+        verdict = tr.spikes.verdict(loss, grad_norm)
+        self.judged = {"loss": loss, "grad_norm": grad_norm}
+        if verdict.action == "train":
+            tr.spikes.trained(loss, grad_norm)
+        return verdict
+
+    def skipped(self, verdict: Verdict) -> None:
+        """A row for a step whose update was skipped: counted, its data consumed."""
+        tr, p = self.tr, self.tr.progress
+        tr.spikes.skipped_updates += 1
+        row = {"step": p.step, "tokens": p.tokens, "skipped": True, "why": verdict.why}
+        self.write_row({**row, **self.judged})
+        self.say(f"step {p.step}: update skipped ({verdict.why})")
+
+    def roll_back(self, verdict: Verdict) -> bool:
+        """Back to the newest checkpoint, the samples drawn since it skipped (True), or
+        the update skipped where there is no checkpoint yet (False)."""
+        tr, p = self.tr, self.tr.progress
+        from_step, end = p.step + 1, tr.batches.samples
+        start = end - tr.plan.samples_per_step  # what this step drew
+        tr.optimizer.zero_grad(set_to_none=True)
+        # The checkpoint predates the rollbacks made since it: they stay (ranges only
+        # grow, and spikes.max_rollbacks counts them all)
+        skips, rollbacks = tr.batches.skips, list(tr.spikes.rollbacks)
+        if tr.checkpoints.reload_newest() is None:  # nothing to go back to yet: skip it
+            why = f"{verdict.why}; no checkpoint yet to roll back to"
+            self.skip_instead(Verdict("skip", why))
+            return False
+        tr.batches.keep_skips(skips)
+        tr.spikes.rollbacks = rollbacks
+        record = tr.spikes.rolled_back(p.step, from_step, start, end, verdict.why)
+        tr.batches.skip(start, end)  # the steps before it replay as they were
+        if tr.accelerator.is_main_process:
+            self.log.truncate_after(p.step)
+            # a run resumed after a kill replays this rollback: its row is there already
+            if record in [row.get("rollback") for row in self.log.rows()]:
+                record = None
+        if record is not None:
+            self.write_row({"step": p.step, "tokens": p.tokens, "rollback": record})
+        self.say(
+            f"step {from_step}: {verdict.why}; rolled back to step {p.step}, its samples "
+            f"[{start:,}, {end:,}) to be skipped"
+        )
+        self.bar.n = p.step
+        self.interval = Interval()
+        return True
+
+    def skip_instead(self, verdict: Verdict) -> None:
+        tr = self.tr
+        tr.scheduler.step()
+        tr.progress.step += 1
+        tr.progress.tokens += tr.plan.tokens_per_step
+        self.bar.update(1)
+        self.skipped(verdict)
+
+    def write_row(self, row: dict) -> None:
+        if self.tr.accelerator.is_main_process:
+            self.log.append(row)
+        self.tr.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def write_metrics(self, with_eval: bool) -> None:
         """Reduce the interval's numbers across processes, check them, write one row."""

@@ -69,6 +69,9 @@ BAD_VALUES = [
     ("eval.task_examples=-2", ["eval.task_examples=-2", "positive, or null"]),
     ("train.schedule=linear", ["train.schedule='linear'", "cosine, wsd, constant"]),
     ("train.decay_fraction=0", ["train.decay_fraction=0.0", "in (0, 1]"]),
+    ("spikes.skip_loss_z=-1", ["spikes.skip_loss_z=-1.0", "positive number of standard"]),
+    ("spikes.window=5", ["spikes.window=5", "20 steps or more"]),
+    ("spikes.max_rollbacks=0", ["spikes.max_rollbacks=0", "1 or more"]),
     ("train.decay_shape=sqrt", ["train.decay_shape='sqrt'", "linear, 1-sqrt"]),
     ("train.warmup_start_lr=1", ["train.warmup_start_lr=1.0", "0 .. train.lr"]),
     ("train.grad_clip_after_warmup=yes", ["train.grad_clip_after_warmup must be bool"]),
@@ -768,3 +771,10 @@ def test_evaluate_out_never_replaces_a_file_it_did_not_write(tiny_book_model, tm
         )
     assert exit.value.code == 2 and mine.read_text() == "years of work"
     assert "is not an earlier evaluate result" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_rollback_at_or_below_the_skip_threshold_and_one_in_the_books_order_are_refused():
+    with pytest.raises(ConfigError, match="spikes.rollback_loss_z=4.0 .*above spikes.skip_loss_z"):
+        load_config(None, ["spikes.skip_loss_z=5", "spikes.rollback_loss_z=4"])
+    with pytest.raises(ConfigError, match="train.order='book' .*shuffle with a spikes"):
+        load_config(None, ["train.order=book", "spikes.rollback_nonfinite=true"])

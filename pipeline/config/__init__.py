@@ -34,6 +34,7 @@ from pipeline.training.config import (
     TRACKERS,
     CheckpointConfig,
     EvalConfig,
+    SpikeConfig,
     TrackingConfig,
     TrainConfig,
     WandbConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "SHAPE_KEYS",
     "TRACKERS",
     "CheckpointConfig",
+    "SpikeConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -73,6 +75,9 @@ class Config(Section):
     train: TrainConfig = setting(help="training", default_factory=TrainConfig)
     eval: EvalConfig = setting(help="evaluation during training", default_factory=EvalConfig)
     checkpoint: CheckpointConfig = setting(help="checkpoints", default_factory=CheckpointConfig)
+    spikes: SpikeConfig = setting(
+        help="loss spikes: skip or roll back", default_factory=SpikeConfig
+    )
     tracking: TrackingConfig = setting(help="metrics", default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -94,6 +99,14 @@ class Config(Section):
                 "train.order",
                 self.train.order,
                 "shuffle with data.sources (the book's order draws from one source)",
+            )
+        if self.spikes.rollback_loss_z is not None or self.spikes.rollback_nonfinite:
+            require(
+                self.train.order == "shuffle",
+                "train.order",
+                self.train.order,
+                "shuffle with a spikes.* rollback (the book's order draws each epoch's "
+                "permutation from the run's generator, so a range cannot be skipped in it)",
             )
         top_k, vocab = self.eval.top_k, self.model.vocab_size
         require(

@@ -325,6 +325,7 @@ class TrainBatches:
         self.rank, self.world_size, self.order = rank, world_size, order
         self.mixture = mixture  # with MixedWindows: which source each position draws from
         self._samples = 0
+        self._skips: dict[int, int] = {}  # global sample ranges left out, start -> end
         self._block, self._block_ids = (-1, -1), np.empty(0, dtype=np.int64)  # one cached
         self._epoch_seed: int | None = None  # book: the sampler seed of the current epoch
         if order == "book" and self.epoch_samples == 0:
@@ -360,6 +361,8 @@ class TrainBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while self._samples in self._skips:
+            self._samples = self._skips[self._samples]
         first = self._samples + self.rank * self.micro_batch_size
         if self.order == "book":
             idx = self._book_ids(first, self.micro_batch_size)
@@ -415,6 +418,23 @@ class TrainBatches:
         """Global samples consumed so far (all ranks together)."""
         return self._samples
 
+    def skip(self, start: int, end: int) -> None:
+        """Leave out the global samples [start, end) when the stream gets there (a rollback
+        skips what a bad step drew); kept in the loader's state, so in checkpoints."""
+        if start < self._samples or start % self.global_batch or end % self.global_batch:
+            raise ValueError(f"cannot skip samples [{start}, {end}) from sample {self._samples}")
+        self._skips[start] = end
+
+    @property
+    def skips(self) -> dict[int, int]:
+        """The ranges left out, start -> end (a copy)."""
+        return dict(self._skips)
+
+    def keep_skips(self, skips: dict[int, int]) -> None:
+        """Add ranges left out earlier (a rollback reloads a loader state older than
+        them, and the stream must still leave them out)."""
+        self._skips.update(skips)
+
     @property
     def epoch(self) -> float:
         return self._samples / self.epoch_samples
@@ -434,6 +454,8 @@ class TrainBatches:
             state["epoch_seed"] = self._epoch_seed
         if self.mixture is not None:
             state["mixture"] = self.mixture.state()
+        if self._skips:  # [start, end) pairs; absent in runs that never skipped
+            state["skips"] = sorted([start, end] for start, end in self._skips.items())
         return state
 
     def tokens_by_source(self) -> dict[str, int]:
@@ -458,6 +480,7 @@ class TrainBatches:
                     f"data.sources weights), or start a new run."
                 )
         self._seek(int(state["samples"]))
+        self._skips = {int(start): int(end) for start, end in state.get("skips", [])}
         self._epoch_seed = state.get("epoch_seed")
 
 

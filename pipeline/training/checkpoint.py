@@ -263,7 +263,11 @@ def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, part
     optim_state = torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True)
     dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state, options=_full())
     saved = torch.load(ckpt_dir / TRAINER_FILE, weights_only=True)
-    missing = [name for name in parts if name not in saved]
+    # A part that can start empty (the spike guard's history, for a run that turns
+    # spikes.* on when it resumes) says so; any other missing part is an error.
+    missing = [
+        name for name in parts if name not in saved and not getattr(parts[name], "FRESH", False)
+    ]
     if missing:
         raise PipelineError(
             f"{ckpt_dir} holds no state for {', '.join(missing)} (it has: "
@@ -272,7 +276,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, part
             f"checkpoint.resume=never and another run name."
         )
     for name, part in parts.items():
-        part.load_state_dict(saved[name])
+        if name in saved:
+            part.load_state_dict(saved[name])
     rng_file = ckpt_dir / f"rng_{accelerator.process_index}.pt"
     if rng_file.is_file():  # absent when resuming on more processes than were saved
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -56,6 +56,31 @@ class CheckpointManager:
         )
         return path
 
+    def reload_newest(self) -> Path | None:
+        """Load the newest intact checkpoint back into the running model, optimizer, RNG
+        and parts (a rollback; damaged ones are set aside as on resume) and return it;
+        None when the run has none yet. Collective: chosen on the main process."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        answer: list = [None]
+        if acc.is_main_process:
+            path = ckpt.newest_intact(self.run_dir, acc.num_processes, warn=self.say)
+            answer[0] = None if path is None else str(path)
+        if acc.num_processes > 1:
+            broadcast_object_list(answer)
+        if answer[0] is None:
+            return None
+        path = Path(answer[0])
+        ckpt.load_checkpoint(
+            path,
+            accelerator=acc,
+            model=self.model,
+            optimizer=self.optimizer,
+            parts=self.parts(),
+        )
+        return path
+
     def save(self, step: int, tokens: int) -> Path:
         """Write step `step` (a collective call: every process calls it) and prune to
         checkpoint.keep_last. meta.json is for readers of the checkpoint (evaluate,

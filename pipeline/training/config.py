@@ -232,6 +232,64 @@ class CheckpointConfig(Section):
 
 
 @dataclass
+class SpikeConfig(Section):
+    """Loss spikes: an update skipped (llm.c's -sl/-sg), or the run rolled back to its
+    newest checkpoint with the data the bad steps drew skipped (pipeline/training/spikes.py).
+    A z-score is a step's value against the mean and standard deviation of the last
+    `window` trained steps, and is taken once 20 of them are there."""
+
+    SECTION = "spikes."
+
+    skip_loss_z: Optional[float] = setting(
+        None,
+        "skip the update of a step whose loss is more than this many standard deviations "
+        "above the recent mean (the step is counted and logged, its data consumed); null: off",
+    )
+    skip_grad_z: Optional[float] = setting(
+        None, "the same for the gradient norm (before clipping); null: off"
+    )
+    rollback_loss_z: Optional[float] = setting(
+        None,
+        "beyond this loss z-score, reload the newest checkpoint and skip the samples the "
+        "steps since it drew, exactly (a range of the global sample count); null: off",
+    )
+    rollback_nonfinite: bool = setting(
+        False, "a non-finite loss rolls back likewise instead of stopping the run"
+    )
+    window: int = setting(100, "trained steps the z-scores are taken over")
+    max_rollbacks: int = setting(
+        5, "rollbacks a run may make before it stops (the data or the lr is at fault)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("skip_loss_z", "skip_grad_z", "rollback_loss_z"):
+            value = getattr(self, name)
+            self.require(
+                value is None or (math.isfinite(value) and value > 0),
+                name,
+                "a positive number of standard deviations, or null (off)",
+            )
+        self.require(self.window >= 20, "window", "20 steps or more")
+        self.require(self.max_rollbacks >= 1, "max_rollbacks", "1 or more")
+        if self.skip_loss_z is not None and self.rollback_loss_z is not None:
+            self.require(
+                self.rollback_loss_z > self.skip_loss_z,
+                "rollback_loss_z",
+                f"above spikes.skip_loss_z ({self.skip_loss_z}): a rollback is for what "
+                f"a skip cannot absorb",
+            )
+
+    @property
+    def on(self) -> bool:
+        return (
+            self.skip_loss_z is not None
+            or self.skip_grad_z is not None
+            or self.rollback_loss_z is not None
+            or self.rollback_nonfinite
+        )
+
+
+@dataclass
 class WandbConfig(Section):
     SECTION = "tracking.wandb."
 
