@@ -3,7 +3,8 @@
 `metrics.jsonl` holds one JSON object per logged step (always `step` and `tokens`);
 `loss.png` is the book's figure, train and val loss against tokens seen; the trackers of
 `tracking.log_with` (W&B, TensorBoard, ... : Accelerate's) get the same metrics, and W&B
-the samples as a table. Only the main process writes anything. Knows nothing about
+the samples as a table; W&B and MLflow continue their run of before on a resume (its id
+kept in the run directory). Only the main process writes anything. Knows nothing about
 models or data.
 """
 
@@ -24,6 +25,7 @@ from pipeline.core.fileio import atomic_open, atomic_write_text
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 WANDB_ID = "wandb_run_id"
+MLFLOW_ID = "mlflow_run_id"
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
@@ -127,6 +129,34 @@ def wandb_init_kwargs(config: Config, run_dir: Path, mode: str) -> dict:
         "tags": w.tags,
         "dir": str(run_dir),
     }
+
+
+def mlflow_init_kwargs(config: Config, run_dir: Path) -> dict:
+    """init_kwargs for MLflow: the run is named `name`, and a resumed run continues the
+    MLflow run whose id keep_mlflow_run_id wrote (MLflow makes its ids itself, so unlike
+    W&B's the id is known only once the run has started)."""
+    id_file = run_dir / MLFLOW_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    return {"run_name": config.name, "run_id": run_id or None}
+
+
+def keep_mlflow_run_id(accelerator, run_dir: Path) -> None:
+    run = accelerator.get_tracker("mlflow", unwrap=True)
+    atomic_write_text(run_dir / MLFLOW_ID, run.info.run_id)
+
+
+def mlflow_params(values: dict, run) -> dict:
+    """The config values an MLflow run can take as parameters: MLflow refuses to change
+    one, so a resumed run keeps the values it started with (config.yaml has the new
+    ones), and the changed keys are named."""
+    logged = run.data.params
+    changed = [k for k, v in values.items() if k in logged and logged[k] != str(v)]
+    if changed:
+        log.info(
+            f"MLflow keeps the parameters its run started with; changed since and not "
+            f"updated there (config.yaml has them): {', '.join(changed)}"
+        )
+    return {k: v for k, v in values.items() if k not in changed}
 
 
 def trackers(config: Config) -> list[str]:
@@ -265,22 +295,67 @@ class MetricsLog:
 
 
 def start_trackers(accelerator, config: Config, run_dir: Path, mode: str) -> None:
-    """Initialise the trackers the Accelerator was made with (none: a no-op)."""
+    """Initialise the trackers the Accelerator was made with (none: a no-op), each
+    continuing its run of before on a resume where it can (W&B, MLflow)."""
     if not accelerator.log_with:
         return
     init_kwargs = {}
     names = [getattr(t, "value", t) for t in accelerator.log_with]  # LoggerType is a str enum
+    main_mlflow = accelerator.is_main_process and "mlflow" in names
     if accelerator.is_main_process and "wandb" in names:
         init_kwargs["wandb"] = wandb_init_kwargs(config, run_dir, mode)
+    if main_mlflow:
+        init_kwargs["mlflow"] = mlflow_init_kwargs(config, run_dir)
+    values = flat_config(config)
     try:
-        accelerator.init_trackers(
-            wandb_project(config.tracking.wandb),
-            config=flat_config(config),
-            init_kwargs=init_kwargs,
-        )
+        accelerator.init_trackers(wandb_project(config.tracking.wandb), init_kwargs=init_kwargs)
+        if main_mlflow:  # kept before anything else can fail, so a retry continues this run
+            keep_mlflow_run_id(accelerator, run_dir)
+        # the config goes to each tracker here, not through init_trackers: a resumed
+        # MLflow run takes only the parameters it has not got (see mlflow_params)
+        for tracker in accelerator.trackers:
+            if tracker.name == "mlflow" and accelerator.is_main_process:
+                tracker.store_init_configuration(mlflow_params(values, tracker.active_run))
+            else:
+                tracker.store_init_configuration(values)
     except Exception as e:  # each tracker's own errors: a store, a server, a login
-        raise PipelineError(
-            f"the trackers {', '.join(names)} could not start ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Fix that tracker's setup, "
-            f"or take it out of tracking.log_with; nothing was trained yet."
-        ) from None
+        raise tracker_failed(e, names, run_dir) from None
+
+
+# What to check when a tracker does not start, for those whose setup lives outside the config.
+TRACKER_SETUP = {
+    "mlflow": "MLflow writes where MLFLOW_TRACKING_URI says: a server's http(s):// address, "
+    "or file:<directory> with MLFLOW_ALLOW_FILE_STORE=true (unset, it is sqlite:///mlflow.db, "
+    "which needs the full mlflow package, not mlflow-skinny).",
+}
+
+
+def tracker_failed(error: Exception, names: list[str], run_dir: Path) -> PipelineError:
+    """One paragraph for a tracker that did not start: which one, why, what to do."""
+    name = raised_by(error) or ", ".join(names)
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+    advice = [TRACKER_SETUP[name]] if name in TRACKER_SETUP else []
+    if name == "mlflow" and (run_dir / MLFLOW_ID).is_file():
+        advice.append(
+            f"This run continues the MLflow run named in {run_dir / MLFLOW_ID}: if the store "
+            f"is right but lacks that run, delete the file to start a new one."
+        )
+    return PipelineError(
+        f"the tracker{'s' if ',' in name else ''} {name} could not start "
+        f"({type(error).__name__}: {cause}). {' '.join(advice + [''])}Fix that tracker's "
+        f"setup, or take it out of tracking.log_with; nothing was trained yet."
+    )
+
+
+def raised_by(error: Exception) -> str | None:
+    """The name of the Accelerate tracker whose code raised `error` (the innermost one
+    in its traceback): init_trackers starts them all in one call, and does not say."""
+    from accelerate.tracking import GeneralTracker
+
+    name, frame = None, error.__traceback__
+    while frame is not None:
+        me = frame.tb_frame.f_locals.get("self")
+        if isinstance(me, GeneralTracker):
+            name = me.name
+        frame = frame.tb_next
+    return name
