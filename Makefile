@@ -230,6 +230,10 @@ all: data train eval export sample
 book:
 	$(MAKE) --no-print-directory book-report CONFIG=configs/verdict.yaml
 
+## book-appendix-d: appendix D's run (configs/appendix-d.yaml, ~12 min on 2 cores): its evaluations beside the book's
+book-appendix-d:
+	$(MAKE) --no-print-directory book-report CONFIG=configs/appendix-d.yaml
+
 book-report: train
 	$(WITH_ARGS) $(PY) -m pipeline.book --config $(QCONFIG) $$ARGS
 
@@ -282,4 +286,4 @@ distclean:
 
 FORCE:
 
-.PHONY: help install lock test-latest data train eval export sample all book book-report test golden faults bench gpu-check bench-report clean distclean FORCE
+.PHONY: help install lock test-latest data train eval export sample all book book-appendix-d book-report test golden faults bench gpu-check bench-report clean distclean FORCE

@@ -386,3 +386,15 @@ def test_report_puts_each_evaluation_beside_the_books_line():
         "-0.033",
     ]
     assert lines[2].split()[:5] == ["5", "6", "|", "8.111", "-"]  # not reached yet
+
+
+def test_appendix_d_runs_are_held_against_appendix_ds_printed_lines_and_its_notebook():
+    appendix = load_config(ROOT / "configs/appendix-d.yaml")
+    assert book.printed_run(appendix) is book.APPENDIX_D
+    assert book.printed_run(load_config(ROOT / "configs/verdict.yaml")) is book.CHAPTER_5
+    rows = [{"step": 1, "train_loss": 10.934, "val_loss": 10.939}]
+    rows.append({"step": 131, "train_loss": 0.5, "val_loss": 6.5})
+    lines = book.table(rows, book.APPENDIX_D)
+    assert lines[1].split()[3:6] == ["10.934", "10.934", "+0.000"]
+    assert lines[-2].split()[:6] == ["130", "131", "|", "0.041", "0.500", "+0.459"]
+    assert lines[-1].endswith("(notebook)") and "1.312" in lines[-1] and "6.158" in lines[-1]
