@@ -152,7 +152,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json", **overrides) -> M
         n_heads=heads,
         n_kv_heads=None if kv_heads == heads else kv_heads,
         ffn_hidden=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(_rope(hf).get("rope_theta", 10000.0)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         drop_rate=0.0,  # Llama has no residual dropout; a training choice anyway
         qkv_bias=False,
@@ -164,15 +164,26 @@ def model_config_from_hf(hf: dict, where: str = "config.json", **overrides) -> M
     return cfg
 
 
+def _rope(hf: dict) -> dict:
+    """RoPE's settings in either spelling: transformers 5 writes `rope_parameters`
+    ({rope_theta, rope_type, ...}), earlier versions (and export, which both read)
+    `rope_theta` beside `rope_scaling` (null when plain)."""
+    if isinstance(hf.get("rope_parameters"), dict):
+        return hf["rope_parameters"]
+    legacy = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
+    return {**legacy, **({"rope_theta": hf["rope_theta"]} if "rope_theta" in hf else {})}
+
+
 def _refuse_unsupported(hf: dict) -> None:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ValueError(f"{key}=true is not supported (this Llama has no biases)")
-    if hf.get("rope_scaling"):
+    kind = _rope(hf).get("rope_type", _rope(hf).get("type", "default"))
+    if kind != "default":
         raise ValueError(
-            f"rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only, "
+            f"RoPE scaling ({kind!r}: {_rope(hf)!r}) is not supported (plain RoPE only, "
             f"as Llama 1 and 2; Llama 3.1's frequency scaling is not implemented)"
         )
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
