@@ -1,4 +1,4 @@
-"""Stage 4: a model to a directory in the Hugging Face GPT-2 layout.
+"""Stage 4: a model to a directory in the Hugging Face GPT-2 (or Llama) layout.
 
     python -m pipeline.export --model runs/<name> [--out DIR] [--dtype fp32|bf16|fp16]
 
@@ -17,7 +17,12 @@ writes
 every file readable as the umask allows (safetensors alone would write 0600), so an export
 on a shared filesystem is readable by the user's group.
 
-so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it with the same logits,
+A `model.arch: llama` model is written in the HF Llama layout instead: config.json a
+LlamaConfig (pipeline.model.llama_hf.hf_config: GPT-2's <|endoftext|> as bos/eos, no
+biases, rope_scaling null), model.safetensors in LlamaForCausalLM's names, the same
+tokenizer files and card.
+
+so that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it with the same logits,
 and so does this project (`--model DIR` for evaluate and generate, `model.init_from: DIR`).
 Any source pipeline.model.weights reads can be exported: a run (its latest checkpoint, default
 destination runs/<name>/export/), one checkpoint, OpenAI GPT-2 by name, or the book's
@@ -27,7 +32,8 @@ The directory is written under a temporary name, re-read through the same loader
 stage uses and compared tensor by tensor with the source, and only then renamed into place;
 a previous export there is replaced, anything else is refused.
 
-Knows the HF directory layout; the name mapping is pipeline/model/gpt2.py's.
+Knows the HF directory layout; the name mappings are pipeline/model/gpt2.py's and
+pipeline/model/llama_hf.py's.
 """
 
 from __future__ import annotations
@@ -43,15 +49,16 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pipeline.config import SHAPE_KEYS, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.config.options import Usage, parse_options
 from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.schema import setting
 from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file
-from pipeline.model import gpt2
+from pipeline.model import gpt2, llama_hf
 from pipeline.model.card import model_card
+from pipeline.model.config import shape_values
 from pipeline.model.weights import DTYPES, ModelInfo, ModelSource, dtype_name, load_state
 
 # What an export directory may hold; a destination with anything else is not replaced.
@@ -81,7 +88,9 @@ def export(
     cfg, state, info = load_state(source, n_heads=n_heads)
     out = Path(out) if out is not None else default_destination(info)
     _check_destination(out, info)
-    hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in gpt2.to_hf(state, cfg).items()}
+    hf_state = {
+        k: v.to(DTYPES[dtype]).contiguous() for k, v in layout(cfg).to_hf(state, cfg).items()
+    }
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -97,13 +106,20 @@ def export(
     return out, info
 
 
+def layout(cfg: ModelConfig):
+    """The name mapping of the HF layout an architecture is exported in (the module: its
+    `to_hf` and `hf_config`)."""
+    return llama_hf if cfg.arch == "llama" else gpt2
+
+
 def write_hf_dir(
     path: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype: str
 ) -> None:
     # transformers refuses safetensors files without format metadata
     save_file(hf_state, str(path / "model.safetensors"), metadata={"format": "pt"})
     torch_name = str(DTYPES[dtype]).removeprefix("torch.")  # transformers' spelling
-    atomic_write_json(path / "config.json", {**gpt2.hf_config(cfg), "torch_dtype": torch_name})
+    hf_config = layout(cfg).hf_config(cfg)
+    atomic_write_json(path / "config.json", {**hf_config, "torch_dtype": torch_name})
     atomic_write_json(
         path / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}
     )
@@ -153,7 +169,14 @@ def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], 
     if cfg.tie_embeddings:
         want.pop("out_head.weight", None)
     got_cfg, got, _ = load_state(path)
-    diff = [f"config {k}" for k in SHAPE_KEYS if getattr(got_cfg, k) != getattr(want_cfg, k)]
+    got_shape, want_shape = shape_values(got_cfg), shape_values(want_cfg)
+    diff = [f"config {k}" for k in want_shape if got_shape[k] != want_shape[k]]
+    # not shapes, but the function: llama's rotary base and RMSNorm epsilon
+    diff += [
+        f"config {k}"
+        for k in ("rope_theta", "norm_eps")
+        if getattr(got_cfg, k) != getattr(want_cfg, k)
+    ]
     diff += [
         k
         for k, v in want.items()
@@ -202,8 +225,8 @@ def _check_destination(out: Path, info: ModelInfo) -> None:
 
 def earlier_export_problem(path: Path) -> str | None:
     """None when `path` reads back as an export this project wrote: only export files,
-    config.json a GPT-2 config, and README.md this project's model card (its front matter
-    tagged gpt-pipeline); else what differs."""
+    config.json a GPT-2 or Llama config, and README.md this project's model card (its front
+    matter tagged gpt-pipeline); else what differs."""
     if path.is_symlink() or not path.is_dir():
         return "it is not a directory"
     other = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES)
@@ -215,8 +238,8 @@ def earlier_export_problem(path: Path) -> str | None:
         front = yaml.safe_load(card.split("---\n")[1]) if card.startswith("---\n") else None
     except (OSError, ValueError, IndexError, yaml.YAMLError):
         front, config = None, None
-    if not (isinstance(config, dict) and config.get("model_type") == "gpt2"):
-        return "its config.json is not a GPT-2 config written by export"
+    if not (isinstance(config, dict) and config.get("model_type") in ("gpt2", "llama")):
+        return "its config.json is not a GPT-2 or Llama config written by export"
     if not (isinstance(front, dict) and "gpt-pipeline" in (front.get("tags") or [])):
         return "its README.md is not this project's model card"
     return None

@@ -311,7 +311,7 @@ def test_resume_refuses_another_model_shape_or_optimizer_naming_it(tmp_path, ove
     from pipeline.training.checkpoint_manager import check_resumable
 
     (newest,) = saved_run(tmp_path / "runs" / "r", steps=(1,))
-    same = [f"model.{k}={v}" for k, v in to_dict(CFG).items() if k in SHAPE_KEYS]
+    same = [f"model.{k}={v}" for k, v in to_dict(CFG).items() if k in SHAPE_KEYS and v is not None]
     config = load_config(None, [f"runs_root={tmp_path / 'runs'}", "name=r", *same])
     check_resumable(newest, config)  # the same shape and optimizer: resumable
     with pytest.raises(PipelineError) as refused:

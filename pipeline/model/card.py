@@ -18,14 +18,19 @@ from pipeline.model.weights import ModelInfo
 
 EVAL_FILE = "eval.json"  # the evaluate stage's result, beside the model it measured
 
+ARCH_NAMES = {
+    "gpt2": "GPT-2-architecture",
+    "llama": "Llama-architecture (RoPE, RMSNorm, SwiGLU, grouped-query attention)",
+}
+
 
 def model_card(info: ModelInfo, cfg: ModelConfig, parameters: int, dtype: str) -> str:
     run = (info.meta or {}).get("config") or {}
     title = run.get("name") or Path(str(info.source)).name
     sections = [
-        _front_matter(run),
+        _front_matter(run, cfg),
         f"# {title}\n",
-        f"A GPT-2-architecture language model exported by gpt-pipeline from "
+        f"A {ARCH_NAMES[cfg.arch]} language model exported by gpt-pipeline from "
         f"{info.kind} `{info.source}`.\n",
         _architecture(cfg, parameters, dtype),
         _training(info.meta or {}, run),
@@ -40,11 +45,11 @@ def model_card(info: ModelInfo, cfg: ModelConfig, parameters: int, dtype: str) -
     return "\n".join(s for s in sections if s)
 
 
-def _front_matter(run: dict) -> str:
+def _front_matter(run: dict, cfg: ModelConfig) -> str:
     meta = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["gpt2", "gpt-pipeline"],
+        "tags": [cfg.arch, "gpt-pipeline"],
     }
     source = (run.get("data") or {}).get("source") or {}
     if source.get("kind") == "hf" and source.get("path"):
@@ -54,10 +59,12 @@ def _front_matter(run: dict) -> str:
 
 def _architecture(cfg: ModelConfig, parameters: int, dtype: str) -> str:
     rows = [
+        ("architecture", cfg.arch),
         ("parameters", f"{parameters:,}"),
         ("layers", cfg.n_layers),
         ("width", cfg.emb_dim),
         ("attention heads", cfg.n_heads),
+        *_llama_rows(cfg),
         ("context length", cfg.context_length),
         ("vocabulary", f"{cfg.vocab_size:,} (GPT-2 BPE)"),
         ("q/k/v biases", cfg.qkv_bias),
@@ -66,6 +73,20 @@ def _architecture(cfg: ModelConfig, parameters: int, dtype: str) -> str:
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"## Architecture\n\n| | |\n|---|---|\n{table}\n"
+
+
+def _llama_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
+    if cfg.arch != "llama":
+        return []
+    return [
+        (
+            "key/value heads",
+            f"{cfg.kv_heads} (grouped-query)" if cfg.kv_heads != cfg.n_heads else cfg.kv_heads,
+        ),
+        ("MLP width (SwiGLU)", cfg.ffn_dim),
+        ("RoPE theta", cfg.rope_theta),
+        ("RMSNorm epsilon", cfg.norm_eps),
+    ]
 
 
 def _training(meta: dict, run: dict) -> str:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import SHAPE_KEYS, ModelConfig, model_config_from_file
+from pipeline.config import ModelConfig, model_config_from_file
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import file_sha256
+from pipeline.model.config import shape_values
 from pipeline.model.tensorfile import read_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -140,9 +141,9 @@ TRAINER_FILE = "trainer.pt"
 
 
 def shape_mismatch(saved: dict, current: ModelConfig) -> list[str]:
-    """The model keys whose values differ between a checkpoint and the current config."""
-    return [
-        f"model.{k}: checkpoint {saved[k]!r}, config {getattr(current, k)!r}"
-        for k in SHAPE_KEYS
-        if saved.get(k) != getattr(current, k)
-    ]
+    """The model keys whose values differ between a checkpoint's model config (meta.json)
+    and the current config. Keys a checkpoint predates take their defaults (a checkpoint
+    without `arch` is gpt2), and null counts as the number it stands for."""
+    old = shape_values(model_config_from_file(saved, "the checkpoint's model config"))
+    new = shape_values(current)
+    return [f"model.{k}: checkpoint {old[k]!r}, config {new[k]!r}" for k in old if old[k] != new[k]]

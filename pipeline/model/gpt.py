@@ -1,8 +1,10 @@
-"""The GPT of the book's chapter 4, as a plain nn.Module, plus its size and cost.
+"""The GPT of the book's chapter 4, as a plain nn.Module, plus its size and cost; and the
+same module in Llama's shape (`model.arch: llama`).
 
-Token + position embeddings, dropout, `n_layers` pre-LayerNorm blocks (causal
-multi-head attention and a GELU MLP, each around a residual), a final LayerNorm and a
-linear head. Differences from the book's listing, none of which change the function:
+arch gpt2 (the book's): token + position embeddings, dropout, `n_layers` pre-LayerNorm
+blocks (causal multi-head attention and a GELU MLP, each around a residual), a final
+LayerNorm and a linear head. Differences from the book's listing, none of which change
+the function:
 - query, key and value are one Linear (`att.qkv`) so they cost one matmul;
 - attention runs through `scaled_dot_product_attention` (flash kernels on GPU);
 - LayerNorm is `nn.LayerNorm` (weight/bias for the book's scale/shift);
@@ -10,7 +12,24 @@ linear head. Differences from the book's listing, none of which change the funct
 - `forward(idx, targets=...)` returns the mean cross-entropy directly, computed a chunk of
   rows at a time (`head_cross_entropy`, pipeline/model/head_loss.py) so the (tokens x
   vocab) logits never exist whole.
-`pipeline/model/gpt2.py` maps these names to the Hugging Face GPT-2 and the book's names.
+
+arch llama: the same blocks with Llama's parts, under the same parameter names: no
+position table (`pos_emb` is absent) but rotary embeddings on each head's queries and
+keys (base `rope_theta`; dimension i is paired with i + head_dim/2, the Hugging Face
+`rotate_half` layout, so HF Llama checkpoints need no permutation; Meta's original
+checkpoints pair neighbours and would); `nn.RMSNorm` (weight only) for norm1, norm2 and
+final_norm; grouped-query attention, `att.qkv` holding n_heads query heads, then
+n_kv_heads key and n_kv_heads value heads (rows in that order); a SwiGLU MLP,
+`ff.proj(silu(gate) * up)` with gate and up one Linear `ff.fc` (gate rows first); no
+biases anywhere. The KV cache then holds n_kv_heads heads.
+
+Init (`model.init`): gpt2 draws every Linear and Embedding from N(0, 0.02), the
+residual projections (`att.out_proj`, `ff.proj`) from N(0, 0.02 / sqrt(2 n_layers)),
+biases 0, norm weights 1, for both architectures; torch_default keeps each layer's own
+PyTorch init (the book's, for gpt2).
+
+`pipeline/model/gpt2.py` maps these names to the Hugging Face GPT-2 and the book's names,
+`pipeline/model/llama_hf.py` to Hugging Face Llama's.
 
 Knows nothing about training, files, or devices.
 """
@@ -35,8 +54,7 @@ class KVCache:
     def __init__(
         self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32
     ):
-        head_dim = config.emb_dim // config.n_heads
-        shape = (config.n_layers, batch_size, config.n_heads, max_len, head_dim)
+        shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled
@@ -49,18 +67,48 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def rope_angles(cfg: ModelConfig, start: int, t: int, device=None) -> tuple[torch.Tensor, ...]:
+    """cos and sin (t, head_dim) of the rotary angles of positions start .. start+t-1:
+    position p turns the pair of dimensions (i, i + head_dim/2) by p * theta^(-2i/head_dim),
+    computed in fp32 (recomputed each forward: a few thousand numbers, and no buffer
+    that building on the meta device would leave empty)."""
+    steps = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / cfg.rope_theta ** (steps / cfg.head_dim)
+    pos = torch.arange(start, start + t, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, t, head_dim) rotated: each pair (x1[i], x2[i]) of its two halves
+    turned by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.gqa = cfg.kv_heads != cfg.n_heads
         self.dropout = cfg.drop_rate
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.sizes = (cfg.emb_dim, kv_width, kv_width)  # the q, k, v rows of qkv
+        self.qkv = nn.Linear(cfg.emb_dim, sum(self.sizes), bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.arch == "gpt2")
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple | None = None
+    ) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            part.view(b, t, -1, self.head_dim).transpose(1, 2)
+            for part in self.qkv(x).split(self.sizes, dim=-1)
+        )
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, is_causal = None, True
         if cache is not None:
             past = cache.length
@@ -76,6 +124,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.gqa,  # each k/v head serves n_heads / n_kv_heads query heads
         )
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -90,17 +139,39 @@ class FeedForward(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+class SwiGLU(nn.Module):
+    """Llama's MLP: proj(silu(gate(x)) * up(x)), gate and up one Linear (`fc`, gate rows
+    first) so they cost one matmul."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 2 * cfg.ffn_dim, bias=False)
+        self.proj = nn.Linear(cfg.ffn_dim, cfg.emb_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+def norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.emb_dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.norm1 = norm(cfg)
         self.att = CausalSelfAttention(cfg, layer)
-        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.ff = FeedForward(cfg)
+        self.norm2 = norm(cfg)
+        self.ff = SwiGLU(cfg) if cfg.arch == "llama" else FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, rope))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -109,10 +180,11 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # llama has no position table: positions enter as rotations of q and k
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.arch == "gpt2" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.final_norm = norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
@@ -168,12 +240,19 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"{start + t} positions exceed the context length {self.cfg.context_length}"
             )
-        pos = torch.arange(start, start + t, device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        x, rope = self.tok_emb(idx), None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))
+        else:
+            rope = rope_angles(self.cfg, start, t, idx.device)
+        x = self.drop_emb(x)
         recompute = self.recompute_blocks and cache is None and torch.is_grad_enabled()
         for block in self.trf_blocks:
             # the block module itself is checkpointed, so FSDP's hooks run in the recompute
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache)
+            if recompute:
+                x = checkpoint(block, x, None, rope, use_reentrant=False)
+            else:
+                x = block(x, cache, rope)
         if cache is not None:
             cache.length += t
         if targets is not None:
@@ -200,19 +279,34 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token: 6N + 12·L·d·T.
 
     N counts the weights that take part in matmuls: everything but the position table
-    and, when the head is untied, the token table (a lookup, not a matmul). The second
-    term is attention's QK^T and AV, whose cost grows with the sequence length T
-    (PaLM, appendix B; the estimate nanoGPT's MFU uses).
+    (gpt2) and, when the head is untied, the token table (a lookup, not a matmul). The
+    second term is attention's QK^T and AV, whose cost grows with the sequence length T
+    (PaLM, appendix B; the estimate nanoGPT's MFU uses); grouped-query attention does
+    not change it (every query head still meets T keys).
     """
     seq_len = seq_len or cfg.context_length
-    n = _num_params(cfg) - cfg.context_length * cfg.emb_dim
+    n = _num_params(cfg) - _position_table(cfg)
     if not cfg.tie_embeddings:
         n -= cfg.vocab_size * cfg.emb_dim
     return 6 * n + 12 * cfg.n_layers * cfg.emb_dim * seq_len
 
 
+def _position_table(cfg: ModelConfig) -> int:
+    return cfg.context_length * cfg.emb_dim if cfg.arch == "gpt2" else 0
+
+
 def _num_params(cfg: ModelConfig) -> int:
     d, v = cfg.emb_dim, cfg.vocab_size
+    head = 0 if cfg.tie_embeddings else v * d
+    if cfg.arch == "llama":
+        kv = cfg.kv_heads * cfg.head_dim
+        block = (
+            d * (d + 2 * kv)  # qkv: n_heads query heads, n_kv_heads key and value heads
+            + d * d  # out_proj
+            + 3 * d * cfg.ffn_dim  # fc (gate and up) and proj
+            + 2 * d  # two RMSNorms
+        )
+        return v * d + cfg.n_layers * block + d + head
     block = (
         3 * d * d
         + (3 * d if cfg.qkv_bias else 0)  # qkv
@@ -222,8 +316,7 @@ def _num_params(cfg: ModelConfig) -> int:
         + 5 * d  # fc (d -> 4d) and proj (4d -> d), with biases
         + 4 * d
     )  # two LayerNorms
-    head = 0 if cfg.tie_embeddings else v * d
-    return v * d + cfg.context_length * d + cfg.n_layers * block + 2 * d + head
+    return v * d + _position_table(cfg) + cfg.n_layers * block + 2 * d + head
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 A *source* is any of:
     runs/<name>/                 a run: its latest complete checkpoint
     runs/<name>/checkpoints/step_NNNNNN/   one checkpoint
-    a model directory            Hugging Face GPT-2 layout (config.json + model.safetensors,
-                                 sharded safetensors, or pytorch_model.bin): an export, a
-                                 download, or `save_pretrained` output
+    a model directory            Hugging Face GPT-2 or Llama layout (config.json +
+                                 model.safetensors, sharded safetensors, or
+                                 pytorch_model.bin): an export, a download, or
+                                 `save_pretrained` output
     gpt2 | gpt2-medium | gpt2-large | gpt2-xl   OpenAI's weights via the Hugging Face Hub
     a .pth file                  the state dict of the book's GPTModel (chapter 5's model.pth)
 
@@ -18,11 +19,15 @@ Decisions:
   the config back. Zero biases compute the same function either way; the difference only
   shows if training continues (without the option the biases stay absent).
 - `context_length` may crop the position table (as nanoGPT trains GPT-2 at shorter
-  contexts); it can never grow it.
+  contexts); it can never grow it. A llama model has no table: its context only shrinks.
+- A Llama directory must hold a model of GPT-2's vocabulary (50257 tokens, and GPT-2's
+  tokenizer files if it holds any): the stages tokenize with GPT-2's BPE only, and another
+  vocabulary's ids would be read as GPT-2 tokens without a word of warning.
 - Pickles are never trusted: .pth/.bin files load with torch.load(weights_only=True).
 
 Owns source resolution and the file formats of *other* tools. The checkpoint layout is
-pipeline/model/checkpoints.py's and the name mapping pipeline/model/gpt2.py's.
+pipeline/model/checkpoints.py's and the name mappings pipeline/model/gpt2.py's and
+pipeline/model/llama_hf.py's.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pipeline.core import log
 from pipeline.core.errors import PipelineError
 from pipeline.core.schema import require, setting
 from pipeline.model import checkpoints as checkpoint
-from pipeline.model import gpt2
+from pipeline.model import gpt2, llama_hf
 from pipeline.model.config import ModelConfig
 from pipeline.model.gpt import GPTModel, state_shapes
 from pipeline.model.tensorfile import read_tensors
@@ -118,8 +123,8 @@ def init_from_weights(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Starting weights for training with `model.init_from` (anything but "scratch").
 
-    The architecture comes from the weights (OpenAI GPT-2: context 1024, qkv_bias true,
-    tied head). From the user's config only `context_length` (which may crop the
+    The architecture comes from the weights (`arch` too; OpenAI GPT-2: context 1024,
+    qkv_bias true, tied head). From the user's config only `context_length` (which may crop the
     positions, never extend them), `drop_rate` (a training choice) and `init_from` are
     taken; `n_heads` too for book-format files, whose shapes do not tell it (it wins over
     GPT-2's count at that width wherever it divides the width).
@@ -150,7 +155,8 @@ def crop_context(
             f"{cfg.context_length} positions, and positions can only be cropped (1 to "
             f"{cfg.context_length}), not added"
         )
-    state = {**state, "pos_emb.weight": state["pos_emb.weight"][:context_length].contiguous()}
+    if "pos_emb.weight" in state:  # llama has none: rotary positions need no cropping
+        state = {**state, "pos_emb.weight": state["pos_emb.weight"][:context_length].contiguous()}
     return replace(cfg, context_length=context_length), state
 
 
@@ -199,7 +205,7 @@ def resolve(source: str | Path) -> ModelInfo:
     raise PipelineError(
         f"'{text}' is neither an existing path nor a GPT-2 name. Give a run directory "
         f"(runs/<name>), a checkpoint directory, a model directory in the Hugging Face GPT-2 "
-        f"layout, a book-format model.pth file, or one of: {valid}"
+        f"or Llama layout, a book-format model.pth file, or one of: {valid}"
     )
 
 
@@ -220,7 +226,8 @@ def _resolve_dir(text: str, path: Path) -> ModelInfo:
     raise PipelineError(
         f"{path} holds no model: expected a run directory (with checkpoints/), a checkpoint "
         f"(with {checkpoint.META_FILE} and {checkpoint.MODEL_FILE}), or a model directory in "
-        f"the Hugging Face GPT-2 layout ({HF_CONFIG} and one of {', '.join(HF_WEIGHTS)})"
+        f"the Hugging Face GPT-2 or Llama layout ({HF_CONFIG} and one of "
+        f"{', '.join(HF_WEIGHTS)})"
     )
 
 
@@ -259,8 +266,11 @@ def _read_checkpoint(info: ModelInfo) -> tuple[ModelConfig, dict[str, torch.Tens
 
 def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     hf = _read_json(path / HF_CONFIG)
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise PipelineError(f"{path} holds a '{hf['model_type']}' model; only GPT-2 loads here")
+    kind = hf.get("model_type", "gpt2")
+    if kind == "llama":
+        return _read_llama_dir(path, hf)
+    if kind != "gpt2":
+        raise PipelineError(f"{path} holds a '{kind}' model; only GPT-2 and Llama models load here")
     try:  # the config is checked before a single tensor is read
         gpt2.model_config_from_hf(hf, where=str(path / HF_CONFIG))
     except ValueError as e:
@@ -275,6 +285,47 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         return cfg, gpt2.from_hf(hf_state, cfg)
     except (KeyError, ValueError) as e:
         raise PipelineError(f"the weights in {path} do not fit its {HF_CONFIG}: {e}") from None
+
+
+def _read_llama_dir(path: Path, hf: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    where = str(path / HF_CONFIG)
+    try:  # the config is checked before a single tensor is read
+        cfg = llama_hf.model_config_from_hf(hf, where=where)
+    except ValueError as e:
+        raise PipelineError(f"{where} is not a Llama config this project can run: {e}") from None
+    _require_gpt2_vocabulary(path, cfg)
+    hf_state = read_hf_tensors(path)
+    check_block_count(cfg, hf_state, prefix="model.layers.", where=str(path))
+    try:
+        return cfg, llama_hf.from_hf(hf_state, cfg)
+    except ValueError as e:
+        raise PipelineError(f"the weights in {path} do not fit its {HF_CONFIG}: {e}") from None
+
+
+# What transformers names GPT-2's BPE in tokenizer_config.json.
+GPT2_TOKENIZERS = {"GPT2Tokenizer", "GPT2TokenizerFast"}
+
+
+def _require_gpt2_vocabulary(path: Path, cfg: ModelConfig) -> None:
+    """One paragraph for a Llama checkpoint of another vocabulary: every stage tokenizes
+    with GPT-2's BPE, so its ids would mean other words."""
+    tokenizer = path / "tokenizer_config.json"
+    named = _read_json(tokenizer).get("tokenizer_class") if tokenizer.is_file() else None
+    why = None
+    if cfg.vocab_size != llama_hf.GPT2_VOCAB:
+        why = f"its vocabulary has {cfg.vocab_size:,} tokens, GPT-2's {llama_hf.GPT2_VOCAB:,}"
+    elif (path / "tokenizer.model").is_file():
+        why = "it comes with a SentencePiece tokenizer (tokenizer.model)"
+    elif named is not None and named not in GPT2_TOKENIZERS:
+        why = f"its tokenizer_config.json names {named}"
+    if why:
+        raise PipelineError(
+            f"{path} holds a Llama model whose tokenizer is not GPT-2's: {why}. This "
+            f"project reads, writes and generates GPT-2 BPE tokens only (tiktoken's gpt2), "
+            f"so that model's token ids would stand for other text; until other tokenizers "
+            f"are supported, only Llama-layout models with GPT-2's vocabulary of "
+            f"{llama_hf.GPT2_VOCAB:,} tokens load (such as this project's own exports)."
+        )
 
 
 def _read_json(path: Path) -> dict:
@@ -381,6 +432,12 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _describe(cfg: ModelConfig) -> str:
+    if cfg.arch == "llama":
+        return (
+            f"llama, vocab {cfg.vocab_size}, emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, "
+            f"{cfg.n_heads} heads, {cfg.kv_heads} key/value heads, MLP {cfg.ffn_dim}, "
+            f"tied head {cfg.tie_embeddings}"
+        )
     return (
         f"vocab {cfg.vocab_size}, context {cfg.context_length}, emb_dim {cfg.emb_dim}, "
         f"{cfg.n_layers} layers, {cfg.n_heads} heads, qkv_bias {cfg.qkv_bias}, "
