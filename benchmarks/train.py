@@ -153,7 +153,12 @@ def stage_step(shape: Shape, work: Path):
     write_dataset(
         work / "data" / "random", tokens=200 * shape.batch * (ctx + 1), val_tokens=4 * (ctx + 1)
     )
-    model = [f"model.{k}={v}" for k, v in asdict(cfg).items() if k not in ("init_from", "init")]
+    # None (n_kv_heads, ffn_hidden) is the key's default; "None" on a command line is a string
+    model = [
+        f"model.{k}={v}"
+        for k, v in asdict(cfg).items()
+        if k not in ("init_from", "init") and v is not None
+    ]
     config = load_config(
         None,
         [
