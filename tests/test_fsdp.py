@@ -75,6 +75,9 @@ def test_accelerate_fsdp2_trains_as_ddp_does_in_bf16(tmp_path, stdlib_data, free
     and its third 2e-3 off; now they agree to bf16's rounding of last-bit differences
     in the reduction order."""
     args = ["train.precision=bf16", "train.max_steps=6", "train.log_every_steps=1"]
+    # The Llama-style model (RoPE, RMSNorm, SwiGLU, grouped-query attention): the precision
+    # path is the architecture's own in nothing, and GPT-2 under FSDP2 is the test above
+    args += ["model.arch=llama", "model.n_kv_heads=2"]
     args += ["eval.every_steps=3", "eval.batches=2"]
     two_env = {**env(), "ACCELERATE_USE_CPU": "1"}
     ddp = run_train(

@@ -30,6 +30,7 @@ def data_root(stdlib_data) -> Path:
     return stdlib_data
 
 
+LLAMA = ["model.arch=llama", "model.n_kv_heads=2"]
 MIXTURE = (
     "data.sources=[{name: py, weight: 3, source: {kind: python-stdlib, max_bytes: "
     "600000}}, {name: prose, weight: 1, source: {kind: files, paths: [%s]}}]"
@@ -132,7 +133,7 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("data", ["one source", "mixture"])
+@pytest.mark.parametrize("data", ["one source", "mixture", "llama"])
 def test_two_processes_match_one_with_accumulation_and_resume_across_process_counts(
     data_root, mixture_root, tmp_path, free_port, data
 ):
@@ -144,6 +145,8 @@ def test_two_processes_match_one_with_accumulation_and_resume_across_process_cou
         "train.min_lr=1e-3",
         "checkpoint.every_steps=3",
     ]
+    if data == "llama":  # one source, the Llama-style model (grouped-query attention)
+        common += LLAMA
     if data == "mixture":  # each sample drawn from a source by the weights, as for one
         data_root, sources = mixture_root
         common += ["data.source=null", sources]
