@@ -1,6 +1,7 @@
 """Stage 4: a model to a directory in the Hugging Face GPT-2 (or Llama) layout.
 
     python -m pipeline.export --model runs/<name> [--out DIR] [--dtype fp32|bf16|fp16]
+    python -m pipeline.export --model runs/<name> --format gguf [--out FILE] [--dtype fp32|fp16]
 
 writes
     config.json              GPT2Config (pipeline.model.gpt2.hf_config) plus torch_dtype
@@ -32,6 +33,13 @@ The directory is written under a temporary name, re-read through the same loader
 stage uses and compared tensor by tensor with the source, and only then renamed into place;
 a previous export there is replaced, anything else is refused.
 
+`--format gguf` writes one GGUF file for llama.cpp and Ollama instead (default destination
+runs/<name>/model.gguf), laid out by pipeline/model/gguf_file.py: written under a temporary
+name, read back with gguf's reader and compared tensor by tensor and key by key, then
+renamed into place; a previous GGUF export there is replaced, any other file is refused.
+GPT-2-style models only: a Llama-style model goes out as an HF directory, which llama.cpp's
+convert_hf_to_gguf.py reads.
+
 Knows the HF directory layout; the name mappings are pipeline/model/gpt2.py's and
 pipeline/model/llama_hf.py's.
 """
@@ -43,7 +51,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import yaml
@@ -53,14 +61,15 @@ from pipeline.config import ModelConfig
 from pipeline.config.options import Usage, parse_options
 from pipeline.core import log
 from pipeline.core.errors import PipelineError, cli_main
-from pipeline.core.fileio import atomic_write_json, atomic_write_text
-from pipeline.core.schema import setting
-from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file
-from pipeline.model import gpt2, llama_hf
+from pipeline.core.fileio import atomic_write_json, atomic_write_text, fsync_dir, fsync_file
+from pipeline.core.schema import require, setting
+from pipeline.data.tokenizer import EOT_ID, EOT_TEXT, bpe_file, bpe_vocab
+from pipeline.model import gguf_file, gpt2, llama_hf
 from pipeline.model.card import model_card
 from pipeline.model.config import shape_values
 from pipeline.model.weights import DTYPES, ModelInfo, ModelSource, dtype_name, load_state
 
+GGUF_DTYPES = ("fp32", "fp16")  # what llama.cpp's converter writes unquantized
 # What an export directory may hold; a destination with anything else is not replaced.
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 EXPORT_FILES = {
@@ -189,6 +198,70 @@ def verify_export(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], 
         )
 
 
+def export_gguf(
+    source: str | Path,
+    out: str | Path | None = None,
+    dtype: str = "fp32",
+    n_heads: int | None = None,
+) -> tuple[Path, ModelInfo]:
+    """Write `source` as one GGUF file at `out` (fp32 or fp16), verified; return (out, info)."""
+    gguf_file.gguf_module()  # missing: said before the model is read
+    cfg, state, info = load_state(source, n_heads=n_heads)
+    if cfg.arch != "gpt2":
+        raise PipelineError(
+            f"--format gguf writes GPT-2-style models only, and {info.source} is "
+            f"model.arch: {cfg.arch}. Export it as a Hugging Face directory instead "
+            f"(--format hf, the default: the Llama layout) and convert that directory with "
+            f"llama.cpp's convert_hf_to_gguf.py, which knows the Llama layout."
+        )
+    out = Path(out) if out is not None else default_destination(info).with_name("model.gguf")
+    _check_gguf_destination(out, info)
+    tokens, merges = bpe_vocab()
+    vocab = gguf_file.Vocab(tokens, merges, EOT_ID)
+    tensors = gguf_file.gguf_tensors(cfg, state, dtype)
+    meta = gguf_file.metadata(cfg, dtype, _model_name(info), vocab)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        gguf_file.write(tmp, tensors, meta)
+        fsync_file(tmp)
+        diff = gguf_file.differences(tmp, tensors, meta)
+        if diff:
+            raise PipelineError(
+                f"the GGUF file written to {tmp} does not read back equal to the source "
+                f"(differs in: {', '.join(diff[:5])}); nothing was replaced"
+            )
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, info
+
+
+def _model_name(info: ModelInfo) -> str:
+    """general.name: the run's name for a run or its checkpoint, else the source's."""
+    if info.kind == "run":
+        return info.home.name
+    if info.kind == "checkpoint" and info.path.parent.name == "checkpoints":
+        return info.path.parent.parent.name
+    return Path(info.source).stem or info.source
+
+
+def _check_gguf_destination(out: Path, info: ModelInfo) -> None:
+    """A new file, or a GGUF file this project wrote (general.tags); nothing else."""
+    if out.resolve() == info.path.resolve():
+        raise PipelineError(f"--out {out} is the source itself; choose another file")
+    if not out.exists() and not out.is_symlink():
+        if not out.parent.is_dir():
+            raise PipelineError(f"--out {out}: the directory {out.parent} does not exist")
+        return
+    if out.is_symlink() or not out.is_file() or not gguf_file.is_own_file(out):
+        raise PipelineError(
+            f"{out} exists and is not a GGUF file this project wrote (its general.tags "
+            f"would hold {gguf_file.TAG}), so it is not replaced. Choose another --out, or "
+            f"move that file away yourself."
+        )
+
+
 def default_destination(info: ModelInfo) -> Path:
     if info.kind == "run":
         return info.home / "export"
@@ -261,13 +334,19 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 class ExportOptions(ModelSource):
     out: Optional[str] = setting(
         None,
-        "destination directory (default for a run or checkpoint: runs/<name>/export)",
-        metavar="DIR",
+        "destination directory, or file for gguf (default for a run or checkpoint: "
+        "runs/<name>/export, runs/<name>/model.gguf)",
+        metavar="PATH",
+    )
+    format: Literal["hf", "gguf"] = setting(
+        "hf",
+        "hf: a Hugging Face GPT-2 directory | gguf: one GGUF file with the tokenizer, "
+        "for llama.cpp and Ollama (needs the gguf package)",
     )
     dtype: str = setting(
         "fp32",
         "dtype of the stored weights: fp32 (as trained), bf16 or fp16 "
-        "(torch's float32, bfloat16, float16 also accepted)",
+        "(torch's float32, bfloat16, float16 also accepted); gguf: fp32 or fp16",
     )
     push_to_hub: Optional[str] = setting(
         None,
@@ -279,6 +358,9 @@ class ExportOptions(ModelSource):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.dtype = dtype_name(self.dtype)
+        if self.format == "gguf":
+            require(self.dtype in GGUF_DTYPES, "--dtype", self.dtype, "fp32 or fp16 for gguf")
+            require(self.push_to_hub is None, "--push-to-hub", self.push_to_hub, "unset for gguf")
         if self.push_to_hub is not None:  # "" too: an empty name is refused, not skipped
             check_repo_id(self.push_to_hub)  # before the work, not after it
 
@@ -330,6 +412,8 @@ def push_to_hub(folder: Path, repo: str) -> str:
 @cli_main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.format == "gguf":
+        return report_gguf(*export_gguf(args.model, args.out, args.dtype, args.n_heads), args)
     out, info = export(args.model, args.out, args.dtype, args.n_heads)
     cfg = info.config
     step = f" (step {info.meta['step']})" if info.meta and "step" in info.meta else ""
@@ -341,6 +425,17 @@ def main(argv=None) -> None:
     )
     if args.push_to_hub is not None:
         log.info(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub)}")
+
+
+def report_gguf(out: Path, info: ModelInfo, args: ExportOptions) -> None:
+    cfg = info.config
+    log.info(
+        f"exported {info.source} to {out}: GGUF ({cfg.n_layers} layers x {cfg.emb_dim}, "
+        f"context {cfg.context_length}, {args.dtype}, {out.stat().st_size / 1e6:.1f} MB, "
+        f"GPT-2's tokenizer); read back with gguf's reader and equal to the source"
+        + ("" if cfg.qkv_bias else "; llama.cpp's gpt2 needs q/k/v biases: written as zeros")
+        + f". Run it: llama-cli -m {out} -p 'Every effort moves you'"
+    )
 
 
 if __name__ == "__main__":

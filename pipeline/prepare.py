@@ -583,11 +583,16 @@ def _add_digests(found: list[Part], config: Config, pool) -> None:
     # Once per file, however many parts its byte ranges make.
     jobs = list(
         {
-            item["path"]: (item["path"], item["encoding"], config.data.segment_bytes)
+            item["path"]: (
+                item["path"],
+                item["encoding"],
+                config.data.segment_bytes,
+                *parts.doc_range(item),
+            )
             for item in items
         }.values()
     )
-    digests = dict(zip((path for path, _, _ in jobs), _map(_digest_task, jobs, pool)))
+    digests = dict(zip((job[0] for job in jobs), _map(_digest_task, jobs, pool)))
     for item in items:
         item["digest"] = digests[item["path"]]
 

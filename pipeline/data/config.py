@@ -15,7 +15,7 @@ from pipeline.core.schema import Section, check, setting
 
 # The keys that mean something for each source kind (besides `kind`).
 SOURCE_KEYS = {
-    "files": {"paths", "text_field", "max_documents"},
+    "files": {"paths", "text_field", "max_documents", "clean"},
     "hf": {"path", "name", "split", "revision", "text_field", "streaming", "max_documents"},
     "url": {"url", "sha256", "max_download_bytes"},
     "python-stdlib": {"max_bytes"},
@@ -50,6 +50,13 @@ class SourceConfig(Section):
     )
     max_documents: Optional[int] = setting(
         None, "files and hf: stop after this many documents (null: all)"
+    )
+    clean: Optional[Literal["gutenberg"]] = setting(
+        None,
+        "files (.txt): gutenberg: each file is a Project Gutenberg book: only the text "
+        "between its '*** START OF' and '*** END OF' lines is kept, and a file whose "
+        "characters are not more than 90% ASCII (not English text) is dropped, named in "
+        "prepare's report; null: files as they are",
     )
     url: str = setting("", "url: a text file, downloaded once into the data directory")
     sha256: Optional[str] = setting(

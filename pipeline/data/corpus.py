@@ -7,6 +7,9 @@ and how their bytes become text. Four kinds:
   (or any other explicitly named file) is one document; `.jsonl`/`.json`/`.parquet`
   hold one document per row in `text_field` (`.jsonl` lines and parquet row groups are
   read directly, so parts of one file can be read apart; `.json` through `datasets`).
+  With `clean: gutenberg` each `.txt` file is a Project Gutenberg book: its document is
+  the text between the START and END lines, and files that are not English text are
+  dropped and named (pipeline/data/gutenberg.py; applied where parts are planned).
 - `hf`: a Hugging Face dataset by path, config name, split and revision, streamed by default.
 - `url`: a text file downloaded once into the data directory (atomically, checked against
   `sha256` when given, stopped past `max_download_bytes`), then one document.
@@ -68,7 +71,7 @@ class CorpusError(PipelineError):
 NOT_CONTENT_KEYS = {"max_download_bytes"}
 # Left out while null: such a source is the one it was before these keys existed, so data
 # prepared then keeps its fingerprint.
-LEFT_OUT_WHEN_NULL = {"sha256", "revision"}
+LEFT_OUT_WHEN_NULL = {"sha256", "revision", "clean"}
 
 
 def describe(source: SourceConfig) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.core import log
-from pipeline.data import corpus, textcut
+from pipeline.data import corpus, gutenberg, textcut
 from pipeline.data.config import SourceConfig
 from pipeline.data.corpus import CorpusError, Warn
 
@@ -141,7 +141,9 @@ def plan(
     """The parts of one source, numbered from `start_index`. Reads file sizes and a few
     bytes around cuts; hashes of long documents are added by `needs_digest`/`file_digest`."""
     planner = _Planner(source_index, part_bytes, start_index)
-    if source.kind == "files":
+    if source.kind == "files" and source.clean == "gutenberg":
+        _add_books(planner, corpus.resolve_files(source.paths), warn)
+    elif source.kind == "files":
         for path in corpus.resolve_files(source.paths):
             planner.add_file(path, corpus.file_format(path))
     elif source.kind == "url":
@@ -163,6 +165,38 @@ def plan(
     return planner.finish()
 
 
+def _add_books(planner: "_Planner", files: list[Path], warn: Warn) -> None:
+    """clean: gutenberg: each file's book as a byte range (pipeline/data/gutenberg.py); a
+    file that is not English text is dropped. Both kinds of exception are named."""
+    dropped, unmarked = [], []
+    for path in files:
+        if corpus.file_format(path) != "text":
+            raise CorpusError(
+                f"data.source.clean: gutenberg reads Project Gutenberg's .txt books, but "
+                f"{path} is {corpus.file_format(path)}; name only .txt files in "
+                f"data.source.paths, or set data.source.clean to null"
+            )
+        book = gutenberg.read_book(path)
+        if not book.english:
+            dropped.append(f"{path} ({book.ascii_share:.0%} ASCII)")
+            continue
+        if not book.marked:
+            unmarked.append(str(path))
+        planner.add_file(path, "text", body=(book.start, book.stop))
+    if dropped:
+        warn(
+            f"data.source.clean gutenberg: dropped {len(dropped)} of {len(files)} files as "
+            f"not English text (not more than 90% of their characters ASCII): "
+            f"{', '.join(dropped)}"
+        )
+    if unmarked:
+        warn(
+            f"data.source.clean gutenberg: {len(unmarked)} of {len(files)} files lack Project "
+            f"Gutenberg's '*** START OF' or '*** END OF' line, and were kept from their "
+            f"beginning or to their end: {', '.join(unmarked)}"
+        )
+
+
 class _Planner:
     def __init__(self, source_index: int, part_bytes: int, start_index: int):
         self.source, self.part_bytes = source_index, part_bytes
@@ -174,25 +208,34 @@ class _Planner:
         self._close()
         return self.parts
 
-    def add_file(self, path: Path, fmt: str, encoding: str = "utf-8-sig") -> None:
+    def add_file(
+        self,
+        path: Path,
+        fmt: str,
+        encoding: str = "utf-8-sig",
+        body: tuple[int, int] | None = None,
+    ) -> None:
+        """`body`: a text file's document is only these bytes [first, last) of it."""
         size = path.stat().st_size
+        first, last = body or (0, size)
+        text = {"size": size, "encoding": encoding, **({"doc": [first, last]} if body else {})}
         if fmt == "parquet":
             self._add_parquet(path)
         elif fmt == "json":
             self._close()
             self._emit("json", [{"path": str(path)}], size)
-        elif size > self.part_bytes and (fmt == "jsonl" or _cuttable(encoding)):
+        elif last - first > self.part_bytes and (fmt == "jsonl" or _cuttable(encoding)):
             self._close()
-            for start, stop in _byte_ranges(path, size, self.part_bytes, fmt):
+            for start, stop in _byte_ranges(path, first, last, self.part_bytes, fmt):
                 item = {"path": str(path), "start": start, "stop": stop}
                 if fmt == "text":
-                    item.update(size=size, encoding=encoding)
+                    item.update(text)
                 self._emit(fmt, [item], stop - start)
         else:
-            item = {"path": str(path), "start": 0, "stop": size}
+            item = {"path": str(path), "start": first, "stop": last}
             if fmt == "text":
-                item.update(size=size, encoding=encoding)
-            self._group(fmt, item, size)
+                item.update(text)
+            self._group(fmt, item, last - first)
 
     def _add_parquet(self, path: Path) -> None:
         import pyarrow.parquet as pq
@@ -248,31 +291,33 @@ def _cuttable(encoding: str) -> bool:
     return name in ("utf-8", "utf-8-sig", "latin-1", "iso8859-1", "ascii") or name.startswith("cp")
 
 
-def _byte_ranges(path: Path, size: int, part_bytes: int, fmt: str) -> list[tuple[int, int]]:
-    """[start, stop) ranges of about part_bytes covering the file, each start a token-safe
-    byte (text) or the byte after a newline (jsonl)."""
-    cuts = [0]
+def _byte_ranges(
+    path: Path, first: int, last: int, part_bytes: int, fmt: str
+) -> list[tuple[int, int]]:
+    """[start, stop) ranges of about part_bytes covering bytes [first, last) of the file,
+    each start a token-safe byte (text) or the byte after a newline (jsonl)."""
+    cuts = [first]
     with open(path, "rb") as f:
-        nominal = part_bytes
-        while nominal < size:
-            cut = _cut_after(f, nominal, fmt)
+        nominal = first + part_bytes
+        while nominal < last:
+            cut = _cut_after(f, nominal, last, fmt)
             if cut is None:  # no cut point in a whole window: the part grows past it
                 nominal += SAFE_CUT_WINDOW
                 continue
-            if cut >= size:
+            if cut >= last:
                 break
             if cut > cuts[-1]:
                 cuts.append(cut)
             nominal = max(cut, nominal) + part_bytes
-    return list(zip(cuts, cuts[1:] + [size]))
+    return list(zip(cuts, cuts[1:] + [last]))
 
 
-def _cut_after(f, offset: int, fmt: str) -> int | None:
-    """The first cut point at or after `offset`; None when there is none before the end.
+def _cut_after(f, offset: int, last: int, fmt: str) -> int | None:
+    """The first cut point at or after `offset` and before `last`; None when there is none.
     A text file with no token-safe byte in SAFE_CUT_WINDOW is not cut there (the part
     grows instead): planning never makes an unsafe cut."""
     f.seek(offset)
-    window = f.read(SAFE_CUT_WINDOW)
+    window = f.read(min(SAFE_CUT_WINDOW, last - offset))
     if fmt == "jsonl":
         at = window.find(b"\n")
         return None if at < 0 else offset + at + 1
@@ -317,7 +362,14 @@ def _hf_name(source: SourceConfig) -> str:
 
 def continues(part: Part) -> bool:
     """Whether the part begins inside a document (a later byte range of a text file)."""
-    return part.kind == "text" and part.items[0]["start"] > 0
+    return part.kind == "text" and part.items[0]["start"] > doc_range(part.items[0])[0]
+
+
+def doc_range(item: dict) -> tuple[int, int]:
+    """The bytes [first, last) of a text item's file that are its document: the whole file,
+    or the part data.source.clean keeps (a Gutenberg book without its boilerplate)."""
+    first, last = item.get("doc", (0, item["size"]))
+    return first, last
 
 
 def needs_digest(item: dict, segment_bytes: int) -> bool:
@@ -327,15 +379,20 @@ def needs_digest(item: dict, segment_bytes: int) -> bool:
 
 
 def _read_whole(item: dict, segment_bytes: int) -> bool:
-    return item["start"] == 0 and item["stop"] == item["size"] <= segment_bytes
+    first, last = doc_range(item)
+    return item["start"] == first and item["stop"] == last and last - first <= segment_bytes
 
 
-def file_digest(path: str, encoding: str, segment_bytes: int) -> str:
-    """blake2b of a text file's decoded text (as UTF-8, surrogates passed), read in
-    segments: the hash `split_of` would compute on the whole text."""
+def file_digest(
+    path: str, encoding: str, segment_bytes: int, first: int = 0, last: int | None = None
+) -> str:
+    """blake2b of a text file's decoded text, or of its bytes [first, last) (as UTF-8,
+    surrogates passed), read in segments: the hash `split_of` would compute on the whole
+    text."""
     digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
     size = os.path.getsize(path)
-    item = {"path": path, "start": 0, "stop": size, "size": size, "encoding": encoding}
+    last = size if last is None else last
+    item = {"path": path, "start": first, "stop": last, "size": size, "encoding": encoding}
     for text in _text_segments(item, segment_bytes, Notes()):
         digest.update(text.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
@@ -366,7 +423,7 @@ def _read_text_items(items: list[dict], segment_bytes: int, notes: Notes) -> Ite
                 yield Segment(text, True, True)
             continue
         digest = bytes.fromhex(item["digest"]) if item.get("digest") else None
-        first = item["start"] == 0
+        first = item["start"] == doc_range(item)[0]
         for text in _text_segments(item, segment_bytes, notes):
             if text:
                 yield Segment(text, first, False, digest)
@@ -374,7 +431,11 @@ def _read_text_items(items: list[dict], segment_bytes: int, notes: Notes) -> Ite
 
 
 def _decode_whole(item: dict, notes: Notes) -> str:
-    text, replaced = corpus.decode(Path(item["path"]).read_bytes(), item["encoding"])
+    with open(item["path"], "rb") as f:
+        f.seek(item["start"])
+        data = f.read(item["stop"] - item["start"])
+    encoding = item["encoding"] if item["start"] == 0 else _without_bom(item["encoding"])
+    text, replaced = corpus.decode(data, encoding)
     if replaced:
         notes.count_replaced(item["path"], replaced, item["encoding"])
     return text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import stat
@@ -136,6 +137,19 @@ def bpe_file(name: str) -> Path:
             )
         path = local / name
     return path
+
+
+def bpe_vocab() -> tuple[list[str], list[str]]:
+    """GPT-2's BPE as two lists: the tokens by id (encoder.json's byte-level strings,
+    "Ġthe"), and the merges in rank order ("Ġ t"), vocab.bpe's lines after its
+    `#version` header. What a file format that carries the tokenizer (GGUF) stores."""
+    encoder = json.loads(bpe_file("encoder.json").read_text(encoding="utf-8"))
+    tokens = sorted(encoder, key=encoder.__getitem__)
+    if [encoder[t] for t in tokens] != list(range(VOCAB_SIZE)):
+        raise PipelineError(f"{bpe_file('encoder.json')} does not hold ids 0..{VOCAB_SIZE - 1}")
+    lines = bpe_file("vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    return tokens, merges
 
 
 def encode(text: str) -> list[int]:
