@@ -224,27 +224,42 @@ def train_data(tmp_path_factory) -> Path:
     return root
 
 
+# The architectures the fault trials run: every trial on GPT-2, the odd (checkpoint-write)
+# trial on the Llama-style model too, whose checkpoint holds other tensors
+ARCHS = {"gpt2": [], "llama": ["model.arch=llama", "model.n_kv_heads=1"]}
+ARCH_TRIALS = [("gpt2", t) for t in range(TRIALS)] + [("llama", 1)]
+
+
 @pytest.fixture(scope="module")
-def reference_run(train_data, tmp_path_factory) -> tuple[Path, float]:
-    runs = tmp_path_factory.mktemp("runs")
-    start = time.monotonic()
-    completed(stage("train", *train_args(train_data, runs)))
-    return runs / "run", time.monotonic() - start
+def reference_runs(train_data, tmp_path_factory):
+    """arch -> (the uninterrupted run's directory, its seconds), each trained once."""
+    done: dict[str, tuple[Path, float]] = {}
+
+    def reference(arch: str) -> tuple[Path, float]:
+        if arch not in done:
+            runs = tmp_path_factory.mktemp(f"runs-{arch}")
+            start = time.monotonic()
+            completed(stage("train", *train_args(train_data, runs, *ARCHS[arch])))
+            done[arch] = (runs / "run", time.monotonic() - start)
+        return done[arch]
+
+    return reference
 
 
-def train_args(data_root: Path, runs: Path) -> list[str]:
-    return [f"data.root={data_root}", "data.name=std", f"runs_root={runs}", "name=run", *TRAIN]
+def train_args(data_root: Path, runs: Path, *extra: str) -> list[str]:
+    common = [f"data.root={data_root}", "data.name=std", f"runs_root={runs}", "name=run"]
+    return [*common, *TRAIN, *extra]
 
 
 def final_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "checkpoints" / "step_000012" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("trial", range(TRIALS))
-def test_sigkilled_training_resumes_bit_exact(train_data, reference_run, tmp_path, trial):
+@pytest.mark.parametrize("arch, trial", ARCH_TRIALS)
+def test_sigkilled_training_resumes_bit_exact(train_data, reference_runs, tmp_path, arch, trial):
     """Even trials kill at a random moment; odd ones the moment a checkpoint write begins
     (its temporary directory appears) plus a random few milliseconds."""
-    reference, seconds = reference_run
+    reference, seconds = reference_runs(arch)
     rng = random.Random(SEED + 2000 + trial)
     checkpoints = tmp_path / "run" / "checkpoints"
     if trial % 2 == 0:
@@ -264,11 +279,11 @@ def test_sigkilled_training_resumes_bit_exact(train_data, reference_run, tmp_pat
                 seen.append(t)
             return bool(seen) and t >= seen[0] + delay
 
-    args = train_args(train_data, tmp_path)
+    args = train_args(train_data, tmp_path, *ARCHS[arch])
     killed_after, finished = kill_at(stage("train", *args), when)
     left = sorted(p.name for p in checkpoints.glob("*")) if checkpoints.exists() else []
     print(
-        f"train trial {trial}: killed after {killed_after:.2f} s of {seconds:.2f} s, "
+        f"train trial {trial} ({arch}): killed after {killed_after:.2f} s of {seconds:.2f} s, "
         f"leaving {left}" + (" (it had finished)" if finished else "")
     )
     completed(stage("train", *args))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_runs import env, run_train, train_args, two_cpu_processes
+from train_runs import env, run_or_dump_stacks, run_train, train_args, two_cpu_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def launch(mode: str, out: Path) -> list[float]:
         mode,
         str(out),
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_or_dump_stacks(cmd, env, timeout=150)  # ~12-25 s when it works
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "losses.json").read_text())
 

@@ -5,11 +5,15 @@ what is under test."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +125,36 @@ def run_train(args: list[str], launcher: list[str] | None = None, **kw):
     return subprocess.run(
         cmd, cwd=ROOT, env=kw.pop("env", env()), capture_output=True, text=True, timeout=600, **kw
     )
+
+
+def run_or_dump_stacks(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd`; if it outlasts `timeout`, SIGABRT every process it started, workers first
+    (Python's faulthandler, on through PYTHONFAULTHANDLER, prints each one's stack), and
+    fail with that output: a hang in a multi-process test says where each process waited.
+    Descendants are found by walking the tree: launchers put workers in sessions of their own."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid)
+        everyone = [*reversed(tree.children(recursive=True)), tree]
+        for p in everyone:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGABRT)
+        psutil.wait_procs(everyone, timeout=20)
+        for p in everyone:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} hung for {timeout} s; the stacks:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def train_here(
