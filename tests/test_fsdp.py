@@ -44,18 +44,19 @@ def launch(mode: str, out: Path) -> list[float]:
 @pytest.mark.slow
 def test_fsdp2_matches_ddp_losses_and_checkpoint_files(tmp_path):
     ddp = launch("ddp", tmp_path / "ddp")
-    fsdp = launch("fsdp", tmp_path / "fsdp")
     # a compiled root (the whole model compiled, then sharded, as Accelerate's dynamo_backend
     # does): the sample after a backward read the root's sharded embedding ("mixed
-    # torch.Tensor and DTensor") before whole_root
+    # torch.Tensor and DTensor") before whole_root. FSDP2 without compile: the Accelerate test
+    # below (on the Llama-style model) and `make gpu-check`'s fsdp step.
     compiled = launch("fsdp-compiled", tmp_path / "fsdp-compiled")
-    assert fsdp == pytest.approx(ddp, abs=1e-5)
     assert compiled == pytest.approx(ddp, abs=1e-5)
     sample = (tmp_path / "ddp" / "sample.txt").read_text()
     assert sample and (tmp_path / "fsdp-compiled" / "sample.txt").read_text() == sample
     assert ddp[-1] < ddp[0]
     a = load_file(str(tmp_path / "ddp" / "checkpoints" / "step_000003" / "model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step_000003" / "model.safetensors"))
+    b = load_file(
+        str(tmp_path / "fsdp-compiled" / "checkpoints" / "step_000003" / "model.safetensors")
+    )
     assert a.keys() == b.keys()
     # Reduce-scatter and all-reduce sum in different orders; Adam's division by sqrt(v)
     # magnifies those last-bit differences for rarely seen tokens' rows to ~5e-6.

@@ -58,8 +58,10 @@ def expected(model, dtype):
 
 @pytest.mark.parametrize(
     "dtype,qkv_bias,tie",
-    [("fp32", True, True), ("fp16", True, True), ("fp32", False, False)],
-    ids=["fp32", "fp16", "fp32-untied-no-qkv-bias"],
+    # each export reads ~100k tokenizer strings back (4 s): two cover both dtypes, both
+    # heads and both bias settings
+    [("fp32", True, True), ("fp16", False, False)],
+    ids=["fp32", "fp16-untied-no-qkv-bias"],
 )
 def test_every_tensor_and_the_tokenizer_read_back_through_ggufs_reader(
     tmp_path, dtype, qkv_bias, tie
