@@ -37,11 +37,11 @@ a previous export there is replaced, anything else is refused.
 runs/<name>/model.gguf), laid out by pipeline/model/gguf_file.py: written under a temporary
 name, read back with gguf's reader and compared tensor by tensor and key by key, then
 renamed into place; a previous GGUF export there is replaced, any other file is refused.
-GPT-2-style models only: a Llama-style model goes out as an HF directory, which llama.cpp's
-convert_hf_to_gguf.py reads.
+A GPT-2-style model is written as llama.cpp's `gpt2`, a Llama-style one as its `llama`
+(q and k rows permuted for llama.cpp's neighbour-pair RoPE, as convert_hf_to_gguf.py does).
 
 Knows the HF directory layout; the name mappings are pipeline/model/gpt2.py's and
-pipeline/model/llama_hf.py's.
+pipeline/model/llama_hf.py's, GGUF's pipeline/model/gguf_file.py's.
 """
 
 from __future__ import annotations
@@ -207,24 +207,18 @@ def export_gguf(
     """Write `source` as one GGUF file at `out` (fp32 or fp16), verified; return (out, info)."""
     gguf_file.gguf_module()  # missing: said before the model is read
     cfg, state, info = load_state(source, n_heads=n_heads)
-    if cfg.arch != "gpt2":
-        raise PipelineError(
-            f"--format gguf writes GPT-2-style models only, and {info.source} is "
-            f"model.arch: {cfg.arch}. Export it as a Hugging Face directory instead "
-            f"(--format hf, the default: the Llama layout) and convert that directory with "
-            f"llama.cpp's convert_hf_to_gguf.py, which knows the Llama layout."
-        )
+    arch = gguf_file.arch_of(cfg)
     out = Path(out) if out is not None else default_destination(info).with_name("model.gguf")
     _check_gguf_destination(out, info)
     tokens, merges = bpe_vocab()
     vocab = gguf_file.Vocab(tokens, merges, EOT_ID)
-    tensors = gguf_file.gguf_tensors(cfg, state, dtype)
-    meta = gguf_file.metadata(cfg, dtype, _model_name(info), vocab)
+    tensors = gguf_file.gguf_tensors(cfg, state, dtype, arch)
+    meta = gguf_file.metadata(cfg, dtype, _model_name(info), vocab, arch)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        gguf_file.write(tmp, tensors, meta)
+        gguf_file.write(tmp, tensors, meta, arch)
         fsync_file(tmp)
-        diff = gguf_file.differences(tmp, tensors, meta)
+        diff = gguf_file.differences(tmp, tensors, meta, arch)
         if diff:
             raise PipelineError(
                 f"the GGUF file written to {tmp} does not read back equal to the source "
@@ -430,10 +424,15 @@ def main(argv=None) -> None:
 def report_gguf(out: Path, info: ModelInfo, args: ExportOptions) -> None:
     cfg = info.config
     log.info(
-        f"exported {info.source} to {out}: GGUF ({cfg.n_layers} layers x {cfg.emb_dim}, "
-        f"context {cfg.context_length}, {args.dtype}, {out.stat().st_size / 1e6:.1f} MB, "
-        f"GPT-2's tokenizer); read back with gguf's reader and equal to the source"
-        + ("" if cfg.qkv_bias else "; llama.cpp's gpt2 needs q/k/v biases: written as zeros")
+        f"exported {info.source} to {out}: GGUF ({gguf_file.arch_of(cfg).name}, "
+        f"{cfg.n_layers} layers x {cfg.emb_dim}, context {cfg.context_length}, {args.dtype}, "
+        f"{out.stat().st_size / 1e6:.1f} MB, GPT-2's tokenizer); read back with gguf's "
+        f"reader and equal to what was meant to be written"
+        + (
+            "; llama.cpp's gpt2 needs q/k/v biases: written as zeros"
+            if cfg.arch == "gpt2" and not cfg.qkv_bias
+            else ""
+        )
         + f". Run it: llama-cli -m {out} -p 'Every effort moves you'"
     )
 
