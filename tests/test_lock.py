@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -33,7 +34,11 @@ def locked(path: Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """What the venv holds: its site-packages only. sys.path is not it: importing setuptools
+    (torch's compile does) appends setuptools/_vendor, whose dist-info directories would
+    read as installed packages in whichever test process imported it first."""
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {normalize(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
 
 
 def the_lock() -> dict[str, str]:
