@@ -74,18 +74,18 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained_run(data_root, tmp_path_factory):
-    """One 60-step run (offline W&B) that several tests read: (its directory, what it
+    """One 40-step run (offline W&B) that several tests read: (its directory, what it
     printed)."""
     runs = tmp_path_factory.mktemp("runs")
     args = train_args(
         data_root,
         runs,
         "falls",
-        "train.max_steps=60",
-        "eval.every_steps=30",
+        "train.max_steps=40",
+        "eval.every_steps=20",
         "train.log_every_steps=1",
         "train.warmup_steps=5",
-        "checkpoint.every_steps=60",
+        "checkpoint.every_steps=40",
         "tracking.wandb.mode=offline",
         "train.precision=auto",
         "eval.whole_split_at_end=true",
@@ -102,7 +102,7 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
     run_dir, printed = trained_run
     rows = metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
-    assert [r["step"] for r in evals] == [30, 60]
+    assert [r["step"] for r in evals] == [20, 40]
     first_loss = next(r["loss"] for r in rows if "loss" in r)
     assert first_loss > 10.0  # about ln(50257) = 10.8 at the start
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < first_loss - 2.5
@@ -118,11 +118,11 @@ def test_loss_falls_and_every_metric_is_logged_with_an_offline_wandb_run(trained
         "step_time",
     }
     assert names <= set(rows[-1]), names - set(rows[-1])
-    assert rows[-1]["tokens"] == 60 * 4 * 64
+    assert rows[-1]["tokens"] == 40 * 4 * 64
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert (run_dir / "config.yaml").is_file()
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert "done: 60 steps" in printed
+    assert "done: 40 steps" in printed
     # the in-training val estimate (spread over the split) beside the whole split's loss
     assert "(estimate), " in printed and " over the whole val split" in printed
     # auto says what it chose and why: bf16 only where this CPU has bf16 units.
