@@ -29,16 +29,29 @@ from pipeline.core.errors import cli_main
 class Windows(torch.utils.data.Dataset):
     """Our prepared windows as the dict rows a Trainer collates."""
 
-    def __init__(self, windows, count: int | None = None):
+    def __init__(self, windows, indices=None):
+        """`indices`: the windows to serve, in order (None: all of them)."""
         self.windows = windows
-        self.count = len(windows) if count is None else min(count, len(windows))
+        self.indices = range(len(windows)) if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        x, y = self.windows.batch([i])
+        x, y = self.windows.batch([self.indices[i]])
         return {"input_ids": x[0], "labels": y[0], "shift_labels": y[0]}
+
+
+def estimate_windows(config, count: int):
+    """The val windows our train stage estimates the loss on (one process): eval.batches
+    micro batches spread over the split's `count` windows, the first ones for the book's
+    order (pipeline/train.py)."""
+    from pipeline.data.loader import spread_windows
+
+    wanted = config.eval.batches * config.train.micro_batch_size
+    if config.train.order == "book":
+        return range(min(wanted, count))
+    return spread_windows(count, wanted)
 
 
 def trainer_callback(evaluations: list):
@@ -129,11 +142,8 @@ def main(argv=None) -> None:
     config = load_config(args.config, args.overrides)
     ctx = config.model.context_length
     train = Windows(TokenWindows(config.data_dir, "train", ctx, config.train.stride))
-    # our train stage estimates the val loss on its first eval.batches micro batches
-    val = Windows(
-        TokenWindows(config.data_dir, "val", ctx),
-        config.eval.batches * config.train.micro_batch_size,
-    )
+    val_windows = TokenWindows(config.data_dir, "val", ctx)
+    val = Windows(val_windows, estimate_windows(config, len(val_windows)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision, why = resolve(config.train.precision, device)
     print(f"precision: {precision} ({why})", flush=True)

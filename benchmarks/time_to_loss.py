@@ -1,7 +1,7 @@
 """Time to a target val loss: our train stage, as `make train` launches it, against Hugging
 Face's `Trainer` training `GPT2LMHeadModel` of the same shape on the same windows with the
-same batch, schedule and precision (benchmarks/hf_trainer.py), and against our best recipe
-(configs/tiny-fast.yaml).
+same batch, schedule and precision (benchmarks/hf_trainer.py), against our best recipe
+(configs/tiny-fast.yaml), and the tiny recipe on a Llama-style model (configs/llama-tiny.yaml).
 
 Each contender is a fresh process that trains from scratch on the built-in corpus (the
 tiny config's data set, prepared beforehand) and evaluates on the same val windows every
@@ -55,6 +55,9 @@ CONTENDERS = [
     Contender("ours, tiny.yaml", "configs/tiny.yaml", "ours"),
     Contender("transformers Trainer, same recipe", "configs/tiny.yaml", "hf"),
     Contender("ours, tiny-fast.yaml (best)", "configs/tiny-fast.yaml", "ours"),
+    # the same recipe as tiny.yaml on a Llama-style model of its size (RoPE, RMSNorm,
+    # SwiGLU, grouped-query attention)
+    Contender("ours, llama-tiny.yaml", "configs/llama-tiny.yaml", "ours"),
 ]
 
 

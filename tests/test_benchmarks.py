@@ -143,7 +143,7 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
     import transformers
     from helpers import write_data_set
 
-    from benchmarks.hf_trainer import Windows, gpt2_model, training_arguments
+    from benchmarks.hf_trainer import Windows, estimate_windows, gpt2_model, training_arguments
     from pipeline.config import load_config
     from pipeline.data.loader import TokenWindows
     from pipeline.model.gpt import GPTModel
@@ -165,7 +165,7 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
             "eval.batches=2",
         ],
     )
-    val = Windows(TokenWindows(config.data_dir, "val", 32), 8)
+    val = Windows(TokenWindows(config.data_dir, "val", 32), range(8))
     hf = gpt2_model(config)
     ours = GPTModel(config.model).eval()
     hf.load_state_dict(to_hf(ours.state_dict(), config.model), strict=False)
@@ -182,6 +182,9 @@ def test_the_trainer_contender_scores_the_same_tokens_as_our_train_stage(tmp_pat
             ours(x[:4], targets=y[:4]).item(), abs=1e-5
         )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(ours_loss, abs=1e-5)
+    # the Trainer evaluates the windows our train stage's estimate reads: spread over the
+    # split (9 windows here, 8 wanted), not its first ones
+    assert list(estimate_windows(config, 9)) == [0, 1, 2, 3, 5, 6, 7, 8]
 
 
 def test_the_performance_page_is_what_the_results_say():
