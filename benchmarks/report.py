@@ -31,7 +31,9 @@ ABOUT = {
         "interpolated between the evaluations around the crossing; the median over rounds "
         "run in turns. Ours runs as `make train` runs it (`accelerate launch -m "
         "pipeline.train`); transformers' `Trainer` + `GPT2LMHeadModel` gets the same "
-        "windows, batch, schedule, clipping and precision (`benchmarks/hf_trainer.py`).",
+        "windows, batch, schedule, clipping and precision (`benchmarks/hf_trainer.py`). "
+        "`configs/llama-tiny.yaml` is the tiny recipe on a Llama-style model of the same "
+        "size (RoPE, RMSNorm, SwiGLU, grouped-query attention).",
     ),
     "train": (
         "Training step",
