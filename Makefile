@@ -50,7 +50,11 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_SOURCE = $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--index-url $(TORCH_CPU_INDEX))
 LOCK = requirements/lock-$(if $(HAS_GPU),cuda,cpu).txt
 # uv installs the lock in seconds (4 s for lock-cpu.txt here, pip took 83 s).
-UV_INSTALL = $(UV) pip install -q --python $(PY) --no-deps
+# --compile-bytecode: every stage, launcher and worker is a fresh interpreter importing
+# torch, transformers and accelerate, 4.1 s from source against 2.0 s from bytecode here;
+# uv writes none by default, and PYTHONDONTWRITEBYTECODE=1 (set on some machines, CI's
+# among them) stops Python from caching it later.
+UV_INSTALL = $(UV) pip install -q --python $(PY) --no-deps --compile-bytecode
 LOCK_PLATFORM = --python-version 3.11 --python-platform x86_64-manylinux_2_28
 UV_COMPILE = $(UV) pip compile -q --generate-hashes --custom-compile-command "make lock" $(LOCK_PLATFORM)
 
