@@ -8,13 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from test_export import TINY, trained_model, write_checkpoint
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.tokenizer import bpe_vocab
 from pipeline.export import export_gguf, main
 from pipeline.model import gguf_file
 from pipeline.model.gpt import apply_rope, rope_angles
-from tests.test_export import TINY, trained_model, write_checkpoint
 
 gguf = pytest.importorskip("gguf")
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_export import write_checkpoint
 from train_runs import env
 
 from pipeline.config import ModelConfig, load_config
@@ -446,26 +447,6 @@ def test_llama_tensors_that_do_not_fit_the_config_are_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- export
-
-
-def write_checkpoint(run_dir, model: GPTModel, step=100):
-    """A checkpoint in the layout the train stage writes (model.safetensors + meta.json)."""
-    from safetensors.torch import save_file
-
-    path = run_dir / "checkpoints" / f"step_{step:06d}"
-    path.mkdir(parents=True)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        del state["out_head.weight"]
-    save_file(state, str(path / "model.safetensors"))
-    meta = {
-        "step": step,
-        "tokens": step * 1024,
-        "model": asdict(model.cfg),
-        "config": {"name": run_dir.name},
-    }
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
 
 
 @pytest.mark.parametrize("kv_heads,tie", LAYOUTS[:2], ids=LAYOUT_IDS[:2])

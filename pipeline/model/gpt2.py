@@ -104,6 +104,12 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
             wrong.append(f"{hf} {tuple(hf_state[hf].shape)} (expected {expected[ours]})")
             continue
         out[ours] = tensor.contiguous()
+    check_mapped(missing, wrong)
+    return out
+
+
+def check_mapped(missing: list[str], wrong: list[str]) -> None:
+    """A ValueError naming the first few missing tensors and misfit shapes, if any."""
     if missing or wrong:
         parts = []
         if missing:
@@ -111,7 +117,6 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         if wrong:
             parts.append(f"shapes that do not fit the config: {'; '.join(wrong[:3])}")
         raise ValueError("; ".join(parts))
-    return out
 
 
 def qkv_biases_are_zero(biases) -> bool:

@@ -27,6 +27,7 @@ import torch
 from pipeline.config import ModelConfig, model_config_from_file
 from pipeline.model.config import llama_ffn_hidden
 from pipeline.model.gpt import state_shapes
+from pipeline.model.gpt2 import check_mapped
 
 GPT2_VOCAB = 50257  # the only tokenizer this project has (tiktoken's GPT-2 BPE)
 GPT2_EOT = 50256  # <|endoftext|>, bos and eos alike
@@ -94,13 +95,7 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
                 wrong.append(f"{hf} {tuple(hf_state[hf].shape)} (expected {want})")
         if not missing and not wrong:
             out[ours] = torch.cat([hf_state[hf] for hf in hf_names]).contiguous()
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-        if wrong:
-            parts.append(f"shapes that do not fit the config: {'; '.join(wrong[:3])}")
-        raise ValueError("; ".join(parts))
+    check_mapped(missing, wrong)
     return out
 
 
