@@ -275,18 +275,23 @@ gpu-check: install
 bench-report: install
 	$(PY) -m benchmarks.report
 
+# The bytecode of the project's own sources. Not `find .`: that reached the venv's
+# (precompiled by make install; a VENV given as an absolute path escaped the exclusion)
+# and any folder of the user's under the checkout.
+CLEAN_BYTECODE = find pipeline tests benchmarks -name __pycache__ -type d -prune -exec rm -rf {} +
+
 ## clean: delete this CONFIG's run directory and prepared data (only what the project wrote)
 # pipeline.clean deletes only directories this project wrote (a run's config.yaml, a
 # data set's manifest), so no config value can point it at anything else.
 clean:
 	@if [ -x $(PY) ]; then $(WITH_ARGS) $(PY) -m pipeline.clean --config $(QCONFIG) $$ARGS; \
 	else echo "no $(VENV): nothing to clean by config (make distclean removes all made here)"; fi
-	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+	$(CLEAN_BYTECODE)
 
 ## distclean: delete everything made here: .venv, data/, runs/, wandb/, caches
 distclean:
 	rm -rf -- $(VENV) $(LATEST) data runs wandb .pytest_cache *.egg-info
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	$(CLEAN_BYTECODE)
 
 FORCE:
 
