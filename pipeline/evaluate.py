@@ -3,6 +3,7 @@
     python -m pipeline.evaluate --model runs/<name> [--max-batches N] [--batch-size B]
     python -m pipeline.evaluate model=runs/<name> task=mc task_file=my-task.jsonl
     python -m pipeline.evaluate --model gpt2 --data data/<name> --context-length 256 --out gpt2-eval.json
+    python -m pipeline.evaluate --model runs/<name> --harness hellaswag     # lm-eval's tasks
     accelerate launch -m pipeline.evaluate --model runs/<name>      # several processes
 
 `--model` takes every source pipeline.model.weights reads. The data set is `--data`, else the
@@ -259,6 +260,17 @@ class EvaluateOptions(ModelSource):
         "the context length; smaller gives each token more "
         "context, as HF's guide)",
     )
+    harness: list[str] = setting(
+        help="instead: lm-evaluation-harness tasks (TASK[,TASK...]; repeat for more), "
+        "scored by lm-eval on an HF export of the model",
+        default_factory=list,
+        metavar="TASKS",
+    )
+    harness_include: list[str] = setting(
+        help="with --harness: a folder of your own lm-eval task YAMLs; repeat for several",
+        default_factory=list,
+        metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -276,7 +288,8 @@ USAGE = Usage(
     "examples:\n  python -m pipeline.evaluate --model runs/tiny\n"
     "  python -m pipeline.evaluate model=gpt2 data=data/python-stdlib-1mb "
     "context_length=128\n  python -m pipeline.evaluate --model runs/tiny --task mc "
-    "--task-file my-task.jsonl",
+    "--task-file my-task.jsonl\n  python -m pipeline.evaluate --model runs/tiny --harness "
+    "my_task --harness-include tasks/",
 )
 
 
@@ -288,6 +301,8 @@ def check_inputs(args) -> None:
     """The files a run will read, before the model is loaded."""
     from pipeline.data.corpus import resolve_files
 
+    if args.harness or args.harness_include:
+        check_harness_inputs(args)
     if args.text:
         resolve_files(args.text)  # names an entry that matches no file
     if args.task_file and not Path(args.task_file).is_file():
@@ -298,6 +313,22 @@ def check_inputs(args) -> None:
         )
     if args.out:
         check_out_file(Path(args.out))
+
+
+def check_harness_inputs(args) -> None:
+    if not args.harness:
+        raise PipelineError("--harness-include names task folders for --harness TASK; give both")
+    if args.task != "val" or args.text:
+        raise PipelineError(
+            "--harness runs lm-eval's tasks on the model; give it alone, or run --task or "
+            "--text in another command (their results are kept side by side in eval.json)"
+        )
+    for path in args.harness_include:
+        if not Path(path).is_dir():
+            raise PipelineError(
+                f"--harness-include {path} is not a directory; give the folder that holds "
+                f"your task YAML files"
+            )
 
 
 def check_out_file(out: Path) -> None:
@@ -392,6 +423,8 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     check_inputs(args)
+    if args.harness:
+        return run_harness(args)
     model, info = load_model(args.model, context_length=args.context_length, n_heads=args.n_heads)
     config = load_config(args.config) if args.config else run_config(info)
     data_dir = None
@@ -416,6 +449,39 @@ def main(argv=None) -> dict:
         # its gloo threads could abort a process now and then ("terminate called
         # without an active exception", exit -6) after the results were written.
         accelerator.end_training()
+
+
+def run_harness(args) -> dict:
+    """lm-evaluation-harness's tasks on the model (pipeline/harness.py), every check made
+    before the model is loaded; the results go under "harness" in eval.json."""
+    from pipeline import harness
+    from pipeline.model.checkpoints import read_meta
+    from pipeline.model.weights import resolve
+
+    names = harness.task_names(args.harness)
+    harness.require_lm_eval()
+    harness.check_one_process()
+    info = resolve(args.model)
+    if info.kind == "checkpoint" or info.kind == "run":
+        info.meta = read_meta(info.path)
+    manager = harness.task_manager(names, args.harness_include)
+    tasks = harness.load_tasks(manager, names)
+    precision = _precision(args, load_config(args.config) if args.config else run_config(info))
+    batch_size = args.batch_size or 8
+    limit = args.max_batches * batch_size if args.max_batches is not None else None
+    with harness.hf_directory(args.model, args.n_heads) as model_dir:
+        results = harness.evaluate_tasks(
+            model_dir, tasks, manager, batch_size, precision, limit, args.context_length
+        )
+    out = _out_path(args, info)
+    if out is not None:  # beside the val loss and --task results of the same weights
+        record = earlier_results(out, info) or {"model": str(args.model), "weights": str(info.path)}
+        record.setdefault("harness", {}).update(results)
+        atomic_write_json(out, record)
+    for name, entry in results.items():
+        log.info(harness.summary(name, entry))
+    log.info(f"harness results: {out or 'not saved (give --out FILE)'}")
+    return results
 
 
 def run_val(args, model, info, accelerator, config, data_dir: Path, precision: str) -> dict:
@@ -448,8 +514,9 @@ def run_val(args, model, info, accelerator, config, data_dir: Path, precision: s
     out = _out_path(args, info)
     if accelerator.is_main_process:
         if out is not None:  # task results of the same weights stay beside the new loss
-            tasks = (earlier_results(out, info) or {}).get("tasks")
-            atomic_write_json(out, {**record, **({"tasks": tasks} if tasks else {})})
+            earlier = earlier_results(out, info) or {}
+            kept = {key: earlier[key] for key in ("tasks", "harness") if earlier.get(key)}
+            atomic_write_json(out, {**record, **kept})
         where = out if out is not None else "not saved (give --out FILE)"
         log.info(
             f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
