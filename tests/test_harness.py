@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import yaml
 from train_runs import ROOT, train_args, train_here
 
+from pipeline.data.tokenizer import encode
 from pipeline.evaluate import main
 from pipeline.export import export
 from pipeline.model.weights import load_model
@@ -40,12 +42,17 @@ ROWS = [  # contexts and choices of both kinds the model was trained on, and of 
 
 
 @pytest.fixture(scope="module")
-def model_dir(stdlib_data, tmp_path_factory) -> Path:
-    """A tiny GPT trained 40 steps on the standard library, exported (fp32)."""
+def run_dir(stdlib_data, tmp_path_factory) -> Path:
+    """A tiny GPT trained 40 steps on the standard library (fp32), and its export."""
     runs = tmp_path_factory.mktemp("harness-runs")
     train_here(train_args(stdlib_data, runs, "tiny", "train.max_steps=40"))
-    out, _ = export(runs / "tiny")
-    return out
+    export(runs / "tiny")
+    return runs / "tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(run_dir) -> Path:
+    return run_dir / "export"
 
 
 def write_mc_task(folder: Path) -> Path:
@@ -91,58 +98,56 @@ def our_choice_losses(model_dir: Path, data: Path) -> list[tuple[np.ndarray, tup
     return rows
 
 
-def test_harness_scores_a_local_task_as_task_mc_does(model_dir, tmp_path):
+def test_harness_scores_a_local_task_as_task_mc_does(run_dir, model_dir, tmp_path):
     tasks = tmp_path / "tasks"
     data = write_mc_task(tasks)
-    text = (Path(json.__file__)).read_text(encoding="utf-8")[:6000]  # a real file, 1.7k tokens
-    write_text_task(tasks, text)
-    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("gpt-pipeline-harness-*"))
 
-    ours = main(["--model", str(model_dir), "--task", "mc", "--task-file", str(data)])
-    theirs = main(
-        ["--model", str(model_dir), "--harness", "my_mc,one_text", "--harness-include", str(tasks)]
-    )
+    ours = main(["--model", str(run_dir), "--task", "mc", "--task-file", str(data)])
+    # a run: exported on the fly into a temporary directory, removed afterwards
+    theirs = main(["--model", str(run_dir), "--harness", "my_mc", "--harness-include", str(tasks)])
+    assert set(scratch.glob("gpt-pipeline-harness-*")) == before
     mc = theirs["my_mc"]
     assert mc["acc"] == ours["acc"] and mc["samples"] == ours["examples"] == len(ROWS)
 
     # The two acc_norms, from our own per-choice losses: per token (ours, llm.c's) and per
     # character (lm-eval's). They are different numbers on this file, so each is pinned.
     scored = our_choice_losses(model_dir, data)
-    from pipeline.data.tokenizer import encode
-
     by_tokens = np.mean([np.argmin(s / [len(encode(c)) for c in ch]) == y for s, ch, y in scored])
     by_chars = np.mean([np.argmin(s / [len(c) for c in ch]) == y for s, ch, y in scored])
-    assert ours["acc_norm"] == pytest.approx(by_tokens) and mc["acc_norm"] == pytest.approx(
-        by_chars
-    )
-    assert by_tokens != by_chars
+    assert ours["acc_norm"] == pytest.approx(by_tokens)
+    assert mc["acc_norm"] == pytest.approx(by_chars) and by_tokens != by_chars
     assert mc["acc"] == pytest.approx(np.mean([np.argmin(s) == y for s, _, y in scored]))
 
-    # lm-eval's rolling log-likelihood scores every token of the document, each window
-    # seeing up to a context of tokens; --text at stride context-1 does the same with one
-    # token less of context, so the totals agree closely; at the default stride each
-    # window's first token goes unscored.
-    doc_bytes = len(text.encode("utf-8"))
-    lm_eval_nll = theirs["one_text"]["bits_per_byte"] * doc_bytes * math.log(2)
-    context = 64
-    strided = main(
-        [
-            "--model",
-            str(model_dir),
-            "--text",
-            str(tmp_path / "doc.txt"),
-            "--stride",
-            str(context - 1),
-        ]
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved["weights"] == str(run_dir / "checkpoints" / "step_000040")
+    assert saved["tasks"]["mc"]["acc"] == ours["acc"]  # side by side, neither replaced
+    assert set(saved["harness"]) == {"my_mc"} and saved["harness"]["my_mc"]["dtype"] == "float32"
+
+
+def test_rolling_loglikelihood_is_text_at_stride_context_minus_one(model_dir, tmp_path):
+    """lm-eval's rolling log-likelihood scores every token of a document, each window seeing
+    up to a context of tokens; --text at stride context-1 does the same with one token less
+    of context, so the totals agree closely. At the default stride each window's first
+    token goes unscored. An export is read in place."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    text = Path(json.__file__).read_text(encoding="utf-8")[:6000]  # a real file, 2.3k tokens
+    write_text_task(tasks, text)
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    theirs = main(
+        ["--model", str(model_dir), "--harness", "one_text", "--harness-include", str(tasks)]
     )
-    default = main(["--model", str(model_dir), "--text", str(tmp_path / "doc.txt")])
+    lm_eval_nll = theirs["one_text"]["bits_per_byte"] * len(text.encode("utf-8")) * math.log(2)
+
+    doc = str(tmp_path / "doc.txt")
+    context = 64
+    strided = main(["--model", str(model_dir), "--text", doc, "--stride", str(context - 1)])
+    default = main(["--model", str(model_dir), "--text", doc])
     assert strided["tokens"] == default["tokens"] + math.ceil(strided["tokens"] / context) - 1
     assert abs(strided["loss"] * strided["tokens"] / lm_eval_nll - 1) < 1e-3
-
-    saved = json.loads((model_dir / "eval.json").read_text())
-    assert saved["tasks"]["mc"]["acc"] == ours["acc"]  # side by side, neither replaced
-    assert set(saved["harness"]) == {"my_mc", "one_text"}
-    assert saved["harness"]["my_mc"]["lm_eval"] and saved["harness"]["my_mc"]["dtype"] == "float32"
+    assert "one_text" in json.loads((model_dir / "eval.json").read_text())["harness"]
 
 
 @pytest.mark.parametrize(
