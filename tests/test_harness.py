@@ -119,6 +119,25 @@ def test_harness_scores_a_local_task_as_task_mc_does(run_dir, model_dir, tmp_pat
     assert ours["acc_norm"] == pytest.approx(by_tokens)
     assert mc["acc_norm"] == pytest.approx(by_chars) and by_tokens != by_chars
     assert mc["acc"] == pytest.approx(np.mean([np.argmin(s) == y for s, _, y in scored]))
+    # and beneath the accuracies, each choice's log-likelihood: lm-eval's hf model on the
+    # export (transformers' forward, lm-eval's tokenization) against our summed losses
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=8)
+    requests = [
+        Instance("loglikelihood", doc={}, arguments=(context, choice), idx=i)
+        for context, choices, _ in ROWS
+        for i, choice in enumerate(choices)
+    ]
+    theirs_ll = iter(ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True))
+    for (context, choices, _), (ours_sums, _, _) in zip(ROWS, scored):
+        gap = -np.array([next(theirs_ll) for _ in choices]) - ours_sums
+        # lm-eval moves a context's trailing whitespace to the front of each choice and
+        # scores it too: the same amount added to every choice, so acc does not move
+        expected = gap[0] if context != context.rstrip() else 0.0
+        assert gap[0] > 1 or expected == 0.0
+        np.testing.assert_allclose(gap, expected, atol=1e-4, err_msg=repr(context))
 
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved["weights"] == str(run_dir / "checkpoints" / "step_000040")
