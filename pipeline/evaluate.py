@@ -284,12 +284,12 @@ class EvaluateOptions(ModelSource):
 USAGE = Usage(
     "python -m pipeline.evaluate",
     "Val loss and perplexity of a model, its accuracy "
-    "on a multiple-choice task, or the perplexity of text files.",
+    "on a multiple-choice task, the perplexity of text files, or lm-evaluation-harness tasks.",
     "examples:\n  python -m pipeline.evaluate --model runs/tiny\n"
     "  python -m pipeline.evaluate model=gpt2 data=data/python-stdlib-1mb "
     "context_length=128\n  python -m pipeline.evaluate --model runs/tiny --task mc "
     "--task-file my-task.jsonl\n  python -m pipeline.evaluate --model runs/tiny --harness "
-    "my_task --harness-include tasks/",
+    "my_mc --harness-include configs/harness",
 )
 
 
