@@ -115,7 +115,7 @@ BENCH_ARGS  ?=
 # (empty) makefile, so make installs first when it is missing or older than
 # pyproject.toml, then starts over and resolves the paths.
 CONFIG_CLI = $(WITH_ARGS) $(PY) -m pipeline.config --config $(QCONFIG) $$ARGS
-PATH_GOALS := data train eval export sample all book-report
+PATH_GOALS := data train eval export sample all book-report llama-cpp-check
 ifneq ($(filter $(PATH_GOALS),$(MAKECMDGOALS)),)
 include $(VENV)/.installed
 endif
@@ -180,6 +180,7 @@ lock: install
 		--extra dev -o requirements/lock-cuda.txt
 	$(UV_COMPILE) --upgrade --no-deps requirements/uv.in -o requirements/uv.txt
 	$(UV_COMPILE) --no-deps requirements/book.in -o requirements/book.txt
+	$(UV_COMPILE) --no-deps requirements/llama-cpp.in -o requirements/llama-cpp.txt
 	$(MAKE) --no-print-directory test
 
 ## test-latest: the suite against the newest releases of every dependency, in .venv-latest (the lock is untouched)
@@ -271,6 +272,22 @@ bench: install
 gpu-check: install
 	GPU_CHECK_ARGS=$(call shq,$(GPU_CHECK_ARGS)); set -f; $(PY) -m benchmarks.gpu_check $$GPU_CHECK_ARGS
 
+## llama-cpp-check: train, then llama.cpp itself on the run's GGUF export: same tokens, logits, greedy text (builds llama-cpp-python once, ~6 min)
+# LLAMA_CPP_ARGS adds options (--dtype fp16, --new-tokens 40, --prompt TEXT, --model DIR).
+# llama-cpp-python compiles llama.cpp from source, so it lives in .llama-cpp/ (pip --target,
+# on PYTHONPATH for this target only), not in the lock .venv holds.
+LLAMA_CPP_DIR = .llama-cpp
+llama-cpp-check: train $(LLAMA_CPP_DIR)/.installed
+	LLAMA_CPP_ARGS=$(call shq,$(LLAMA_CPP_ARGS)); set -f; \
+	PYTHONPATH=$(LLAMA_CPP_DIR) $(PY) -m benchmarks.llama_cpp_check \
+		--model $(call shq,$(RUN_DIR)) $$LLAMA_CPP_ARGS
+
+$(LLAMA_CPP_DIR)/.installed: requirements/llama-cpp.txt | install
+	rm -rf $(LLAMA_CPP_DIR)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(UV) pip install -q --python $(PY) --no-deps \
+		--require-hashes --target $(LLAMA_CPP_DIR) -r requirements/llama-cpp.txt
+	touch $@
+
 ## bench-report: write docs/performance.md from benchmarks/results/*.json
 bench-report: install
 	$(PY) -m benchmarks.report
@@ -290,9 +307,9 @@ clean:
 
 ## distclean: delete everything made here: .venv, data/, runs/, wandb/, caches
 distclean:
-	rm -rf -- $(VENV) $(LATEST) data runs wandb .pytest_cache *.egg-info
+	rm -rf -- $(VENV) $(LATEST) $(LLAMA_CPP_DIR) data runs wandb .pytest_cache *.egg-info
 	$(CLEAN_BYTECODE)
 
 FORCE:
 
-.PHONY: help install lock test-latest data train eval export sample all book book-appendix-d book-report test golden faults bench gpu-check bench-report clean distclean FORCE
+.PHONY: help install lock test-latest data train eval export sample all book book-appendix-d book-report test golden faults bench gpu-check llama-cpp-check bench-report clean distclean FORCE

@@ -301,6 +301,7 @@ MAKE_TARGETS = [
     "distclean",
     "lock",
     "test-latest",
+    "llama-cpp-check",
 ]
 MAKE_SYNTAX = "x$(shell touch {m}-make)`touch {m}-tick`$$(touch {m}-dollar);touch {m}-semi"
 
