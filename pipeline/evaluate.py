@@ -469,7 +469,7 @@ def run_harness(args) -> dict:
     precision = _precision(args, load_config(args.config) if args.config else run_config(info))
     batch_size = args.batch_size or 8
     limit = args.max_batches * batch_size if args.max_batches is not None else None
-    with harness.hf_directory(args.model, args.n_heads) as model_dir:
+    with harness.hf_directory(info, args.n_heads) as model_dir:
         results = harness.evaluate_tasks(
             model_dir, tasks, manager, batch_size, precision, limit, args.context_length
         )

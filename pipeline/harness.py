@@ -151,20 +151,18 @@ def check_one_process() -> None:
 
 
 @contextlib.contextmanager
-def hf_directory(source: str, n_heads: int | None = None):
-    """A Hugging Face model directory of `source` lm-eval can load, tokenizer included:
-    the source itself when it is one, else an export of it in a temporary directory."""
-    from pipeline.model.weights import resolve
-
-    info = resolve(source)
+def hf_directory(info, n_heads: int | None = None):
+    """A Hugging Face model directory lm-eval can load, tokenizer included, of the source
+    `info` (pipeline.model.weights.resolve's): the source itself when it is one, else an
+    export of it in a temporary directory."""
     if info.kind == "hf" and has_tokenizer(info.path):
         yield info.path
         return
     from pipeline.export import export
 
     with tempfile.TemporaryDirectory(prefix="gpt-pipeline-harness-") as tmp:
-        out, _ = export(source, Path(tmp) / "model", dtype="fp32", n_heads=n_heads)
-        log.note(f"exported {source} for lm-eval to a temporary directory")
+        out, _ = export(info.source, Path(tmp) / "model", dtype="fp32", n_heads=n_heads)
+        log.note(f"exported {info.source} for lm-eval to a temporary directory")
         yield out
 
 
