@@ -188,6 +188,7 @@ def test_rolling_loglikelihood_is_text_at_stride_context_minus_one(model_dir, tm
         ),
         ("no lm-eval", ["pip install 'gpt-pipeline[harness]'"]),
         ("with --task", ["give it alone"]),
+        ("under a launcher", ["runs in one process", "accelerate launch -m lm_eval"]),
     ],
 )
 def test_harness_refusals_are_one_paragraph_and_write_nothing(
@@ -223,6 +224,9 @@ def test_harness_refusals_are_one_paragraph_and_write_nothing(
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         argv += ["--harness", "hub"]
+    elif case == "under a launcher":  # as accelerate launch or torchrun would set it
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        argv += ["--harness", "gone"]
     elif case == "no lm-eval":
         monkeypatch.setitem(sys.modules, "lm_eval", None)
         argv += ["--harness", "gone"]
