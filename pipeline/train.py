@@ -125,13 +125,13 @@ class Interval:
 def main(argv: list[str] | None = None) -> None:
     # First of all, so that SIGTERM or Ctrl-C at any moment (loading, setup) is a clean stop.
     stop = globals().get("EARLY_STOP") or StopRequest()
-    stop_with_launcher()
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train", description=__doc__.split("\n")[0]
-    )
-    add_config_arguments(parser)
-    args = parse_stage_args(parser, argv)
-    try:
+    try:  # the handlers go back however main ends: --help and a bad argument too
+        stop_with_launcher()
+        parser = argparse.ArgumentParser(
+            prog="python -m pipeline.train", description=__doc__.split("\n")[0]
+        )
+        add_config_arguments(parser)
+        args = parse_stage_args(parser, argv)
         run(load_config(args.config, args.overrides), stop)
     finally:
         stop.restore()

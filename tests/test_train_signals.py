@@ -52,6 +52,19 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(data_root, tmp_path):
     assert 3 <= json.loads((saved[0] / "meta.json").read_text())["step"] < 100000
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--config"], ["train.lr=abc"]])
+def test_main_gives_the_signal_handlers_back_however_it_ends(argv, capsys):
+    """In a caller's process (a notebook, a test): after main, Ctrl-C interrupts and
+    SIGTERM ends it again. --help and a bad argument used to leave train's handlers, which
+    only record a signal: a pool forked later by prepare could then never be terminated."""
+    from pipeline.train import main
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_non_finite_loss_stops_naming_the_step(data_root, tmp_path):
     """A PipelineError, which every stage's main prints as one paragraph with exit code 2
     (tests/test_bad_input.py); in this process, since no signal or exit code is under test."""
