@@ -95,8 +95,12 @@ def worker_pool(workers: int):
 
 def _start_worker() -> None:
     """Ctrl-C reaches the whole process group; the main process alone answers it (and
-    ends the pool), so the terminal shows one line, not a traceback per worker."""
+    ends the pool), so the terminal shows one line, not a traceback per worker. SIGTERM
+    kills: Pool.terminate ends the workers with it, and a handler a forked worker
+    inherited (a caller's that only records the signal) would keep one waiting on the
+    pool's queue for ever, and terminate() with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return_freed_memory()
 
 

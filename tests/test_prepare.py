@@ -18,7 +18,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.streams import split_of
 from pipeline.data.tokenizer import EOT_ID, get_tokenizer
-from pipeline.prepare import PrepareError, main, prepare
+from pipeline.prepare import PrepareError, main, prepare, worker_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -168,6 +168,35 @@ def test_rerun_is_a_no_op_and_says_so(tmp_path, capsys):
     main(stdlib_args(tmp_path, "data.num_workers=2"))  # the worker count changes no byte
     assert "up to date" in capsys.readouterr().out
     assert snapshot(tmp_path / "data" / "std") == before
+
+
+def sigterm_kills(_) -> bool:
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_pool_workers_die_on_sigterm_whatever_the_caller_trapped():
+    """Pool.terminate ends the workers with SIGTERM. A forked worker inherits the caller's
+    handlers; one that only records the signal (as train's stop request does) left a
+    worker waiting on the pool's queue, and prepare in terminate() for ever (seen in the
+    suite when an earlier in-process `train --help` had left train's handlers behind)."""
+
+    def too_long(signum, frame):
+        raise TimeoutError("the worker pool did not end within 60 s")
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    alarm = signal.signal(signal.SIGALRM, too_long)
+    try:
+        pool = worker_pool(2)
+        try:
+            assert pool.map(sigterm_kills, range(8)) == [True] * 8
+        finally:
+            signal.alarm(60)
+            pool.terminate()
+            pool.join()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_other_settings_are_refused_without_force(tmp_path, capsys):
