@@ -318,6 +318,13 @@ def check_inputs(args) -> None:
 def check_harness_inputs(args) -> None:
     if not args.harness:
         raise PipelineError("--harness-include names task folders for --harness TASK; give both")
+    from pipeline.harness import task_names
+
+    if not task_names(args.harness):
+        raise PipelineError(
+            f"--harness {','.join(args.harness)!r} names no task; give lm-eval task names, "
+            f"e.g. --harness hellaswag,arc_easy"
+        )
     if args.task != "val" or args.text:
         raise PipelineError(
             "--harness runs lm-eval's tasks on the model; give it alone, or run --task or "

@@ -189,6 +189,7 @@ def test_rolling_loglikelihood_is_text_at_stride_context_minus_one(model_dir, tm
         ("no lm-eval", ["pip install 'gpt-pipeline[harness]'"]),
         ("with --task", ["give it alone"]),
         ("under a launcher", ["runs in one process", "accelerate launch -m lm_eval"]),
+        ("no task name", ["names no task", "--harness hellaswag"]),
     ],
 )
 def test_harness_refusals_are_one_paragraph_and_write_nothing(
@@ -227,6 +228,8 @@ def test_harness_refusals_are_one_paragraph_and_write_nothing(
     elif case == "under a launcher":  # as accelerate launch or torchrun would set it
         monkeypatch.setenv("WORLD_SIZE", "2")
         argv += ["--harness", "gone"]
+    elif case == "no task name":
+        argv += ["--harness", " , "]
     elif case == "no lm-eval":
         monkeypatch.setitem(sys.modules, "lm_eval", None)
         argv += ["--harness", "gone"]
