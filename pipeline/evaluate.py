@@ -463,7 +463,7 @@ def run_harness(args) -> dict:
     before the model is loaded; the results go under "harness" in eval.json."""
     from pipeline import harness
     from pipeline.model.checkpoints import read_meta
-    from pipeline.model.weights import resolve
+    from pipeline.model.weights import load_state, resolve
 
     names = harness.task_names(args.harness)
     harness.require_lm_eval()
@@ -471,6 +471,8 @@ def run_harness(args) -> dict:
     info = resolve(args.model)
     if info.kind == "checkpoint" or info.kind == "run":
         info.meta = read_meta(info.path)
+    if args.context_length is not None:  # lm-eval's max_length: a crop, never more positions
+        load_state(args.model, context_length=args.context_length, n_heads=args.n_heads)
     manager = harness.task_manager(names, args.harness_include)
     tasks = harness.load_tasks(manager, names)
     precision = _precision(args, load_config(args.config) if args.config else run_config(info))

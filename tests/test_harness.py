@@ -190,6 +190,7 @@ def test_rolling_loglikelihood_is_text_at_stride_context_minus_one(model_dir, tm
         ("with --task", ["give it alone"]),
         ("under a launcher", ["runs in one process", "accelerate launch -m lm_eval"]),
         ("no task name", ["names no task", "--harness hellaswag"]),
+        ("context too long", ["context length 65 is not possible", "only be cropped"]),
     ],
 )
 def test_harness_refusals_are_one_paragraph_and_write_nothing(
@@ -228,6 +229,8 @@ def test_harness_refusals_are_one_paragraph_and_write_nothing(
     elif case == "under a launcher":  # as accelerate launch or torchrun would set it
         monkeypatch.setenv("WORLD_SIZE", "2")
         argv += ["--harness", "gone"]
+    elif case == "context too long":  # the model has 64 positions
+        argv += ["--harness", "gone", "--context-length", "65"]
     elif case == "no task name":
         argv += ["--harness", " , "]
     elif case == "no lm-eval":
